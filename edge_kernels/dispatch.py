@@ -1,0 +1,168 @@
+"""Implementation choice (``impl=``) and input validation for every op, in one place.
+
+Kernels assume validated, flattened inputs; the public functions call :func:`resolve_impl` and the
+``check_*`` helpers here first, so a bad call fails with a ``ValueError``/``TypeError`` that names the
+argument instead of a shape error deep inside a launcher.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+IMPLS = ("auto", "triton", "torch", "cuda")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton missing on macOS/Windows
+        return False
+    return True
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+    """Map ``impl`` to the implementation that will run.
+
+    ``"auto"`` picks Triton for CUDA tensors and the chunked PyTorch path elsewhere. ``"triton"`` on CPU
+    tensors runs only under Triton's interpreter (``TRITON_INTERPRET=1``, used by the CPU tests).
+    """
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if impl == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("impl='triton' needs the triton package (Linux only); use impl='torch'")
+        if not on_cuda and not triton_interpreter_enabled():
+            raise ValueError(
+                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing edge_kernels "
+                "to run Triton's interpreter on the CPU); use impl='torch' or impl='auto' for CPU tensors"
+            )
+        return "triton"
+    if impl == "cuda":
+        raise NotImplementedError(
+            "impl='cuda' (the csrc/ CUDA C++ extension) is not built in this version of edge-kernels; "
+            "use impl='triton' or impl='auto'"
+        )
+    return "torch"
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_targets(targets: torch.Tensor, expected_shape: torch.Size, vocab: int, ignore_index: int,
+                  name: str = "targets") -> None:
+    """Integer targets shaped ``expected_shape`` with every entry in [0, vocab) or equal to ``ignore_index``."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} has shape {tuple(targets.shape)}, expected {tuple(expected_shape)}")
+    if targets.numel() == 0:
+        return
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):  # one device sync: cheap next to the kernels, and a clear error beats garbage
+        first = targets[bad].flatten()[0].item()
+        raise ValueError(
+            f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
+        )
+
+
+def check_temperature(temperature: float) -> float:
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        raise TypeError(f"temperature must be a positive number, got {temperature!r}") from None
+    if not t > 0 or t != t or t == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in present.items()}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {desc}")
+
+
+def validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index):
+    """Validate the fused linear op's inputs; returns the float temperature."""
+    check_floating("hidden", hidden)
+    check_floating("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dim ({hidden.shape[-1]}) must equal weight's D = weight.shape[1] ({weight.shape[1]})"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have V > 0 and D > 0, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_floating("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    if hidden.numel() == 0 and hidden.shape[:-1].numel() == 0:
+        raise ValueError("hidden is empty: the batch has no tokens")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
+    check_chunk_size(chunk_size)
+    return check_temperature(temperature)
+
+
+def validate_logits_inputs(logits, targets, temperature, ignore_index):
+    check_floating("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
+    if logits.shape[:-1].numel() == 0:
+        raise ValueError("logits is empty: the batch has no tokens")
+    check_same_device(logits=logits, targets=targets)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
+    return check_temperature(temperature)
+
+
+# Workspace budget of the chunked paths: a chunk holds N x chunk_size elements (the gradient tile, and
+# on the PyTorch path also an fp32 logits tile). 2**25 elements = 128 MiB in fp32, 64 MiB in bf16.
+DEFAULT_WORKSPACE_ELEMENTS = 1 << 25
+MIN_CHUNK = 256
+
+
+def default_chunk_size(n_rows: int, vocab: int) -> int:
+    """Vocabulary columns per chunk: the largest multiple of 256 (at least 256) with
+    ``n_rows * chunk <= DEFAULT_WORKSPACE_ELEMENTS``, capped at ``vocab``."""
+    chunk = DEFAULT_WORKSPACE_ELEMENTS // max(int(n_rows), 1)
+    chunk = max(MIN_CHUNK, (chunk // MIN_CHUNK) * MIN_CHUNK)
+    return int(min(chunk, vocab))

@@ -1,0 +1,72 @@
+"""Triton building blocks shared by the op files: streaming softmax statistics and launch helpers.
+
+The statistics are the ones :mod:`edge_kernels.reference` documents: running max ``m``,
+``s = sum exp(z - m)`` and ``b = sum exp(z - m) (z - m)``, so that ``lse = m + log s`` and
+``entropy = log s - b / s``. Tiles are 2-D ``[rows, cols]``; reductions run over the columns.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import triton_interpreter_enabled
+
+
+@triton.jit
+def softmax_stats_update(m, s, b, z):
+    """Fold the fp32 tile ``z [R, C]`` (masked entries = -inf) into ``(m, s, b)`` of shape ``[R]``."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    d = z - shift[:, None]
+    e = tl.exp(d)
+    tile_b = tl.sum(tl.where(e > 0, d, 0.0) * e, 1)  # where() before the product: no 0 * -inf
+    carried_b = b + tl.where(s > 0, m - shift, 0.0) * s
+    return m_new, alpha * s + tl.sum(e, 1), alpha * carried_b + tile_b
+
+
+@triton.jit
+def softmax_stats_finalize(m, s, b):
+    """``(lse, entropy)`` from the statistics."""
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    return shift + log_s, log_s - b / s
+
+
+@triton.jit
+def grad_logits(z, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY: tl.constexpr):
+    """Gradient w.r.t. raw logits of a scaled fp32 tile ``z [R, C]``; row vectors are ``[R]``."""
+    p = tl.exp(z - lse[:, None])
+    dz = g_logp[:, None] * (tl.where(is_target, 1.0, 0.0) - p)
+    if HAS_GRAD_ENTROPY:
+        ent_term = p * tl.where(z == float("-inf"), 0.0, z - lse[:, None] + ent[:, None])
+        dz -= g_ent[:, None] * ent_term
+    return dz * inv_temp
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a nominal 4 under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def interpreting() -> bool:
+    return triton_interpreter_enabled()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x - 1).bit_length())

@@ -1,0 +1,311 @@
+"""Fused ``hidden @ weight.T (+ bias)`` -> per-token log-prob of the target and full-vocabulary entropy.
+
+Owns the Triton kernels of the hidden-states-in op, their launchers and the ``torch.autograd.Function`` over
+them (the PyTorch path of :mod:`edge_kernels.reference` plugs into the same Function).
+
+Forward (one matmul's worth of work): a program owns ``BLOCK_N`` rows and a contiguous slice of the vocabulary,
+forms logits tiles with ``tl.dot`` in fp32 (never rounded to the input dtype), folds them into streaming softmax
+statistics and picks the target logit out of the tile it lies in. The vocabulary is split across programs when
+there are too few row blocks to fill the GPU; the per-split statistics are merged afterwards (``O(splits * N)``).
+No ``[N, V]`` tensor exists.
+
+Backward (three matmuls' worth): the vocabulary is walked in chunks of ``chunk_size`` columns. For each chunk a
+kernel recomputes the logits tile, turns it into the logits gradient and stores it (input dtype) in an
+``[N, chunk_size]`` workspace; two cuBLAS matmuls then add ``dZ @ W_chunk`` to an fp32 ``d_hidden`` accumulator
+and write ``dZ.T @ hidden`` (fp32 accumulation inside the matmul, one write) into the chunk's rows of
+``d_weight``. Each ``d_weight`` element is thus summed over all tokens in fp32 exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (
+    cdiv,
+    grad_logits,
+    interpreting,
+    next_pow2,
+    num_sms,
+    softmax_stats_finalize,
+    softmax_stats_update,
+)
+from .. import reference
+from ..dispatch import default_chunk_size
+
+
+@triton.jit
+def _linear_stats_fwd_kernel(
+    H, W, BIAS, TGT, PART_M, PART_S, PART_B, PART_ZT,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, inv_temp,
+    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    tgt = tl.load(TGT + offs_n, mask=n_mask, other=-1)
+    h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    b = tl.zeros([BLOCK_N], tl.float32)
+    zt = tl.zeros([BLOCK_N], tl.float32)
+
+    v_start = pid_s * cols_per_split
+    v_end = tl.minimum(v_start + cols_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_end
+        w_cols = W + offs_v.to(tl.int64)[None, :] * stride_wv
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            w = tl.load(w_cols + offs_d[:, None] * stride_wd, mask=d_mask[:, None] & v_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
+        m, s, b = softmax_stats_update(m, s, b, z)
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
+
+    out = pid_s * N + offs_n
+    tl.store(PART_M + out, m, mask=n_mask)
+    tl.store(PART_S + out, s, mask=n_mask)
+    tl.store(PART_B + out, b, mask=n_mask)
+    tl.store(PART_ZT + out, zt, mask=n_mask)
+
+
+@triton.jit
+def _linear_grad_logits_kernel(
+    H, W, BIAS, TGT, LSE, ENT, G_LOGP, G_ENT, DZ, PART_DB,
+    N, D, col0, n_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DB: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
+    c_mask = offs_c < n_cols
+    offs_v = col0 + offs_c
+    h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn
+    w_cols = W + offs_v.to(tl.int64)[None, :] * stride_wv
+
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_cols + offs_d[:, None] * stride_wd, mask=d_mask[:, None] & c_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_v, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_temp
+
+    tgt = tl.load(TGT + offs_n, mask=n_mask, other=-1)
+    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
+    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)
+    if HAS_GRAD_ENTROPY:
+        ent = tl.load(ENT + offs_n, mask=n_mask, other=0.0)
+        g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
+    else:
+        ent = lse
+        g_ent = g_logp
+    dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY)
+    mask = n_mask[:, None] & c_mask[None, :]
+    dz = tl.where(mask, dz, 0.0)
+    tl.store(DZ + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_c[None, :],
+             dz.to(DZ.dtype.element_ty), mask=mask)
+    if WRITE_DB:
+        tl.store(PART_DB + pid_n * n_cols + offs_c, tl.sum(dz, 0), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launch configuration
+
+
+def _dot_settings(dtype: torch.dtype):
+    """(UPCAST_DOT, DOT_PRECISION): fp32 inputs get an exact fp32 dot, not tf32; the interpreter's bf16
+    arithmetic is unreliable, so it upcasts tiles to fp32 first."""
+    upcast = interpreting() and dtype != torch.float32
+    precision = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
+    return upcast, precision
+
+
+def _tile_config(n: int, d: int, dtype: torch.dtype):
+    if interpreting():  # few, large tiles: the interpreter's cost is per program and per loop trip
+        return dict(BLOCK_N=max(16, min(64, next_pow2(n))), BLOCK_V=128, BLOCK_D=max(16, min(128, next_pow2(d)))), {}
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32), dict(num_warps=4, num_stages=3)
+    block_n = 128 if n > 64 else max(16, next_pow2(n))
+    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_D=64), dict(num_warps=8, num_stages=3)
+
+
+def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size=None, num_splits=None):
+    """Launch the forward; returns ``(logp, entropy, lse)`` fp32 ``[N]``. ``chunk_size`` is unused here (the
+    forward needs no workspace beyond ``O(splits * N)`` statistics)."""
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    tiles, launch = _tile_config(n, d, hidden.dtype)
+    upcast, precision = _dot_settings(hidden.dtype)
+    row_blocks = cdiv(n, tiles["BLOCK_N"])
+    v_tiles = cdiv(vocab, tiles["BLOCK_V"])
+    if num_splits is None:  # enough programs for ~2 waves, never more splits than vocab tiles
+        num_splits = min(v_tiles, max(1, cdiv(2 * num_sms(hidden.device), row_blocks)))
+    cols_per_split = cdiv(v_tiles, num_splits) * tiles["BLOCK_V"]
+    num_splits = cdiv(vocab, cols_per_split)
+    part = torch.empty((4, num_splits, n), device=hidden.device, dtype=torch.float32)
+    _linear_stats_fwd_kernel[(row_blocks, num_splits)](
+        hidden, weight, bias if bias is not None else hidden, targets,
+        part[0], part[1], part[2], part[3],
+        n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        cols_per_split, inv_temp,
+        HAS_BIAS=bias is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
+    )
+    m, s, b = part[0, 0], part[1, 0], part[2, 0]
+    for k in range(1, num_splits):
+        m, s, b = reference.combine_stats(m, s, b, part[0, k], part[1, k], part[2, k])
+    lse, entropy = reference.finalize_stats(m, s, b)
+    zt = part[3].sum(dim=0)
+    valid = targets != ignore_index
+    zero = torch.zeros_like(lse)
+    return torch.where(valid, zt - lse, zero), torch.where(valid, entropy, zero), lse
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 accumulation; ``acc`` is fp32, ``a``/``b`` may be 16-bit."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        try:  # torch >= 2.8: 16-bit inputs, fp32 output, no rounding of the partial product
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError):
+            acc.add_(torch.mm(a, b).float())
+    else:  # interpreter runs on CPU tensors
+        acc.addmm_(a.float(), b.float())
+
+
+def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size,
+               needs_hidden, needs_weight, needs_bias):
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    chunk = chunk_size or default_chunk_size(n, vocab)
+    tiles, launch = _tile_config(n, d, hidden.dtype)
+    upcast, precision = _dot_settings(hidden.dtype)
+    row_blocks = cdiv(n, tiles["BLOCK_N"])
+    dz_buf = torch.empty((n, chunk), device=hidden.device, dtype=hidden.dtype)
+    part_db = torch.empty((row_blocks, chunk), device=hidden.device, dtype=torch.float32) if needs_bias else None
+    dh = torch.zeros((n, d), device=hidden.device, dtype=torch.float32) if needs_hidden else None
+    dw = torch.empty_like(weight) if needs_weight else None
+    db = torch.empty(vocab, device=weight.device, dtype=bias.dtype) if needs_bias else None
+    has_grad_entropy = grad_entropy is not None
+    for c0 in range(0, vocab, chunk):
+        cols = min(chunk, vocab - c0)
+        dz = dz_buf[:, :cols]
+        _linear_grad_logits_kernel[(row_blocks, cdiv(cols, tiles["BLOCK_V"]))](
+            hidden, weight, bias if bias is not None else hidden, targets, lse,
+            entropy if has_grad_entropy else lse, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
+            dz, part_db if needs_bias else lse,
+            n, d, c0, cols, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            dz.stride(0), inv_temp,
+            HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_DB=needs_bias,
+            UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
+        )
+        if needs_hidden:
+            _accumulate_mm(dh, dz, weight[c0:c0 + cols])
+        if needs_weight:
+            torch.mm(dz.t(), hidden, out=dw[c0:c0 + cols])
+        if needs_bias:
+            db[c0:c0 + cols] = part_db[:, :cols].sum(dim=0).to(db.dtype)
+    return (dh.to(hidden.dtype) if needs_hidden else None), dw, db
+
+
+_BACKENDS = {
+    "torch": (reference.linear_logprob_entropy_fwd, reference.linear_logprob_entropy_bwd),
+    "triton": (triton_fwd, triton_bwd),
+}
+
+
+class LinearLogprobEntropyFunction(torch.autograd.Function):
+    """Autograd over the launchers. Inputs are flat and validated: ``hidden [N, D]``, ``targets [N]`` int64."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size, impl):
+        fwd, _ = _BACKENDS[impl]
+        logp, entropy, lse = fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size)
+        ctx.set_materialize_grads(False)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.meta = (inv_temp, ignore_index, chunk_size, impl)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        inv_temp, ignore_index, chunk_size, impl = ctx.meta
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        valid = targets != ignore_index
+        zero = torch.zeros_like(lse)
+        g_logp = zero if grad_logp is None else torch.where(valid, grad_logp.float(), zero).contiguous()
+        g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), zero).contiguous()
+        _, bwd = _BACKENDS[impl]
+        dh, dw, db = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_temp, chunk_size,
+                         ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                         bias is not None and ctx.needs_input_grad[2])
+        return dh, dw, db, None, None, None, None, None
+
+
+def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
+                           return_entropy: bool = True, chunk_size: Optional[int] = None, impl: str = "auto"):
+    """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
+
+    Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles. With ``p = softmax(logits)``:
+    ``logp = log p[target]`` and ``entropy = -sum_v p_v log p_v`` (``../shared/algorithms.md``, notation).
+
+    Args:
+        hidden: ``[..., D]`` float32/float16/bfloat16.
+        weight: ``[V, D]``, same dtype as ``hidden`` (the LM head).
+        targets: integer ``[...]`` (``hidden.shape[:-1]``) in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]``.
+        temperature: the sampling temperature (> 0).
+        ignore_index: positions with this target return 0 for both outputs and receive no gradient.
+        return_entropy: when False the entropy is returned as None (it costs nothing extra in the forward, and
+            no entropy-gradient work is done in the backward either way unless the entropy is used).
+        chunk_size: vocabulary columns per backward chunk; the workspace is ``N * chunk_size`` elements of the
+            input dtype (Triton) or fp32 (PyTorch path). Default: the largest multiple of 256 with
+            ``N * chunk_size <= 2**25`` (64 MiB in bf16).
+        impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
+        ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
+    """
+    from ..dispatch import resolve_impl, validate_linear_inputs
+
+    temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index)
+    backend = resolve_impl(impl, hidden, weight)
+    lead_shape = targets.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = targets.reshape(-1).to(torch.int64).contiguous()
+    logp, entropy = LinearLogprobEntropyFunction.apply(
+        h2, weight, bias, t1, 1.0 / temperature, ignore_index, chunk_size, backend
+    )
+    logp = logp.view(lead_shape)
+    return logp, (entropy.view(lead_shape) if return_entropy else None)

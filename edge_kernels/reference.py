@@ -1,0 +1,191 @@
+"""Chunked pure-PyTorch implementations of every op: the CPU path, the fallback, and the readable spec.
+
+Everything here works on flattened inputs that :mod:`edge_kernels.dispatch` has validated: ``hidden [N, D]``,
+``weight [V, D]``, ``targets [N]`` (int64), ``logits [N, V]``. No function allocates ``[N, V]``: the
+vocabulary is walked in chunks of ``chunk_size`` columns and softmax statistics are carried across chunks
+online. Logits are formed in fp32 (inputs upcast before the matmul), so this path is at least as exact as the
+Triton kernels and serves as their fallback.
+
+The math (``../shared/algorithms.md``, notation section), with ``z = logits / T`` and ``p = softmax(z)``:
+
+* ``lse = logsumexp(z)``, ``logp = z[target] - lse``, ``H = -sum_v p_v log p_v = lse - sum_v p_v z_v``.
+* Streaming statistics per row: ``m`` (running max), ``s = sum exp(z - m)``,
+  ``b = sum exp(z - m) (z - m)``; then ``lse = m + log s`` and ``H = log s - b / s``. The shifted form keeps
+  the entropy exact for peaked rows, where ``lse`` and ``sum p z`` nearly cancel.
+* Gradient w.r.t. ``z`` for upstream grads ``g_l`` (log-prob) and ``g_H`` (entropy):
+  ``dz_v = g_l (1[v = target] - p_v) - g_H p_v (log p_v + H)``; w.r.t. raw logits it is ``dz / T``.
+  A ``-inf`` logit (a masked vocabulary entry) has ``p = 0`` and contributes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .dispatch import default_chunk_size
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# streaming softmax statistics
+
+
+def init_stats(n: int, device) -> Tuple[Tensor, Tensor, Tensor]:
+    m = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
+    return m, torch.zeros(n, device=device), torch.zeros(n, device=device)
+
+
+def _safe_shift(m: Tensor) -> Tensor:
+    # the shift used for exp(): 0 where the running max is -inf (no finite logit seen yet)
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def update_stats(m: Tensor, s: Tensor, b: Tensor, z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fold a fp32 logits tile ``z [n, c]`` into the running ``(m, s, b)``."""
+    m_new = torch.maximum(m, z.amax(dim=1))
+    shift = _safe_shift(m_new)
+    alpha = torch.exp(m - shift)
+    e = torch.exp(z - shift[:, None])
+    d = z - shift[:, None]
+    tile_b = (torch.where(e > 0, d, torch.zeros_like(d)) * e).sum(dim=1)  # where() first: no 0 * -inf
+    carried_b = b + torch.where(s > 0, m - shift, torch.zeros_like(s)) * s
+    return m_new, alpha * s + e.sum(dim=1), alpha * carried_b + tile_b
+
+
+def combine_stats(m1, s1, b1, m2, s2, b2) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merge two partial ``(m, s, b)`` statistics of disjoint vocabulary ranges."""
+    m = torch.maximum(m1, m2)
+    shift = _safe_shift(m)
+    a1, a2 = torch.exp(m1 - shift), torch.exp(m2 - shift)
+    zero = torch.zeros_like(s1)
+    b = a1 * (b1 + torch.where(s1 > 0, m1 - shift, zero) * s1) + a2 * (b2 + torch.where(s2 > 0, m2 - shift, zero) * s2)
+    return m, a1 * s1 + a2 * s2, b
+
+
+def finalize_stats(m: Tensor, s: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(lse, entropy)`` from the streaming statistics."""
+    log_s = torch.log(s)
+    return _safe_shift(m) + log_s, log_s - b / s
+
+
+def grad_logits_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy: Optional[Tensor],
+                     grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float) -> Tensor:
+    """Gradient w.r.t. the raw logits of the columns ``[col0, col0 + z.shape[1])`` (fp32 ``z`` is scaled).
+
+    ``grad_logp``/``grad_entropy`` must already be 0 on ignored rows.
+    """
+    p = torch.exp(z - lse[:, None])
+    dz = -grad_logp[:, None] * p
+    if grad_entropy is not None:
+        ent_term = p * torch.where(torch.isneginf(z), torch.zeros_like(p), z - lse[:, None] + entropy[:, None])
+        dz = dz - grad_entropy[:, None] * ent_term
+    local = targets - col0
+    rows = torch.nonzero((local >= 0) & (local < z.shape[1])).flatten()
+    if rows.numel():
+        dz[rows, local[rows]] += grad_logp[rows]
+    return dz * inv_temp
+
+
+def _chunks(vocab: int, chunk_size: int):
+    for c0 in range(0, vocab, chunk_size):
+        yield c0, min(vocab, c0 + chunk_size)
+
+
+def _gather_target(z: Tensor, col0: int, targets: Tensor, out: Tensor) -> None:
+    local = targets - col0
+    rows = torch.nonzero((local >= 0) & (local < z.shape[1])).flatten()
+    if rows.numel():
+        out[rows] = z[rows, local[rows]]
+
+
+def _finish(zt: Tensor, lse: Tensor, entropy: Tensor, valid: Tensor):
+    zero = torch.zeros_like(lse)
+    return torch.where(valid, zt - lse, zero), torch.where(valid, entropy, zero)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hidden states in: logits = (hidden @ weight.T + bias) / T, one chunk of the vocabulary at a time
+
+
+def _logits_chunk(h32: Tensor, weight: Tensor, bias: Optional[Tensor], c0: int, c1: int, inv_temp: float):
+    z = h32 @ weight[c0:c1].float().t()
+    if bias is not None:
+        z = z + bias[c0:c1].float()
+    return z * inv_temp
+
+
+def linear_logprob_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                               inv_temp: float, ignore_index: int, chunk_size: Optional[int] = None):
+    """Returns ``(logp, entropy, lse)``, fp32 ``[N]``; ignored rows give 0 for logp and entropy."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk = chunk_size or default_chunk_size(n, vocab)
+    h32 = hidden.float()
+    m, s, b = init_stats(n, hidden.device)
+    zt = torch.zeros(n, device=hidden.device)
+    for c0, c1 in _chunks(vocab, chunk):
+        z = _logits_chunk(h32, weight, bias, c0, c1, inv_temp)
+        m, s, b = update_stats(m, s, b, z)
+        _gather_target(z, c0, targets, zt)
+    lse, entropy = finalize_stats(m, s, b)
+    logp, entropy = _finish(zt, lse, entropy, targets != ignore_index)
+    return logp, entropy, lse
+
+
+def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                               lse: Tensor, entropy: Optional[Tensor], grad_logp: Tensor,
+                               grad_entropy: Optional[Tensor], inv_temp: float, chunk_size: Optional[int],
+                               needs_hidden: bool, needs_weight: bool, needs_bias: bool):
+    """Gradients ``(d_hidden, d_weight, d_bias)`` (None where not needed), accumulated in fp32 and returned
+    in the inputs' dtypes. ``grad_*`` are fp32 and already 0 on ignored rows."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk = chunk_size or default_chunk_size(n, vocab)
+    h32 = hidden.float()
+    dh = torch.zeros(hidden.shape, device=hidden.device) if needs_hidden else None
+    dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype) if needs_weight else None
+    db = torch.empty(vocab, device=weight.device, dtype=bias.dtype) if needs_bias else None
+    for c0, c1 in _chunks(vocab, chunk):
+        z = _logits_chunk(h32, weight, bias, c0, c1, inv_temp)
+        dz = grad_logits_tile(z, c0, targets, lse, entropy, grad_logp, grad_entropy, inv_temp)
+        if needs_hidden:
+            dh.addmm_(dz, weight[c0:c1].float())
+        if needs_weight:
+            dw[c0:c1] = (dz.t() @ h32).to(weight.dtype)
+        if needs_bias:
+            db[c0:c1] = dz.sum(dim=0).to(bias.dtype)
+    return (dh.to(hidden.dtype) if needs_hidden else None), dw, db
+
+
+# ----------------------------------------------------------------------------------------------------------
+# logits in
+
+
+def logprob_entropy_fwd(logits: Tensor, targets: Tensor, inv_temp: float, ignore_index: int,
+                        chunk_size: Optional[int] = None):
+    """``logits [N, V]`` (any float dtype, any row stride) -> ``(logp, entropy, lse)`` fp32 ``[N]``."""
+    n, vocab = logits.shape
+    chunk = chunk_size or default_chunk_size(n, vocab)
+    m, s, b = init_stats(n, logits.device)
+    zt = torch.zeros(n, device=logits.device)
+    for c0, c1 in _chunks(vocab, chunk):
+        z = logits[:, c0:c1].float() * inv_temp
+        m, s, b = update_stats(m, s, b, z)
+        _gather_target(z, c0, targets, zt)
+    lse, entropy = finalize_stats(m, s, b)
+    logp, entropy = _finish(zt, lse, entropy, targets != ignore_index)
+    return logp, entropy, lse
+
+
+def logprob_entropy_bwd(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Optional[Tensor],
+                        grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float,
+                        out: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+    """Write the logits gradient into ``out`` (which may be ``logits`` itself: each chunk is read before it
+    is overwritten)."""
+    n, vocab = logits.shape
+    chunk = chunk_size or default_chunk_size(n, vocab)
+    for c0, c1 in _chunks(vocab, chunk):
+        z = logits[:, c0:c1].float() * inv_temp
+        dz = grad_logits_tile(z, c0, targets, lse, entropy, grad_logp, grad_entropy, inv_temp)
+        out[:, c0:c1] = dz.to(out.dtype)
+    return out
