@@ -1,0 +1,175 @@
+"""The embedded default: an offline tiny model, tokenizer and task, built on the spot (no downloads).
+
+* **Task** - synthetic arithmetic word problems ("Tom has 3 apples. He buys 4 more. ...") with a short
+  reference solution ending in ``\\boxed{ANSWER}``, in the DeepScaleR layout (``problem``, ``answer``,
+  ``solution``). Train and eval splits are disjoint by problem text and drawn from one seeded generator.
+* **Tokenizer** - a byte-level BPE trained with the ``tokenizers`` library on the task's text (digits split
+  one per token, as Qwen2's tokenizer does), wrapped as a ``PreTrainedTokenizerFast`` whose chat template
+  renders the Qwen2.5-Math prompt of ``shared/algorithms.md`` section 7 in ChatML.
+* **Model** - a small randomly initialised ``Qwen2ForCausalLM`` (the real models' architecture), built from a
+  ``Qwen2Config``. A short supervised warm-up on the reference solutions (done by the loop) makes rewards
+  non-zero before RL starts.
+
+Everything is deterministic under the seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# ChatML as Qwen2.5 writes it: system turn, user turn, then the assistant header as the generation prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
+
+_NAMES = ["Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe", "Leo", "Ella", "Jack", "Nina"]
+_PRONOUN = {"Tom": "He", "Ben": "He", "Sam": "He", "Max": "He", "Leo": "He", "Jack": "He",
+            "Anna": "She", "Mia": "She", "Lily": "She", "Zoe": "She", "Ella": "She", "Nina": "She"}
+_ITEMS = ["apples", "pencils", "marbles", "books", "stickers", "cookies", "coins", "cards"]
+_ADD_VERBS = ["buys", "finds", "gets"]
+_SUB_VERBS = ["gives away", "eats", "loses"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Difficulty of the synthetic task: operands in ``[1, max_operand]``; ``two_step_frac`` of the problems
+    chain an addition and a subtraction."""
+
+    max_operand: int = 9
+    two_step_frac: float = 0.3
+
+
+def make_problem(rng: random.Random, task: TaskConfig = TaskConfig()) -> Dict[str, str]:
+    """One problem as a ``{"problem", "answer", "solution"}`` row."""
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    he = _PRONOUN[name]
+    hi = task.max_operand
+    if rng.random() < task.two_step_frac:
+        a, b = rng.randint(1, hi), rng.randint(1, hi)
+        s = a + b
+        c = rng.randint(1, s)
+        r = s - c
+        add, sub = rng.choice(_ADD_VERBS), rng.choice(_SUB_VERBS)
+        problem = (f"{name} has {a} {item}. {he} {add} {b} more and then {sub} {c}. "
+                   f"How many {item} does {name} have now?")
+        solution = f"{a} + {b} = {s}. {s} - {c} = {r}. The answer is \\boxed{{{r}}}."
+        return {"problem": problem, "answer": str(r), "solution": solution}
+    if rng.random() < 0.5:
+        a, b = rng.randint(1, hi), rng.randint(1, hi)
+        r = a + b
+        verb = rng.choice(_ADD_VERBS)
+        problem = f"{name} has {a} {item}. {he} {verb} {b} more. How many {item} does {name} have now?"
+        solution = f"{a} + {b} = {r}. The answer is \\boxed{{{r}}}."
+    else:
+        a = rng.randint(2, 2 * hi)
+        b = rng.randint(1, a)
+        r = a - b
+        verb = rng.choice(_SUB_VERBS)
+        problem = f"{name} has {a} {item}. {he} {verb} {b}. How many {item} does {name} have now?"
+        solution = f"{a} - {b} = {r}. The answer is \\boxed{{{r}}}."
+    return {"problem": problem, "answer": str(r), "solution": solution}
+
+
+def make_task(seed: int, n_train: int, n_eval: int, task: TaskConfig = TaskConfig()):
+    """``(train_rows, eval_rows)``: unique problems, the two splits disjoint by problem text."""
+    rng = random.Random(f"edge-train-task-{seed}")
+    seen, rows = set(), []
+    attempts = 0
+    while len(rows) < n_train + n_eval:
+        attempts += 1
+        if attempts > 50 * (n_train + n_eval):
+            raise ValueError(f"cannot draw {n_train + n_eval} distinct problems; raise max_operand")
+        row = make_problem(rng, task)
+        if row["problem"] in seen:
+            continue
+        seen.add(row["problem"])
+        rows.append(row)
+    return rows[:n_train], rows[n_train:]
+
+
+def tokenizer_corpus(rows: Sequence[Dict[str, str]], extra: Sequence[str] = ()) -> List[str]:
+    """Text the tokenizer is trained on: rendered prompts, solutions and the GEC strings."""
+    texts = [SYSTEM_PROMPT, *extra]
+    for r in rows:
+        texts.append(r["problem"])
+        texts.append(r["solution"])
+    return texts
+
+
+def build_tokenizer(texts: Sequence[str], vocab_size: int = 512):
+    """A byte-level BPE trained on ``texts``, wrapped with the Qwen2.5-Math chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = list(texts)
+    # the chat markup is part of every sequence: let BPE see it too
+    texts += ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n"]
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+
+
+def build_model(tokenizer, cfg: ModelConfig = ModelConfig(), seed: int = 0):
+    """A randomly initialised ``Qwen2ForCausalLM`` sized by ``cfg`` (fp32, tied embeddings)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model

@@ -1,0 +1,347 @@
+"""linear_logprob_entropy (hidden, W -> log-prob, entropy) against the float64 oracle, forward and backward.
+
+Tolerances (inputs are rounded to the tested dtype first; the oracle then runs in float64 on those exact
+values, so only the kernel's own arithmetic is measured):
+
+* Forward: logits are accumulated in fp32 from exact products (fp16/bf16 products are exact in fp32), so the
+  log-prob and entropy errors are ~D * 2**-24 * |logit| (~1e-6 here). We assert <= 1e-4 absolute, the
+  library's stated accuracy goal for logp (entropy goal 3e-4 at real shapes).
+* Backward: ||grad - ref|| <= rtol * ||ref|| + atol. ``atol`` is what fp32 softmax statistics can resolve:
+  a logit or log-sum-exp carries an absolute error ~u32 * (1 + max|z|) (u32 = 6e-8), which moves a row's
+  logits gradient by |g| times that; we allow 16x, i.e. 1e-6 * (1 + max|z|) * |g_row| * ||W_row|| (or
+  ||hidden_row|| for d_weight). It matters only for very peaked rows (p_target = 1 - 1e-7), whose tiny
+  gradient 1 - p_target is a cancellation no fp32 softmax resolves to full relative precision. rtol: fp32 inputs run in fp32 end to end -> 2e-5.
+  16-bit inputs round the logits-gradient tile (Triton path) and the returned gradient to the input dtype:
+  two roundings of unit roundoff u (fp16 2**-11 = 4.9e-4, bf16 2**-8 = 3.9e-3) give a relative norm error of
+  about u; we allow 3u (fp16 1.5e-3, bf16 1.2e-2). Measured: fp16 ~3e-4, bf16 ~3e-3.
+"""
+
+import math
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from edge_kernels import linear_logprob_entropy
+from edge_kernels.ops import linear_logprob_entropy as op_module
+from oracle import make_linear_inputs, oracle_linear_logprob_entropy, oracle_logprob_entropy, rel_err
+
+FWD_ATOL = 1e-4
+GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
+IMPLS = ["torch", "triton"]
+
+# (N, D, V, temperature, bias, lead): every value of the issue's grid appears; V never only powers of two.
+CASES = [
+    (1, 16, 1, 1.0, False, None),
+    (1, 40, 4099, 0.6, True, None),
+    (7, 16, 13, 1.7, True, None),
+    (7, 96, 127, 1.0, False, (7,)),
+    (64, 40, 1000, 0.6, False, (4, 16)),
+    (64, 96, 13, 1.7, True, None),
+    (300, 40, 127, 1.0, True, (3, 100)),
+    (300, 16, 4099, 1.7, False, None),
+]
+
+
+def _run(impl, hidden, weight, bias, targets, temperature, grad_seed=1, use_entropy=True, **kw):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    logp, ent = linear_logprob_entropy(h, w, targets, bias=b, temperature=temperature, impl=impl,
+                                       return_entropy=use_entropy, **kw)
+    g = torch.Generator().manual_seed(grad_seed)
+    g_logp = torch.randn(logp.shape, generator=g)
+    g_ent = torch.randn(logp.shape, generator=g)
+    loss = (logp * g_logp).sum() + ((ent * g_ent).sum() if use_entropy else 0.0)
+    loss.backward()
+    return logp, ent, h.grad, w.grad, (None if b is None else b.grad), g_logp, g_ent
+
+
+def _oracle(hidden, weight, bias, targets, temperature, g_logp, g_ent, use_entropy=True):
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    w = weight.detach().double()
+    b = None if bias is None else bias.detach().double()
+    logits = (h @ w.t() + (0 if b is None else b)).requires_grad_()
+    logp, ent = oracle_logprob_entropy(logits, targets.reshape(-1), temperature)
+    loss = (logp * g_logp.double().reshape(-1)).sum()
+    if use_entropy:
+        loss = loss + (ent * g_ent.double().reshape(-1)).sum()
+    loss.backward()
+    dz = logits.grad
+    # per-row absolute resolution of fp32 softmax statistics (see the module docstring)
+    g_rows = g_logp.double().reshape(-1).abs() + (g_ent.double().reshape(-1).abs() if use_entropy else 0.0)
+    g_rows = g_rows * 1e-6 * (1 + logits.detach().abs().max() / temperature)
+    w_max = w.norm(dim=1).max()
+    grads = dict(dh=(dz @ w, g_rows.norm() * w_max), dw=(dz.t() @ h, (g_rows * h.norm(dim=1)).norm()),
+                 db=None if b is None else (dz.sum(0), g_rows.norm()))
+    return logp.view(targets.shape), ent.view(targets.shape), grads
+
+
+def _grad_ok(x, ref, dtype):
+    value, atol = ref
+    err = (x.double().reshape(value.shape) - value).norm()
+    return err <= GRAD_RTOL[dtype] * value.norm() + atol, (err / value.norm()).item()
+
+
+def _check(out, ref, dtype, use_entropy=True):
+    logp, ent, dh, dw, db = out[:5]
+    r_logp, r_ent, grads = ref
+    assert logp.dtype == torch.float32
+    assert torch.isfinite(logp).all()
+    assert (logp.double() - r_logp).abs().max().item() <= FWD_ATOL
+    if use_entropy:
+        assert (ent.double() - r_ent).abs().max().item() <= FWD_ATOL
+    else:
+        assert ent is None
+    assert dh.dtype == dtype and dw.dtype == dtype
+    for name, got in (("dh", dh), ("dw", dw), ("db", db)):
+        if grads[name] is not None:
+            assert got.dtype == dtype
+            ok, rel = _grad_ok(got, grads[name], dtype)
+            assert ok, f"{name}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-D{}-V{}-T{}-bias{}-lead{}".format(*c))
+def test_matches_float64_oracle(case, dtype, impl):
+    n, d, v, temperature, bias, lead = case
+    seed = zlib.crc32(repr((case, str(dtype), impl)).encode())  # fresh inputs per case, reproducible
+    hidden, weight, b, targets = make_linear_inputs(n, d, v, dtype=dtype, bias=bias, lead=lead, ignore_frac=0.2,
+                                                    seed=seed)
+    out = _run(impl, hidden, weight, b, targets, temperature)
+    ref = _oracle(hidden, weight, b, targets, temperature, out[5], out[6])
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peaked_and_flat_rows(impl):
+    # entropies must span ~0 (peaked) to ~log V (flat): the shifted streaming form keeps both exact
+    hidden, weight, _, targets = make_linear_inputs(64, 40, 1000, peaked_frac=1.0, seed=3)
+    hidden[:8] *= 1e-4  # near-uniform rows
+    hidden[8:16] *= 30.0  # extremely peaked rows
+    out = _run(impl, hidden, weight, None, targets, 1.0)
+    ref = _oracle(hidden, weight, None, targets, 1.0, out[5], out[6])
+    _check(out, ref, torch.float32)
+    assert ref[1][:8].min() > math.log(1000) - 0.01
+    assert ref[1][8:16].max() < 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logp_only_matches_oracle(impl):
+    hidden, weight, b, targets = make_linear_inputs(33, 40, 300, bias=True, ignore_frac=0.3, seed=4)
+    out = _run(impl, hidden, weight, b, targets, 0.8, use_entropy=False)
+    ref = _oracle(hidden, weight, b, targets, 0.8, out[5], out[6], use_entropy=False)
+    _check(out, ref, torch.float32, use_entropy=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignored_rows_are_zero_and_get_no_gradient(impl):
+    hidden, weight, _, targets = make_linear_inputs(20, 16, 50, seed=5)
+    targets[::3] = -1
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_logprob_entropy(h, weight, targets, ignore_index=-1, impl=impl)
+    assert (logp[::3] == 0).all() and (ent[::3] == 0).all()
+    assert (logp[1::3] < 0).all() and (ent[1::3] > 0).all()
+    (logp.sum() + ent.sum()).backward()
+    assert (h.grad[::3] == 0).all()
+    assert (h.grad[1::3].abs().sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk_size", [1, 7, 256, 5000])
+def test_chunk_size_does_not_change_results(impl, chunk_size):
+    hidden, weight, b, targets = make_linear_inputs(17, 24, 1000, bias=True, seed=6)
+    out = _run(impl, hidden, weight, b, targets, 1.3, chunk_size=chunk_size if impl == "torch" or chunk_size > 1
+               else 128)
+    ref = _oracle(hidden, weight, b, targets, 1.3, out[5], out[6])
+    _check(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+def test_triton_vocab_split_merge(num_splits):
+    hidden, weight, b, targets = make_linear_inputs(20, 16, 1000, bias=True, seed=7)
+    logp, ent, lse = op_module.triton_fwd(hidden, weight, b, targets, 1 / 0.7, -100, num_splits=num_splits)
+    r_logp, r_ent = oracle_linear_logprob_entropy(hidden, weight, targets, b, 0.7)
+    assert (logp.double() - r_logp).abs().max() <= FWD_ATOL
+    assert (ent.double() - r_ent).abs().max() <= FWD_ATOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weight_gradient_accumulates_in_fp32(impl):
+    # 512 tokens share 40 vocabulary rows, so every dW row is a sum of ~500 contributions. Summed in bf16
+    # (a running bf16 accumulator, as chunk-by-chunk accumulation in the parameter dtype does) the error
+    # grows with the number of additions; with fp32 accumulation only the operands' and the result's bf16
+    # roundings remain (relative norm error ~u = 2**-9 .. 2**-8).
+    hidden, weight, _, targets = make_linear_inputs(512, 16, 40, dtype=torch.bfloat16, seed=8)
+    w = weight.clone().requires_grad_()
+    logp, ent = linear_logprob_entropy(hidden, w, targets, impl=impl, chunk_size=8)
+    (logp.sum() + ent.sum()).backward()
+    h64 = hidden.double()
+    logits = (h64 @ weight.double().t()).requires_grad_()
+    r_logp, r_ent = oracle_logprob_entropy(logits, targets)
+    (r_logp.sum() + r_ent.sum()).backward()
+    ref = logits.grad.t() @ h64
+    bf16_running = torch.zeros_like(ref, dtype=torch.bfloat16)
+    for r in range(512):  # what bf16 accumulation over tokens would give
+        bf16_running += (logits.grad[r][:, None] * h64[r][None, :]).to(torch.bfloat16)
+    assert w.grad.dtype == torch.bfloat16
+    ours = rel_err(w.grad, ref)
+    assert ours <= 2 ** -8, ours
+    assert rel_err(bf16_running, ref) > 2 * ours, (rel_err(bf16_running, ref), ours)  # the test tells them apart
+
+
+def test_no_grad_needed_saves_nothing():
+    hidden, weight, _, targets = make_linear_inputs(8, 16, 30, seed=9)
+    logp, ent = linear_logprob_entropy(hidden, weight, targets, impl="torch")
+    assert logp.grad_fn is None and ent.grad_fn is None
+    h = hidden.clone().requires_grad_()
+    with torch.no_grad():
+        logp, _ = linear_logprob_entropy(h, weight, targets, impl="torch")
+    assert logp.grad_fn is None
+
+
+def test_entropy_gradient_skipped_when_entropy_unused(monkeypatch):
+    seen = {}
+    real = op_module._BACKENDS["torch"]
+
+    def spy_bwd(*args):
+        seen["grad_entropy"] = args[7]
+        return real[1](*args)
+
+    monkeypatch.setitem(op_module._BACKENDS, "torch", (real[0], spy_bwd))
+    hidden, weight, _, targets = make_linear_inputs(8, 16, 30, seed=10)
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_logprob_entropy(h, weight, targets, impl="torch")
+    logp.sum().backward()
+    assert seen["grad_entropy"] is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_inf_propagate(impl):
+    hidden, weight, _, targets = make_linear_inputs(6, 16, 50, seed=11)
+    hidden[2, 3] = float("nan")
+    hidden[4, 0] = float("inf")
+    logp, ent = linear_logprob_entropy(hidden, weight, targets, impl=impl)
+    assert torch.isnan(logp[2]) and torch.isnan(ent[2])
+    assert torch.isnan(logp[4]) and torch.isnan(ent[4])
+    assert torch.isfinite(logp[[0, 1, 3, 5]]).all()
+    w = weight.clone()
+    w[7, 1] = float("nan")
+    logp, ent = linear_logprob_entropy(hidden[:2].nan_to_num(0.0), w, targets[:2], impl=impl)
+    assert torch.isnan(logp).all() and torch.isnan(ent).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_hidden(impl):
+    hidden, weight, _, targets = make_linear_inputs(10, 32, 77, seed=12)
+    wide = torch.randn(10, 64)
+    wide[:, ::2] = hidden
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    logp, ent = linear_logprob_entropy(strided, weight, targets, impl=impl)
+    r_logp, r_ent = oracle_linear_logprob_entropy(hidden, weight, targets)
+    assert (logp.double() - r_logp).abs().max() <= FWD_ATOL
+    assert (ent.double() - r_ent).abs().max() <= FWD_ATOL
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    d=st.integers(1, 70),
+    v=st.integers(1, 600),
+    temperature=st.sampled_from([0.5, 1.0, 2.3]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    impl=st.sampled_from(IMPLS),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_against_oracle(n, d, v, temperature, dtype, impl, bias, seed):
+    hidden, weight, b, targets = make_linear_inputs(n, d, v, dtype=dtype, bias=bias, ignore_frac=0.1, seed=seed)
+    out = _run(impl, hidden, weight, b, targets, temperature, grad_seed=seed)
+    ref = _oracle(hidden, weight, b, targets, temperature, out[5], out[6])
+    _check(out, ref, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _ok():
+    hidden, weight, b, targets = make_linear_inputs(4, 8, 10, bias=True, seed=13)
+    return dict(hidden=hidden, weight=weight, targets=targets, bias=b)
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(weight=torch.randn(10, 9)), ValueError, "D = weight.shape"),
+        (dict(weight=torch.randn(10)), ValueError, "weight must be 2-D"),
+        (dict(weight=torch.randn(10, 8, dtype=torch.float16)), TypeError, "share a dtype"),
+        (dict(hidden=torch.randint(0, 3, (4, 8))), TypeError, "hidden must be float32"),
+        (dict(targets=torch.zeros(4)), TypeError, "targets must be an integer"),
+        (dict(targets=torch.zeros(5, dtype=torch.long)), ValueError, "targets has shape"),
+        (dict(targets=torch.tensor([0, 1, 10, 2])), ValueError, r"targets must lie in \[0, 10\)"),
+        (dict(targets=torch.tensor([0, -5, 1, 2])), ValueError, "targets must lie in"),
+        (dict(bias=torch.randn(11)), ValueError, "bias must have shape"),
+        (dict(hidden=torch.randn(0, 8), targets=torch.zeros(0, dtype=torch.long)), ValueError, "empty"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(impl="cublas"), ValueError, "impl must be one of"),
+        (dict(weight=torch.randn(10, 8, device="meta")), ValueError, "one device"),
+    ],
+)
+def test_bad_input_names_the_argument(change, exc, match):
+    kw = _ok()
+    kw.update(change)
+    args = [kw.pop("hidden"), kw.pop("weight"), kw.pop("targets")]
+    with pytest.raises(exc, match=match):
+        linear_logprob_entropy(*args, **kw)
+
+
+def test_impl_resolution(monkeypatch):
+    hidden, weight, _, targets = make_linear_inputs(4, 8, 10, seed=14)
+    with pytest.raises(NotImplementedError, match="impl='cuda'"):
+        linear_logprob_entropy(hidden, weight, targets, impl="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        linear_logprob_entropy(hidden, weight, targets, impl="triton")
+    # auto on CPU tensors runs the PyTorch path
+    logp, _ = linear_logprob_entropy(hidden, weight, targets, impl="auto")
+    assert torch.isfinite(logp).all()
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, d, v", [(4096, 3584, 152064), (2048, 1536, 151936), (1, 896, 151936)])
+def test_gpu_bf16_real_shapes(n, d, v):
+    hidden, weight, _, targets = make_linear_inputs(n, d, v, dtype=torch.bfloat16, ignore_frac=0.05, seed=15,
+                                                    device="cuda")
+    logp, ent = linear_logprob_entropy(hidden, weight, targets, temperature=0.9, impl="triton")
+    ref_logp, ref_ent = [], []
+    for i in range(0, n, 256):  # chunked float64 oracle
+        lp, en = oracle_linear_logprob_entropy(hidden[i:i + 256], weight, targets[i:i + 256], None, 0.9)
+        ref_logp.append(lp)
+        ref_ent.append(en)
+    assert (logp.double() - torch.cat(ref_logp)).abs().max() <= 1e-4
+    assert (ent.double() - torch.cat(ref_ent)).abs().max() <= 3e-4
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_beyond_int32():
+    # N * V > 2**31 logits (never materialized): offsets must be 64-bit
+    n, d, v = 16384, 64, 151936
+    hidden, weight, _, targets = make_linear_inputs(n, d, v, dtype=torch.bfloat16, seed=16, device="cuda")
+    assert n * v > 2**31
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_logprob_entropy(h, weight, targets, impl="triton")
+    (logp.sum() + ent.sum()).backward()
+    idx = torch.tensor([0, n // 2, n - 1], device="cuda")
+    r_logp, r_ent = oracle_linear_logprob_entropy(hidden[idx], weight, targets[idx])
+    assert (logp[idx].double() - r_logp).abs().max() <= 1e-4
+    assert (ent[idx].double() - r_ent).abs().max() <= 3e-4
+    assert torch.isfinite(h.grad).all() and h.grad[n - 1].abs().sum() > 0

@@ -1,0 +1,60 @@
+"""Float64 oracles and test-data builders (tests only: the library never imports this).
+
+The oracles materialize ``[N, V]`` logits in float64 on purpose: they are the slow, obviously-correct
+definition the kernels are checked against, on inputs already rounded to the kernel's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def oracle_logprob_entropy(logits, targets, temperature=1.0, ignore_index=-100):
+    """float64 ``(logp, entropy)`` from ``logits [..., V]``; differentiable w.r.t. ``logits``."""
+    z = logits.double() / temperature
+    logsm = torch.log_softmax(z, dim=-1)
+    p = logsm.exp()
+    valid = targets != ignore_index
+    logp = logsm.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    # -inf logits (masked vocabulary): p = 0 contributes 0; mask before the product so no 0 * inf gradient
+    plogp = p * torch.where(p > 0, logsm, torch.zeros_like(logsm))
+    entropy = -plogp.sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+def oracle_linear_logprob_entropy(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    return oracle_logprob_entropy(logits, targets, temperature, ignore_index)
+
+
+def make_linear_inputs(n, d, v, *, dtype=torch.float32, bias=False, lead=None, ignore_frac=0.0, peaked_frac=0.5,
+                       scale=1.0, seed=0, device="cpu"):
+    """LLM-like inputs: a fraction of rows are peaked (the target logit stands out by a random margin, so the
+    entropy is near 0), the rest range from flat to moderately spread. Returns hidden, weight, bias, targets."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64) / d ** 0.5
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64) * scale * torch.rand(n, 1, generator=g) * 3
+    targets = torch.randint(0, v, (n,), generator=g)
+    peaked = torch.rand(n, generator=g) < peaked_frac
+    if peaked.any():
+        w_t = weight[targets[peaked]]
+        margin = 5.0 + 20.0 * torch.rand(int(peaked.sum()), 1, generator=g, dtype=torch.float64)
+        hidden[peaked] += margin * w_t / (w_t.norm(dim=1, keepdim=True) ** 2 + 1e-12)
+    b = (torch.randn(v, generator=g, dtype=torch.float64) * 0.5) if bias else None
+    if ignore_frac > 0:
+        drop = torch.rand(n, generator=g) < ignore_frac
+        targets[drop] = -100
+    if lead is not None:
+        hidden = hidden.reshape(*lead, d)
+        targets = targets.reshape(*lead)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), targets.to(device)
+
+
+def rel_err(a, b):
+    """||a - b|| / max(||b||, tiny) in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
