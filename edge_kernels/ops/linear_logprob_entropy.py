@@ -88,7 +88,7 @@ def _linear_stats_fwd_kernel(
 @triton.jit
 def _linear_grad_logits_kernel(
     H, W, BIAS, TGT, LSE, ENT, G_LOGP, G_ENT, DZ, PART_DB,
-    N, D, col0, n_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, inv_temp,
+    N, D, col0, n_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, stride_dbn, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DB: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -132,7 +132,7 @@ def _linear_grad_logits_kernel(
     tl.store(DZ + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_c[None, :],
              dz.to(DZ.dtype.element_ty), mask=mask)
     if WRITE_DB:
-        tl.store(PART_DB + pid_n * n_cols + offs_c, tl.sum(dz, 0), mask=c_mask)
+        tl.store(PART_DB + pid_n * stride_dbn + offs_c, tl.sum(dz, 0), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
             entropy if has_grad_entropy else lse, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
             dz, part_db if needs_bias else lse,
             n, d, c0, cols, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            dz.stride(0), inv_temp,
+            dz.stride(0), chunk, inv_temp,
             HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_DB=needs_bias,
             UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
         )
