@@ -176,9 +176,8 @@ def _entropy_quantile_keep(entropy: Tensor, valid: Tensor, rho: float) -> Tensor
     pos = (1.0 - rho) * (n - 1).clamp(min=0).to(sorted_h.dtype)
     lo = pos.floor()
     frac = pos - lo
-    lo_i = lo.long()
-    hi_i = pos.ceil().long()
-    lo_v, hi_v = sorted_h[lo_i], sorted_h[hi_i]
+    idx = torch.stack([lo, pos.ceil()]).long()
+    lo_v, hi_v = sorted_h.index_select(0, idx)  # index_select, not [0-d tensor] indexing: no .item() sync
     threshold = torch.where(frac > 0, lo_v + frac * (hi_v - lo_v), lo_v)  # n == 0: +inf, nothing kept
     return valid & (entropy >= threshold)
 
@@ -249,8 +248,9 @@ def policy_loss(
             per row); with ``[B]`` advantages it adds ``adv_group_var`` and ``zero_adv_group_frac``.
 
     Returns:
-        ``(loss, metrics)``: a 0-d loss, and a dict of detached 0-d tensors (no host sync), all averaged over
-        the masked tokens (``mask``, before the entropy filter) unless said otherwise:
+        ``(loss, metrics)``: a 0-d loss, and a dict of detached 0-d tensors (left on the device, never
+        ``.item()``-ed; computed from values already in hand), averaged over the masked tokens (``mask``, before
+        the entropy filter) unless said otherwise:
 
         * ``ratio_mean``: mean ``rho`` (``s_i`` per token at sequence level).
         * ``clip_frac_low`` / ``clip_frac_high``: fraction of tokens where the lower clip (``A < 0`` and
@@ -453,6 +453,8 @@ def fused_linear_policy_loss(
     _check_choice("eda", eda, EDA_MODES)
     _validate_loss_options(clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
                            top_entropy_quantile, agg, max_len)
+    _check_bt("old_logp", old_logp, shape)
+    _check_bt("ref_logp", ref_logp, shape)
     _check_advantages(advantages, shape, check_nan=False)  # policy_loss checks for NaN (EDA propagates it)
     if eda == "current":
         if advantages.dim() != 1:
