@@ -39,7 +39,7 @@ SCALES = ("group", "batch", "none")
 EGPO_MODES = ("asymmetric", "symmetric", "lock_one")
 PROG_BASELINES = ("group", "prompt")
 
-# Slack for ceil(low_frac * n): 0.2 * 15 is 3.0000000000000004 in floating point, whose ceil would be 4.
+# Slack for ceil(low_frac * n): 0.28 * 25 is 7.000000000000001 in floating point, whose ceil would be 8.
 _CEIL_SLACK = 1e-9
 
 
@@ -216,7 +216,7 @@ def _relative_scale(values: Tensor, g: _Groups, eps: float) -> Tensor:
     """
     v = values.clamp_min(0)
     mean = _group_mean(v.detach(), g)
-    return mean / (v + eps)
+    return torch.where(mean > 0, mean / (v + eps), torch.ones_like(v))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,13 +401,12 @@ def _low_confidence(logp: Tensor, m: Tensor, low_frac: float) -> Tuple[Tensor, T
     """``c(o) = exp(mean of the ceil(low_frac * |o|) lowest unmasked log-probs)`` ``[B]``, and whether the
     row has any unmasked token (``c = 0`` where it has none)."""
     n = m.sum(-1)
+    valid = n > 0
     k = torch.ceil(n.double() * low_frac - _CEIL_SLACK).clamp_min(1).to(torch.int64)
-    k = torch.where(n > 0, k, torch.zeros_like(k))
-    inf = torch.full_like(logp, float("inf"))
-    lowest = torch.where(m, logp, inf).sort(dim=-1).values  # masked positions sort last
+    k = torch.where(valid, k, torch.zeros_like(k))
+    lowest = torch.where(m, logp, torch.full_like(logp, float("inf"))).sort(dim=-1).values  # masked sort last
     take = torch.arange(logp.shape[-1], device=logp.device)[None, :] < k[:, None]
     mean = torch.where(take, lowest, torch.zeros_like(lowest)).sum(-1) / k.clamp_min(1).to(logp.dtype)
-    valid = n > 0
     return torch.where(valid, mean.exp(), torch.zeros_like(mean)), valid
 
 
@@ -430,8 +429,7 @@ def prog_grpo_advantages(advantages: Tensor, token_logp: Tensor, mask: Tensor, r
     a = _advantage_input(advantages)
     batch = a.shape[0]
     logp, m = _token_pair("token_logp", token_logp, mask, batch)
-    if a.dim() == 2:
-        _token_level_advantages(a, logp.shape)
+    _token_level_advantages(a, logp.shape)  # shape check only: the shift broadcasts below
     r = _per_sequence("rewards", rewards, batch)
     alpha = _number("alpha", alpha)
     low_frac = _number("low_frac", low_frac)

@@ -249,7 +249,8 @@ def test_ep_grpo_matches_loop_reference(layout, num_buckets):
     a = torch.randn(B, generator=gen, dtype=F64)
     h = torch.rand(B, 12, generator=gen, dtype=F64) * 2
     h[3, 2:7] = 0.0  # zero-entropy tokens
-    h[13] = 0.0  # a row with zero total entropy: gate 1, progress by token count
+    h[2] = 0.0  # a row with zero total entropy (in an all-correct block): progress by token count
+    h[13] = 0.0  # the same in a mixed group: gate 1
     mask = torch.rand(B, 12, generator=gen) < 0.85
     mask[6] = False  # a row with no response token
     kw, groups = layouts(10)[layout]
