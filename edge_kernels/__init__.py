@@ -3,12 +3,40 @@
 The public API, re-exported; nothing else lives here.
 """
 
+from .advantages import (
+    eda_advantages,
+    egpo_advantages,
+    ep_grpo_token_advantages,
+    group_advantage_variance,
+    grpo_advantages,
+    masked_mean,
+    nll_uncertainty,
+    prog_grpo_advantages,
+    seq_mean_entropy,
+    zero_advantage_group_fraction,
+)
+from .losses import fused_linear_policy_loss, policy_loss
 from .ops.linear_logprob_entropy import linear_logprob_entropy
 from .ops.logprob_entropy import logprob_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # kernels
     "linear_logprob_entropy",
     "logprob_entropy",
+    # losses
+    "policy_loss",
+    "fused_linear_policy_loss",
+    # advantages
+    "grpo_advantages",
+    "eda_advantages",
+    "egpo_advantages",
+    "prog_grpo_advantages",
+    "ep_grpo_token_advantages",
+    "seq_mean_entropy",
+    "nll_uncertainty",
+    "masked_mean",
+    "group_advantage_variance",
+    "zero_advantage_group_fraction",
 ]
