@@ -139,21 +139,27 @@ def _linear_grad_logits_kernel(
 # launch configuration
 
 
-def _dot_settings(dtype: torch.dtype):
+def _dot_settings(dtype: torch.dtype, interpret: Optional[bool] = None):
     """(UPCAST_DOT, DOT_PRECISION): fp32 inputs get an exact fp32 dot, not tf32; the interpreter's bf16
     arithmetic is unreliable, so it upcasts tiles to fp32 first."""
-    upcast = interpreting() and dtype != torch.float32
+    interpret = interpreting() if interpret is None else interpret
+    upcast = interpret and dtype != torch.float32
     precision = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
     return upcast, precision
 
 
-def _tile_config(n: int, d: int, dtype: torch.dtype):
-    if interpreting():  # few, large tiles: the interpreter's cost is per program and per loop trip
+def _tile_config(n: int, d: int, dtype: torch.dtype, interpret: Optional[bool] = None):
+    """Tiles and launch settings. GPU choices are the largest tiles that compile without register spills for
+    sm_80 and sm_90 (checked ahead of time by ``python -m edge_kernels.ops.aot`` and its test): 128x128
+    logits tiles with a 32-deep K step and 4 pipeline stages for 16-bit inputs (tensor cores: wgmma / mma),
+    32x64x32 for fp32 (exact fp32 FMA dot). Not autotuned: ``@triton.autotune`` with several configs does not
+    run under the interpreter, and a fixed choice keeps runs reproducible."""
+    if interpreting() if interpret is None else interpret:
+        # few, large tiles: the interpreter's cost is per program and per loop trip
         return dict(BLOCK_N=max(16, min(64, next_pow2(n))), BLOCK_V=128, BLOCK_D=max(16, min(128, next_pow2(d)))), {}
     if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32), dict(num_warps=4, num_stages=3)
-    block_n = 128 if n > 64 else max(16, next_pow2(n))
-    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_D=64), dict(num_warps=8, num_stages=3)
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32), dict(num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32), dict(num_warps=8, num_stages=4)
 
 
 def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size=None, num_splits=None):

@@ -88,8 +88,8 @@ def _logits_grad_kernel(
              dz.to(DX.dtype.element_ty), mask=mask)
 
 
-def _config(n: int, vocab: int, dtype: torch.dtype):
-    if interpreting():
+def _config(n: int, vocab: int, dtype: torch.dtype, interpret: Optional[bool] = None):
+    if interpreting() if interpret is None else interpret:
         return dict(ROWS=min(16, next_pow2(n)), BLOCK_V=min(1024, next_pow2(vocab))), {}
     block_v = min(4096 if dtype != torch.float32 else 2048, next_pow2(vocab))
     return dict(ROWS=1, BLOCK_V=block_v), dict(num_warps=8 if block_v >= 2048 else 4)
@@ -149,7 +149,21 @@ def _torch_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out
     return out3
 
 
+def cuda_fwd(x3, targets, inv_temp, ignore_index):
+    """The csrc/ CUDA C++ kernels (``impl="cuda"``), loaded or built by :mod:`edge_kernels._cuda` on first use."""
+    from .._cuda import logprob_entropy_fwd
+
+    return logprob_entropy_fwd(x3, targets, inv_temp, ignore_index)
+
+
+def cuda_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out3):
+    from .._cuda import logprob_entropy_bwd
+
+    return logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out3)
+
+
 _BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "triton": (triton_fwd, triton_bwd)}
+_BACKENDS["cuda"] = (cuda_fwd, cuda_bwd)
 
 
 class LogprobEntropyFunction(torch.autograd.Function):

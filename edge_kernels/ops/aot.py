@@ -1,0 +1,129 @@
+"""Ahead-of-time compilation of the Triton kernels for a GPU architecture, on a machine without a GPU.
+
+Triton can lower a kernel to PTX and a cubin for a named target (``sm_80``, ``sm_90``) with no driver present.
+That lets the CPU CI check what the interpreter cannot: that every kernel variant the launchers pick actually
+compiles for real GPUs, how many registers it takes, whether it spills, and whether 16-bit dots become
+tensor-core instructions (``wgmma`` on Hopper, ``mma`` on Ampere).
+
+``python -m edge_kernels.ops.aot [--json]`` prints the report for every variant. It must run with the
+interpreter off (``TRITON_INTERPRET`` unset or 0): under the interpreter the kernels are not compilable objects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class CompiledKernel:
+    name: str
+    arch: int
+    variant: str
+    registers: int
+    local_bytes: int  # stack + spills: 0 means nothing went to local memory
+    shared_bytes: int
+    tensor_core: str  # "wgmma", "mma" or "none"
+
+    def row(self) -> str:
+        return (f"{self.name:<32} sm_{self.arch:<3} {self.variant:<34} regs={self.registers:<4} "
+                f"local={self.local_bytes:<5} smem={self.shared_bytes:<7} mma={self.tensor_core}")
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k: int(v) for k, v in fields.items()}
+
+
+def compile_kernel(kernel, arg_types: Dict[str, str], constexprs: Dict[str, object], *, arch: int,
+                   num_warps: int, num_stages: int, variant: str = "") -> CompiledKernel:
+    """Compile ``kernel`` for ``sm_<arch>``. ``arg_types`` maps each runtime argument to a Triton type string
+    (``"*bf16"``, ``"i32"``, ``"fp32"``...); ``constexprs`` gives every ``tl.constexpr`` argument."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: ("constexpr" if n in constexprs else arg_types[n]) for n in names}
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    usage = _resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    mma = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
+    return CompiledKernel(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), arch, variant,
+                          usage.get("REG", -1), usage.get("STACK", 0) + usage.get("LOCAL", 0),
+                          max(usage.get("SHARED", 0), compiled.metadata.shared), mma)
+
+
+def _linear_variants(dtype: torch.dtype):
+    from . import linear_logprob_entropy as op
+
+    t = _TRITON_DTYPE[dtype]
+    tiles, launch = op._tile_config(8192, 3584, dtype, interpret=False)
+    upcast, precision = op._dot_settings(dtype, interpret=False)
+    # unit strides are specialized to constants at launch (Triton does this for any int equal to 1)
+    common = dict(UPCAST_DOT=upcast, DOT_PRECISION=precision, stride_hd=1, stride_wd=1, **tiles)
+    fwd_types = dict(H=f"*{t}", W=f"*{t}", BIAS=f"*{t}", TGT="*i64", PART_M="*fp32", PART_S="*fp32",
+                     PART_B="*fp32", PART_ZT="*fp32", inv_temp="fp32")
+    bwd_types = dict(H=f"*{t}", W=f"*{t}", BIAS=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32", G_LOGP="*fp32",
+                     G_ENT="*fp32", DZ=f"*{t}", PART_DB="*fp32", inv_temp="fp32")
+    yield op._linear_stats_fwd_kernel, fwd_types, dict(HAS_BIAS=True, **common), launch, f"{t} bias"
+    yield (op._linear_grad_logits_kernel, bwd_types,
+           dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, WRITE_DB=True, **common), launch, f"{t} bias+entropy grad")
+
+
+def _logits_variants(dtype: torch.dtype):
+    from . import logprob_entropy as op
+
+    t = _TRITON_DTYPE[dtype]
+    cfg, launch = op._config(8192, 152064, dtype, interpret=False)
+    yield (op._logits_stats_fwd_kernel, dict(X=f"*{t}", TGT="*i64", LOGP="*fp32", ENT="*fp32", LSE="*fp32",
+                                             inv_temp="fp32"), cfg, launch, f"{t}")
+    yield (op._logits_grad_kernel, dict(X=f"*{t}", DX=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32",
+                                        G_LOGP="*fp32", G_ENT="*fp32", inv_temp="fp32"),
+           dict(HAS_GRAD_ENTROPY=True, **cfg), launch, f"{t} entropy grad")
+
+
+def report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> List[CompiledKernel]:
+    """Compile every kernel variant the launchers use at a large shape, for each architecture."""
+    out = []
+    for arch in archs:
+        for dtype in dtypes:
+            for kernel, types, constexprs, launch, variant in (*_linear_variants(dtype), *_logits_variants(dtype)):
+                # integer runtime arguments (sizes, strides, offsets) default to i32: Triton specializes them
+                full_types = {n: types.get(n, "i32") for n in kernel.arg_names}
+                out.append(compile_kernel(kernel, full_types, constexprs, arch=arch,
+                                          num_warps=launch.get("num_warps", 4),
+                                          num_stages=launch.get("num_stages", 3), variant=variant))
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import dataclasses
+    import json
+    import sys
+
+    rows = report()
+    if "--json" in sys.argv:
+        print(json.dumps([dataclasses.asdict(k) for k in rows]))
+    else:
+        for k in rows:
+            print(k.row())
