@@ -14,7 +14,6 @@ a call becomes a ``skipped: <reason>`` row, an out-of-memory an ``OOM`` row.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -28,6 +27,7 @@ from .common import (
     describe_entropy,
     dtype_name,
     entropy_stats,
+    fmt_num,
     free_memory,
     make_linear_data,
     make_logits_data,
@@ -71,9 +71,9 @@ def _log_row(prefix: str, row: Dict[str, Any]) -> None:
         if row.get("err_entropy") is not None:
             extra += f", err H {row['err_entropy']:.1e}"
         mem = "" if row.get("peak_gib") is None else f", {row['peak_gib']:.2f} GiB"
-        log(f"{prefix} {row['impl']}: {row['ms']:.3f} ms{mem}{extra}")
+        log(f"{prefix} {row['impl']}: {row['ms']:.3f} ms{mem}{extra} [{row.get('wall_s', 0):.1f} s]")
     else:
-        log(f"{prefix} {row['impl']}: {row['status']} ({row.get('reason', '')})")
+        log(f"{prefix} {row['impl']}: {row['status']} ({row.get('reason', '')}) [{row.get('wall_s', 0):.1f} s]")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,6 +89,11 @@ class Impl:
     skip_modes: Dict[str, str] = field(default_factory=dict)  # mode -> reason
     warmup_first: bool = True
     mutates_input: bool = False  # logits-in in-place backward: gets a private copy of the logits
+    timing: Optional[TimingConfig] = None  # overrides the run's timing config (interpreter rows)
+
+
+# Triton-interpreter rows check results; their time means nothing, so they are called as few times as possible
+INTERPRETER_TIMING = TimingConfig(cpu_min_reps=1, cpu_max_reps=1, cpu_max_s=0.0, cpu_warmup=False)
 
 
 def naive_linear(hidden, weight, targets):
@@ -114,7 +119,7 @@ def _need_cuda(device: torch.device, what: str) -> None:
 
 def _compiled(fn: Callable, cfg: BenchConfig) -> Callable:
     if not cfg.compile:
-        raise Skip("torch.compile rows disabled (--quick default; pass --compile to include)")
+        raise Skip("torch.compile rows off (--no-compile, or --quick without --compile)")
     try:
         return torch.compile(fn, dynamic=False)
     except Exception as exc:  # noqa: BLE001
@@ -140,7 +145,8 @@ def linear_impls(cfg: BenchConfig, n: int, d: int, vocab: int, *, sweep: bool = 
         impls.append(Impl("ours (impl=torch, chunked PyTorch)", ours("torch"),
                           note="CPU: the Triton kernels need CUDA"))
         if cfg.interpreter and not sweep and n * vocab <= 1 << 17:
-            impls.append(Impl("ours (impl=triton, interpreter)", ours("triton"),
+            impls.append(Impl("ours (impl=triton, interpreter)", ours("triton"), warmup_first=False,
+                              timing=INTERPRETER_TIMING,
                               note="Triton interpreter: checks results, time is not kernel time"))
     impls.append(Impl("naive PyTorch (materialized logits)", lambda: naive_linear))
     if not sweep:
@@ -203,18 +209,35 @@ def logits_impls(cfg: BenchConfig, n: int, vocab: int) -> List[Impl]:
             return lambda x, t: logprob_entropy(x, t, impl=impl, inplace_backward=inplace)
         return make
 
+    def ours_cuda():
+        def make():
+            _need_cuda(dev, "impl='cuda' (the csrc/ extension)")
+            try:
+                from edge_kernels import _cuda
+            except Exception as exc:  # noqa: BLE001
+                raise Skip(f"edge_kernels._cuda not importable ({short_reason(exc)})") from None
+            reason = _cuda.unavailable_reason() if hasattr(_cuda, "unavailable_reason") else None
+            if reason:
+                raise Skip(f"CUDA extension unavailable: {reason}")
+            return ours("cuda")()
+        return make
+
     if dev.type == "cuda":
         impls.append(Impl("ours (impl=auto -> triton)", ours("auto")))
         impls.append(Impl("ours (impl=auto, inplace_backward=True)", ours("auto", True), modes=("fwd+bwd",),
                           warmup_first=False, mutates_input=True,
                           note="gradient overwrites the logits; later reps run on the overwritten values"))
+        impls.append(Impl("ours (impl=cuda, csrc/ C++ extension)", ours_cuda(),
+                          note="first call may build the extension with ninja (warmup, untimed)"))
         if cfg.quick:
             impls.append(Impl("ours (impl=torch, chunked PyTorch)", ours("torch")))
     else:
         impls.append(Impl("ours (impl=torch, chunked PyTorch)", ours("torch"),
                           note="CPU: the Triton kernels need CUDA"))
+        impls.append(Impl("ours (impl=cuda, csrc/ C++ extension)", ours_cuda()))
         if cfg.interpreter and n * vocab <= 1 << 17:
-            impls.append(Impl("ours (impl=triton, interpreter)", ours("triton"),
+            impls.append(Impl("ours (impl=triton, interpreter)", ours("triton"), warmup_first=False,
+                              timing=INTERPRETER_TIMING,
                               note="Triton interpreter: checks results, time is not kernel time"))
     impls.append(Impl("naive PyTorch (log_softmax in input dtype)", lambda: naive_logits))
     impls.append(Impl("torch.compile(naive)", lambda: _compiled(naive_logits, cfg)))
@@ -336,6 +359,7 @@ def run_linear(cfg: BenchConfig, results: Results) -> None:
         mm = matmul_roofline(data.hidden, data.weight, cfg.timing)
         g_logp, g_ent = _grad_outputs(n, cfg.device)
         flops_unit = 2.0 * n * d * vocab
+        blas = "cuBLAS" if cfg.device.type == "cuda" else "CPU BLAS"
         for mode in ("fwd", "fwd+bwd"):
             mult = 1 if mode == "fwd" else 3
             rows = []
@@ -344,7 +368,8 @@ def run_linear(cfg: BenchConfig, results: Results) -> None:
                     continue
                 row = measure_row(impl.name, _linear_builder(impl, mode, data.hidden, data.weight, data.targets,
                                                              g_logp, g_ent),
-                                  cfg.device, cfg.timing, oracle=ref, warmup_first=impl.warmup_first, note=impl.note)
+                                  cfg.device, impl.timing or cfg.timing, oracle=ref, warmup_first=impl.warmup_first,
+                                  note=impl.note)
                 if row["status"] == "ok":
                     row["tflops"] = mult * flops_unit / row["ms"] / 1e9
                     if mm.get("status") == "ok":
@@ -354,14 +379,14 @@ def run_linear(cfg: BenchConfig, results: Results) -> None:
             notes = [
                 f"{describe_entropy(stats)}; temperature 1, no ignored rows",
                 "FLOP convention (all rows): model FLOPs = 2NDV forward, 6NDV forward+backward "
-                f"= {mult * flops_unit / 1e12:.2f} TFLOP here; ours executes 2NDV forward and 8NDV forward+backward "
-                "(the backward recomputes the logits), TRL/verl likewise recompute",
-                "x mm = time / (time of " + ("one" if mult == 1 else "three") + " cuBLAS `hidden @ weight.T` of this "
-                "shape); 1.0 = as fast as the bare matmul(s)",
+                f"= {fmt_num(mult * flops_unit / 1e12)} TFLOP here; ours executes 2NDV forward and 8NDV "
+                "forward+backward (the backward recomputes the logits), TRL/verl likewise recompute",
+                "x mm = time / (time of " + ("one" if mult == 1 else "three") + f" {blas} `hidden @ weight.T` of "
+                "this shape); 1.0 = as fast as the bare matmul(s)",
             ]
             if mm.get("status") == "ok":
-                notes.append(f"roofline, compute: `hidden @ weight.T` ({dtype_name(dtype)}, [{n}x{d}] x [{d}x{vocab}]) "
-                             f"{mm['ms']:.3f} ms = **{mm['tflops']:.1f} TFLOP/s**")
+                notes.append(f"roofline, compute: `hidden @ weight.T` ({dtype_name(dtype)}, [{n}x{d}] x "
+                             f"[{d}x{vocab}]) {fmt_num(mm['ms'])} ms = **{fmt_num(mm['tflops'])} TFLOP/s**")
             else:
                 notes.append(f"roofline matmul: {mm.get('status')} ({mm.get('reason')})")
             if mode == "fwd+bwd":
@@ -406,7 +431,8 @@ def run_logits(cfg: BenchConfig, results: Results) -> None:
                 if mode not in impl.modes:
                     continue
                 row = measure_row(impl.name, _logits_builder(impl, mode, logits, targets, g_logp, g_ent),
-                                  cfg.device, cfg.timing, oracle=ref, warmup_first=impl.warmup_first, note=impl.note)
+                                  cfg.device, impl.timing or cfg.timing, oracle=ref, warmup_first=impl.warmup_first,
+                                  note=impl.note)
                 if row["status"] == "ok":
                     row["tbps"] = nbytes / row["ms"] / 1e9
                     if copy.get("status") == "ok":
@@ -418,11 +444,11 @@ def run_logits(cfg: BenchConfig, results: Results) -> None:
                 "byte convention (all rows): the minimum traffic, "
                 + ("read the logits once = NV x elt" if mode == "fwd" else
                    "forward read + backward read + gradient write = 3 NV x elt")
-                + f" = {nbytes / 1e9:.2f} GB here; TB/s = that / time (the naive rows move several times more)",
+                + f" = {fmt_num(nbytes / 1e9)} GB here; TB/s = that / time (the naive rows move several times more)",
             ]
             if copy.get("status") == "ok":
-                notes.append(f"x copy = time / (bytes / copy bandwidth); roofline, memory: copy **{copy['tbps']:.2f} "
-                             "TB/s** (read + write)")
+                notes.append("x copy = time / (bytes / copy bandwidth); roofline, memory: copy "
+                             f"**{fmt_num(copy['tbps'])} TB/s** (read + write)")
             if mode == "fwd+bwd":
                 notes.append("forward+backward = autograd.grad of (logp, entropy) w.r.t. the logits (a new [N, V] "
                              "gradient unless inplace_backward)")

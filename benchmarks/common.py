@@ -50,7 +50,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     proc = platform.processor() or platform.machine() or "cpu"
-    return f"CPU ({proc}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return f"CPU ({proc}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
 
 
 def device_slug(device: torch.device) -> str:
@@ -130,6 +130,7 @@ class TimingConfig:
     cpu_max_s: float = 1.0  # CPU: stop after this long (at least cpu_min_reps reps)
     cpu_min_reps: int = 3
     cpu_max_reps: int = 20
+    cpu_warmup: bool = True  # one untimed call first (off for rows whose calls are very slow, e.g. the interpreter)
 
 
 def bench(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig = TimingConfig()) -> Timing:
@@ -148,7 +149,8 @@ def bench(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig = Timin
         q = do_bench(fn, warmup=max(cfg.warmup_ms, 2 * est), rep=max(cfg.rep_ms, cfg.min_reps * est),
                      quantiles=[0.5, 0.2, 0.8])
         return Timing(float(q[0]), float(q[1]), float(q[2]))
-    fn()
+    if cfg.cpu_warmup:
+        fn()
     times: List[float] = []
     t_start = time.perf_counter()
     while len(times) < cfg.cpu_max_reps and (
@@ -171,6 +173,18 @@ def run_with_peak(fn: Callable[[], Any], device: torch.device):
     out = fn()
     torch.cuda.synchronize(device)
     return out, (torch.cuda.max_memory_allocated(device) - before) / GIB
+
+
+_DEADLINE: Optional[float] = None  # time.perf_counter() value after which rows are skipped (--budget-s)
+
+
+def set_deadline(seconds_from_now: Optional[float]) -> None:
+    global _DEADLINE
+    _DEADLINE = None if seconds_from_now is None else time.perf_counter() + seconds_from_now
+
+
+def past_deadline() -> bool:
+    return _DEADLINE is not None and time.perf_counter() > _DEADLINE
 
 
 class Skip(Exception):
@@ -208,7 +222,10 @@ def measure_row(name: str, build: Callable[[], Callable[[], Any]], device: torch
     """
     row: Dict[str, Any] = {"impl": name, "status": "ok", "note": note}
     fn = out = None
+    t_row = time.perf_counter()
     try:
+        if past_deadline():
+            raise Skip("time budget (--budget-s) used up")
         fn = build()
         if warmup_first:
             fn()
@@ -233,6 +250,7 @@ def measure_row(name: str, build: Callable[[], Callable[[], Any]], device: torch
     finally:
         fn = out = None
         free_memory(device)
+        row["wall_s"] = round(time.perf_counter() - t_row, 2)  # build + all calls: where a run's time goes
     return row
 
 
@@ -454,6 +472,9 @@ class Results:
     def add_section(self, section: Dict[str, Any]) -> None:
         self.sections = [s for s in self.sections if s["id"] != section["id"]] + [section]
 
+    def remove_section(self, section_id: str) -> None:
+        self.sections = [s for s in self.sections if s["id"] != section_id]
+
     def add_sweep(self, sweep: Dict[str, Any]) -> None:
         self.sweeps = [s for s in self.sweeps if s["id"] != sweep["id"]] + [sweep]
 
@@ -474,15 +495,22 @@ class Results:
             self.add_section(s)
         for s in other.sweeps:
             self.add_sweep(s)
-        for k, v in other.rooflines.items():
-            self.rooflines.setdefault(k, v)
-        cmds = self.env.setdefault("commands", [self.env.get("command")])
+        self.rooflines.update(other.rooflines)
+        cmds = list(self.env.get("commands", [self.env.get("command")]))
         for c in other.env.get("commands", [other.env.get("command")]):
             if c not in cmds:
                 cmds.append(c)
+        errors = self.env.get("errors", []) + other.env.get("errors", [])
+        self.env = {**self.env, **other.env, "commands": cmds, "errors": errors}
 
     # output
+    def _prune(self) -> None:
+        """Drop "skipped" placeholder sections of a group that has real sections (from a merged run)."""
+        real = {s.get("group") for s in self.sections if not s.get("placeholder")}
+        self.sections = [s for s in self.sections if not (s.get("placeholder") and s.get("group") in real)]
+
     def write(self, out_dir: Path) -> List[Path]:
+        self._prune()
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(self.to_json(), indent=1, default=_json_default))
         pngs = self.plot(out_dir)
@@ -508,7 +536,9 @@ class Results:
         copy = self.rooflines.get("copy")
         if copy and copy.get("status") == "ok":
             lines.append(f"- roofline, memory: device-to-device copy of {copy['bytes'] / GIB:.2f} GiB, "
-                         f"{copy['ms']:.3f} ms = **{copy['tbps']:.2f} TB/s** (read + write)")
+                         f"{fmt_num(copy['ms'])} ms = **{fmt_num(copy['tbps'])} TB/s** (read + write)")
+        for err in e.get("errors", []):
+            lines.append(f"- **error**: {err}")
         lines.append("")
         lines.append("Columns: see benchmarks/README.md. `ms` = median, `p20-p80` = spread; peak GiB = incremental "
                      "peak of one call (outputs and gradients included, inputs not); errors are max |x - x_fp64| "
@@ -631,13 +661,16 @@ def _sweep_md(sw: Dict[str, Any]) -> List[str]:
 def _plot_bars(group: str, secs: List[Dict[str, Any]], out_dir: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
-    secs = [s for s in secs if any(r["status"] == "ok" for r in s["rows"])]
+    def plotted(r):  # interpreter rows check results; their times would only distort the axis
+        return r["status"] == "ok" and "interpreter" not in r["impl"]
+
+    secs = [s for s in secs if any(plotted(r) for r in s["rows"])]
     if not secs:
         return None
     fig, axes = plt.subplots(1, len(secs), figsize=(6.5 * len(secs), 0.5 * max(len(s["rows"]) for s in secs) + 2.0),
                              squeeze=False)
     for ax, s in zip(axes[0], secs):
-        rows = [r for r in s["rows"] if r["status"] == "ok"]
+        rows = [r for r in s["rows"] if plotted(r)]
         names = [r["impl"] for r in rows]
         ms = [r["ms"] for r in rows]
         colors = ["tab:green" if n.startswith("ours") else "tab:gray" for n in names]
@@ -649,8 +682,9 @@ def _plot_bars(group: str, secs: List[Dict[str, Any]], out_dir: Path) -> Optiona
         ax.invert_yaxis()
         ax.set_xlabel("ms (median, p20-p80 bars); lower is better")
         ax.set_title(s.get("mode", s["id"]), fontsize=10)
-        for yi, v in zip(y, ms):
-            ax.text(v, yi, f" {fmt_num(v)}", va="center", fontsize=7)
+        for yi, r in zip(y, rows):  # label right of the p80 whisker, so the two never overlap
+            ax.text(max(r["ms"], r["p80"]), yi, f"  {fmt_num(r['ms'])} ms", va="center", fontsize=7)
+        ax.set_xlim(0, 1.18 * max(max(r["p80"], r["ms"]) for r in rows))
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(secs[0].get("group_title", group), fontsize=11)
     fig.tight_layout()
@@ -660,42 +694,59 @@ def _plot_bars(group: str, secs: List[Dict[str, Any]], out_dir: Path) -> Optiona
     return path
 
 
+def _short_int(x: int) -> str:
+    if x >= 1024 and x % 1024 == 0:
+        return f"{x // 1024}k"
+    if x >= 1000:
+        return f"{x / 1024:.1f}k".replace(".0k", "k")
+    return str(x)
+
+
 def _plot_sweep(sw: Dict[str, Any], out_dir: Path, env: Dict[str, Any]) -> Optional[Path]:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     modes = sw["modes"]
     fig, axes = plt.subplots(2, len(modes), figsize=(6.0 * len(modes), 8.0), squeeze=False)
     markers = "osD^v<>px*"
-    any_mem = False
+    impls = list(sw["series"])
     for j, mode in enumerate(modes):
         ax_t, ax_m = axes[0][j], axes[1][j]
-        for k, (impl, per_mode) in enumerate(sw["series"].items()):
-            pts = per_mode.get(mode, [])
+        any_mem = False
+        for impl in impls:
+            pts = sw["series"][impl].get(mode, [])
             ok = [p for p in pts if p["status"] == "ok"]
             oom = [p["x"] for p in pts if p["status"] == "oom"]
             if not ok:
                 continue
-            label = impl + (f" (OOM at {sw['x_name']}>={min(oom)})" if oom else "")
-            style = dict(marker=markers[k % len(markers)], label=label,
-                         linewidth=2.2 if impl.startswith("ours") else 1.3)
+            label = impl + (f" (OOM at {sw['x_name']}>={_short_int(min(oom))})" if oom else "")
+            k = impls.index(impl)  # same marker/colour for an impl in every panel
+            style = dict(marker=markers[k % len(markers)], color=f"C{k % 10}", label=label,
+                         linewidth=2.4 if impl.startswith("ours") else 1.3)
             ax_t.plot([p["x"] for p in ok], [p["ms"] for p in ok], **style)
             mem = [p for p in ok if p.get("peak_gib") is not None]
             if mem:
                 any_mem = True
                 ax_m.plot([p["x"] for p in mem], [max(p["peak_gib"], 1e-4) for p in mem], **style)
-        for ax, ylabel in ((ax_t, "median ms"), (ax_m, "peak incremental GiB")):
+        ax_t.set_title(f"{mode}: time", fontsize=10)
+        ax_m.set_title(f"{mode}: peak memory", fontsize=10)
+        for ax, ylabel, has_data in ((ax_t, "median ms", True), (ax_m, "peak incremental GiB", any_mem)):
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel(sw["x_name"])
+            if not has_data:
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.text(0.5, 0.5, f"peak memory: n/a on {env.get('device_type', 'this device')}",
+                        ha="center", va="center", transform=ax.transAxes)
+                continue
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel(sw["x_name"])
-            ax.set_ylabel(ylabel)
+            ax.xaxis.set_major_locator(FixedLocator(sw["xs"]))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _short_int(int(round(x)))))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        ax_t.set_title(f"{mode}: time", fontsize=10)
-        ax_m.set_title(f"{mode}: peak memory", fontsize=10)
-        if not any_mem:
-            ax_m.text(0.5, 0.5, f"peak memory: n/a on {env.get('device_type', 'this device')}",
-                      ha="center", va="center", transform=ax_m.transAxes)
     fig.suptitle(f"{sw['title']}\n{env['device']}, {env['date']}", fontsize=10)
     fig.tight_layout()
     path = out_dir / f"{sw['id']}.png"
