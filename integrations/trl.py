@@ -23,7 +23,11 @@ Extension points used (all of ``trl/trainer/grpo_trainer.py``):
   the whole gathered generation batch, before ``_prepare_inputs`` shuffles it),
 * ``_get_per_token_logps_and_entropies`` and ``_compute_loss`` (EDA with the *current* policy's entropy).
 
-Refused with a clear error, never silently ignored (see :meth:`EdgeGRPOTrainer._edge_validate`):
+GEC is the library's own (:func:`edge_kernels.train.gec.apply_gec`, shared with ``edge-train``): branches drawn
+from a seeded generator, injected text flagged per token (``gec_mask_injected`` maps it to TRL's tool mask),
+corrected completions re-scored by TRL, old log-probs of all text from TRL's scoring pass.
+
+Refused with a clear error, never silently ignored (see :func:`_check_arguments`, ``_edge_validate``):
 
 * a non-``"grpo"`` estimator with ``multi_objective_aggregation="normalize_then_sum"`` (our estimators take one
   scalar reward per completion) or with completions that every reward function scored ``None``;
@@ -46,7 +50,7 @@ import types
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -62,12 +66,21 @@ from packaging.version import Version
 
 from edge_kernels import advantages as _adv
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
+from edge_kernels.train.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches
 
 SUPPORTED_TRL = (Version("1.15.0"), Version("1.17.0"))  # [min, max)
 TESTED_TRL = "1.16.0"
 
-_trl_version = Version(getattr(trl, "__version__", "0").split("+")[0]) if getattr(trl, "__version__", None) not in (
-    None, "unknown") else None
+
+
+def _parse_version(v) -> Optional[Version]:
+    try:
+        return Version(str(v).split("+")[0])
+    except Exception:  # "unknown" (TRL without package metadata)
+        return None
+
+
+_trl_version = _parse_version(getattr(trl, "__version__", None))
 if _trl_version is not None and _trl_version < SUPPORTED_TRL[0]:
     raise ImportError(
         f"edge_kernels.integrations.trl supports TRL >=1.15,<1.17 (tested {TESTED_TRL}); found trl {trl.__version__}, "
@@ -169,9 +182,8 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
     def _edge_fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
                             num_items_in_batch=None, **kwargs):
         if not fused_lm_head:
-            for k, v in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
-                if v is not None:
-                    kwargs[k] = v
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            kwargs.update({k: v for k, v in extra.items() if v is not None})
             return prev_forward(*args, **kwargs)
         if kwargs.get("output_router_logits"):
             raise NotImplementedError(
@@ -201,6 +213,11 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
         if DTensor and isinstance(weight, DTensor):  # FSDP2: gather the sharded head once
             weight = weight.full_tensor()
             bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        if not bool(mask.any()):
+            # an all-masked micro-batch: a differentiable zero, connected to the backbone and the head
+            zero = (hidden.float().sum() + weight.float().sum()) * 0.0
+            log_probs = zero.expand(mask.shape)
+            return FusedCausalLMOutput(loss=zero, log_probs=log_probs, entropy=log_probs, label_mask=mask)
         with torch.autocast(device_type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
             logp, ent = linear_logprob_entropy(
                 hidden[mask].to(dtype), weight.to(dtype), tgt[mask],
@@ -269,8 +286,8 @@ class EdgeGRPOConfig(GRPOConfig):
     gec_reflection_prompt: str = field(default=" Wait! Something is wrong here.", metadata={
         "help": "Appended to an incorrect completion before the policy continues it."})
     gec_injection_template: str = field(default=(
-        "\nWait! Something is wrong here. After verification, the correct answer is \\boxed{{answer}}."),
-        metadata={"help": "Appended by answer injection; '{answer}' is replaced by the ground-truth answer."})
+        "\nWait! Something is wrong here. After verification, the correct answer is \\boxed{ANSWER}."),
+        metadata={"help": "Appended by answer injection; 'ANSWER' is replaced by the ground-truth answer."})
     gec_max_new_tokens: int = field(default=256, metadata={"help": "New-token limit of prompt-and-regenerate."})
     gec_mask_injected: bool = field(default=False, metadata={
         "help": "Mask injected text and reference solutions out of the loss (default: trained on like sampled text)."})
@@ -310,8 +327,8 @@ class EdgeGRPOConfig(GRPOConfig):
             raise ValueError(f"the GEC probabilities must be >= 0 and sum to <= 1, got {probs}")
         if self.gec_max_new_tokens < 1:
             raise ValueError(f"gec_max_new_tokens must be >= 1, got {self.gec_max_new_tokens}")
-        if "{answer}" not in self.gec_injection_template:
-            raise ValueError("gec_injection_template must contain the '{answer}' placeholder")
+        if "ANSWER" not in self.gec_injection_template:
+            raise ValueError("gec_injection_template must contain the placeholder ANSWER")
         if self.edge_kernels_chunk_size is not None and self.edge_kernels_chunk_size < 1:
             raise ValueError(f"edge_kernels_chunk_size must be >= 1, got {self.edge_kernels_chunk_size}")
 
@@ -335,25 +352,20 @@ class EdgeGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs)
-        bound.apply_defaults()
-        params = bound.arguments
+        params = {k: v for k, v in bound.arguments.items() if k != "self"}
         config = params.get("args")
         if config is None:
             model = params["model"]
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            config = EdgeGRPOConfig(f"{str(name).split('/')[-1]}-EdgeGRPO")
-            kwargs["args"] = config
-            args = tuple(a for a in args)  # positional args never include a None-replaced `args` beyond index 2
-            if len(args) > 2:
-                args = (*args[:2], config, *args[3:])
-                kwargs.pop("args")
+            config = params["args"] = EdgeGRPOConfig(f"{str(name).split('/')[-1] or 'model'}-EdgeGRPO")
         if not isinstance(config, EdgeGRPOConfig):
             raise TypeError(
                 f"EdgeGRPOTrainer needs args=EdgeGRPOConfig(...), got {type(config).__name__}; "
                 "EdgeGRPOConfig accepts every GRPOConfig field"
             )
         _check_dataset_columns(config, params.get("train_dataset"))
-        super().__init__(*args, **kwargs)
+        _check_arguments(config, params)  # fail before TRL builds models / vLLM
+        super().__init__(**params)
         self._edge_validate()
         if config.use_edge_kernels:
             target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -373,43 +385,17 @@ class EdgeGRPOTrainer(GRPOTrainer):
     # validation
 
     def _edge_validate(self) -> None:
+        """Checks that need the built trainer (the construction arguments are checked before, see
+        :func:`_check_arguments`)."""
         a = self.args
-        if a.advantage_estimator != "grpo" and a.multi_objective_aggregation != "sum_then_normalize":
+        if a.use_edge_kernels and getattr(self, "aux_loss_enabled", False):
             raise ValueError(
-                f"advantage_estimator={a.advantage_estimator!r} needs one scalar reward per completion: use "
-                f"multi_objective_aggregation='sum_then_normalize' (got {a.multi_objective_aggregation!r})"
+                "use_edge_kernels=True does not compute the MoE router auxiliary loss; set "
+                "router_aux_loss_coef=0.0 or use_edge_kernels=False"
             )
-        if a.use_edge_kernels:
-            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled():
-                raise ValueError(
-                    "use_edge_kernels=True is not supported under DeepSpeed ZeRO-3: the kernel's backward reads "
-                    "lm_head.weight outside the module, where ZeRO-3 has partitioned it. Use ZeRO-2/FSDP, or "
-                    "use_edge_kernels=False (TRL's fused head re-gathers the head)."
-                )
-            if getattr(self, "aux_loss_enabled", False):
-                raise ValueError(
-                    "use_edge_kernels=True does not compute the MoE router auxiliary loss; set "
-                    "router_aux_loss_coef=0.0 or use_edge_kernels=False"
-                )
-        if a.gec_enable:
-            reasons = []
-            if self.use_vllm:
-                reasons.append("use_vllm=True (prompt-and-regenerate runs the training model's generate, and the "
-                               "vLLM sampling log-probs of corrected text would be missing)")
-            if getattr(self, "tools", None) or getattr(self, "environment_factories", None) is not None:
-                reasons.append("tools / environment_factory (tool masks and corrections would collide)")
-            if getattr(self, "rollout_func", None) is not None:
-                reasons.append("rollout_func (the custom rollout owns generation)")
-            if getattr(self, "_is_vlm", False):
-                reasons.append("a vision-language processor (text-only corrections)")
-            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled() and not a.ds3_gather_for_generation:
-                reasons.append("DeepSpeed ZeRO-3 with ds3_gather_for_generation=False")
-            if reasons:
-                raise ValueError("gec_enable=True is not supported with " + "; ".join(reasons))
+        if a.gec_enable and getattr(self, "_is_vlm", False):
+            raise ValueError("gec_enable=True is not supported with a vision-language processor (text-only "
+                             "corrections)")
 
     # ------------------------------------------------------------------------------------------------------
     # rewards and advantages
@@ -574,9 +560,20 @@ class EdgeGRPOTrainer(GRPOTrainer):
             return result
         return self._gec_correct(prompts, *result)
 
+    def _gec_config(self) -> GECConfig:
+        a = self.args
+        return GECConfig(p_regenerate=a.gec_regenerate_prob, p_inject=a.gec_inject_prob,
+                         p_reference=a.gec_replace_prob, reflection=a.gec_reflection_prompt,
+                         injection=a.gec_injection_template, max_new_tokens=a.gec_max_new_tokens,
+                         mask_injected=a.gec_mask_injected)
+
     def _gec_correct(self, prompts, prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields,
                      images, tool_images):
+        """GEC on the sampled batch through :func:`edge_kernels.train.gec.apply_gec` (the library's GEC, shared
+        with ``edge-train``); TRL then re-scores every completion and recomputes the old log-probs (scoring
+        pass) and the advantages of the corrected batch."""
         a = self.args
+        cfg = self._gec_config()
         inputs = self._edge_batch_inputs
         if inputs is None or len(inputs) != len(completion_ids):  # pragma: no cover
             raise RuntimeError("GEC: the batch's dataset rows are not available")
@@ -592,96 +589,63 @@ class EdgeGRPOTrainer(GRPOTrainer):
         pi = self.accelerator.process_index
         rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)[pi * n:(pi + 1) * n]
         incorrect = (rewards < a.gec_correct_reward).tolist()
-        draws = torch.rand(n, generator=self._gec_generator).tolist()
-        p1 = a.gec_regenerate_prob
-        p2 = p1 + a.gec_inject_prob
-        p3 = p2 + a.gec_replace_prob
+
+        # Every process must generate when any does (generation runs collectives under FSDP): look ahead at the
+        # branches on a copy of the generator, apply_gec then draws the same ones.
+        probe = torch.Generator().manual_seed(0)
+        probe.set_state(self._gec_generator.get_state())
+        n_regen = sum(b == "regenerate" for b in choose_branches(incorrect, probe, cfg))
+        any_regen = n_regen
+        if self.accelerator.num_processes > 1:
+            any_regen = int(self.accelerator.gather(torch.tensor([n_regen], device=self.accelerator.device)).sum())
+
         tok = self._tokenizer
-        eos_set = set(self.eos_token_ids) | ({tok.pad_token_id} if tok.pad_token_id is not None else set())
         eos_id = tok.eos_token_id if tok.eos_token_id is not None else self.eos_token_ids[0]
+        try:
+            corrected = apply_gec(
+                prompt_ids, completion_ids, incorrect,
+                [_field(r, a.gec_answer_column) for r in inputs], [_field(r, a.gec_solution_column) for r in inputs],
+                tokenizer=tok, eos_id=eos_id, generate=self._gec_generate, generator=self._gec_generator, cfg=cfg,
+            )
+        except GECError as exc:
+            raise ValueError(
+                f"GEC: {exc}. In the TRL adapter: fill the {a.gec_answer_column!r} / {a.gec_solution_column!r} "
+                "columns, or set gec_inject_prob / gec_replace_prob to 0."
+            ) from exc
+        if n_regen == 0 and any_regen > 0:
+            self._gec_generate([list(prompt_ids[0])], max_new_tokens=cfg.max_new_tokens)  # collective partner
 
-        def encode(text: str) -> list[int]:
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-
-        def strip(ids) -> list[int]:
-            ids = list(ids)
-            while ids and ids[-1] in eos_set:
-                ids.pop()
-            return ids
-
-        new_ids = [list(c) for c in completion_ids]
-        trained = [[1] * len(c) for c in completion_ids]  # 1 = sampled by the policy, 0 = injected
-        actions = ["none"] * n
-        regen_rows = []
-        for i in range(n):
-            if not incorrect[i]:
-                continue
-            u = draws[i]
-            kind = "regenerate" if u < p1 else "inject" if u < p2 else "replace" if u < p3 else "none"
-            if kind == "none":
-                continue
-            answer = _field(inputs[i], a.gec_answer_column)
-            solution = _field(inputs[i], a.gec_solution_column)
-            if kind == "inject" and answer is None:
-                kind = "replace" if solution is not None else kind
-            if kind == "replace" and solution is None:
-                kind = "inject" if answer is not None else kind
-            if kind in ("inject", "replace") and answer is None and solution is None:
-                raise ValueError(
-                    f"GEC: the dataset row of completion {i} has neither {a.gec_answer_column!r} nor "
-                    f"{a.gec_solution_column!r}; answer injection / reference replacement need one of them"
-                )
-            actions[i] = kind
-            if kind == "inject":
-                body = strip(completion_ids[i])
-                add = encode(a.gec_injection_template.replace("{answer}", str(answer))) + [eos_id]
-                new_ids[i] = body + add
-                trained[i] = [1] * len(body) + [0] * len(add)
-            elif kind == "replace":
-                add = encode(str(solution)) + [eos_id]
-                new_ids[i] = add
-                trained[i] = [0] * len(add)
-            else:
-                regen_rows.append(i)
-        self._gec_regenerate(regen_rows, prompt_ids, completion_ids, new_ids, trained, strip, encode)
-
-        changed = [i for i in range(n) if actions[i] != "none"]
+        new_ids = [c.tokens for c in corrected]
+        changed = [i for i, c in enumerate(corrected) if c.branch not in (None, "none")]
         if changed:
             texts = self.processing_class.batch_decode([new_ids[i] for i in changed], skip_special_tokens=True)
             completions = list(completions)
             conv = is_conversational({"prompt": prompts[0]})
             for i, text in zip(changed, texts):
                 completions[i] = [{"role": "assistant", "content": text}] if conv else text
-        if a.gec_mask_injected:
-            tool_mask = trained
-        mode = "train"
-        counts = torch.tensor([sum(incorrect), *(sum(x == k for x in actions)
-                                                 for k in ("regenerate", "inject", "replace")), n],
-                              dtype=torch.float32, device=self.accelerator.device)
-        counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0) if self.accelerator.num_processes > 1 else counts
+        if a.gec_mask_injected:  # TRL's tool mask: 1 = trained on, 0 = excluded from the loss
+            tool_mask = [[0 if inj else 1 for inj in c.injected] for c in corrected]
+        counts = torch.tensor([sum(incorrect), *branch_counts(corrected), n], dtype=torch.float32,
+                              device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
         total = counts[-1].clamp(min=1)
         for k, v in zip(("incorrect_frac", "regenerated_frac", "injected_frac", "replaced_frac"), counts[:-1]):
-            self._metrics[mode][f"gec/{k}"].append((v / total).item())
+            self._metrics["train"][f"gec/{k}"].append((v / total).item())
         return prompt_ids, new_ids, tool_mask, completions, None, extra_fields, images, tool_images
 
-    def _gec_regenerate(self, rows, prompt_ids, completion_ids, new_ids, trained, strip, encode):
-        """Prompt-and-regenerate: the policy continues prompt + completion + reflection (``rows``, in place)."""
+    def _gec_generate(self, prefixes, max_new_tokens, **_ignored):
+        """The policy's continuations of ``prefixes`` (token lists), each cut after its first EOS; sampling
+        follows the trainer's generation config (temperature, top-p/k, ...) with ``max_new_tokens``."""
         a = self.args
-        local = torch.tensor([len(rows)], device=self.accelerator.device)
-        total = int(self.accelerator.gather(local).sum()) if self.accelerator.num_processes > 1 else len(rows)
-        if total == 0:
-            return
-        reflection = encode(a.gec_reflection_prompt)
-        # every process generates when any does (collective-safe under FSDP); an idle one runs a dummy row
-        sources = rows if rows else [0]
-        contexts = [list(prompt_ids[i]) + strip(completion_ids[i]) + reflection for i in sources]
         pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self.eos_token_ids[0]
-        width = max(len(c) for c in contexts)
-        input_ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=self.accelerator.device)
-        attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts],
-                                 device=self.accelerator.device)
+        width = max(len(c) for c in prefixes)
+        device = self.accelerator.device
+        input_ids = torch.tensor([[pad_id] * (width - len(c)) + list(c) for c in prefixes], device=device)
+        attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in prefixes], device=device)
         gen_config = copy.deepcopy(self.generation_config)
-        gen_config.max_new_tokens = a.gec_max_new_tokens
+        gen_config.max_new_tokens = max_new_tokens
+        summon = self._dist.summon_full_params if hasattr(self, "_dist") else None
         with (
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=a.ds3_gather_for_generation,
@@ -689,19 +653,19 @@ class EdgeGRPOTrainer(GRPOTrainer):
                 gradient_checkpointing_kwargs=a.gradient_checkpointing_kwargs,
             ) as unwrapped,
             torch.no_grad(),
-            self._dist.summon_full_params(self.model_wrapped, recurse=False) if hasattr(self, "_dist") else nullcontext(),
+            summon(self.model_wrapped, recurse=False) if summon is not None else nullcontext(),
         ):
             out = unwrapped.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_config)
         eos = set(self.eos_token_ids)
-        for j, i in enumerate(rows):
+        conts = []
+        for row in out[:, width:].tolist():
             cont = []
-            for t in out[j, width:].tolist():
+            for t in row:
                 cont.append(t)
                 if t in eos:
                     break
-            body = strip(completion_ids[i])
-            new_ids[i] = body + reflection + cont
-            trained[i] = [1] * len(body) + [0] * len(reflection) + [1] * len(cont)
+            conts.append(cont)
+        return conts
 
 
 def _field(row: dict, column: str):
@@ -709,6 +673,37 @@ def _field(row: dict, column: str):
     if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value):
         return None
     return value
+
+
+def _check_arguments(config: EdgeGRPOConfig, params: dict) -> None:
+    """Refuse the combinations the adapter cannot honor, from the config and GRPOTrainer's arguments."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    a = config
+    if a.advantage_estimator != "grpo" and a.multi_objective_aggregation != "sum_then_normalize":
+        raise ValueError(
+            f"advantage_estimator={a.advantage_estimator!r} needs one scalar reward per completion: use "
+            f"multi_objective_aggregation='sum_then_normalize' (got {a.multi_objective_aggregation!r})"
+        )
+    if a.use_edge_kernels and is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "use_edge_kernels=True is not supported under DeepSpeed ZeRO-3: the kernel's backward reads "
+            "lm_head.weight outside the module, where ZeRO-3 has partitioned it. Use ZeRO-2/FSDP, or "
+            "use_edge_kernels=False (TRL's fused head re-gathers the head)."
+        )
+    if a.gec_enable:
+        reasons = []
+        if a.use_vllm:
+            reasons.append("use_vllm=True (prompt-and-regenerate runs the training model's generate, and the vLLM "
+                           "sampling log-probs of corrected text would be missing)")
+        if params.get("tools") or params.get("environment_factory") is not None:
+            reasons.append("tools / environment_factory (tool masks and corrections would collide)")
+        if params.get("rollout_func") is not None:
+            reasons.append("rollout_func (the custom rollout owns generation)")
+        if is_deepspeed_zero3_enabled() and not a.ds3_gather_for_generation:
+            reasons.append("DeepSpeed ZeRO-3 with ds3_gather_for_generation=False")
+        if reasons:
+            raise ValueError("gec_enable=True is not supported with " + "; ".join(reasons))
 
 
 def _check_dataset_columns(config: EdgeGRPOConfig, dataset) -> None:

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""EDGE-GRPO (EDA + GEC) with TRL's GRPOTrainer and the edge-kernels fused log-prob / entropy kernel.
+
+The only change from a plain TRL script is the import:
+
+    from edge_kernels.integrations.trl import EdgeGRPOConfig as GRPOConfig, EdgeGRPOTrainer as GRPOTrainer
+
+Run (GPU, a math dataset with ``problem`` / ``answer`` / ``solution`` columns, e.g. DeepScaleR's layout):
+
+    pip install 'edge-kernels[trl,train]'
+    python integrations/examples/trl_edge_grpo.py --model Qwen/Qwen2.5-Math-1.5B \\
+        --dataset agentica-org/DeepScaleR-Preview-Dataset --estimator eda --gec --use-edge-kernels --bf16
+
+Offline smoke run on the CPU (the embedded tiny Qwen2 and arithmetic task of ``edge_kernels.train.embedded``):
+
+    python integrations/examples/trl_edge_grpo.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def accuracy_reward(completions, answer, **kwargs):
+    """1.0 when the last ``\\boxed{}`` of the completion equals the answer per math-verify (algorithms.md §7)."""
+    from edge_kernels.train.rewards import accuracy_reward as score
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [score(t, a) for t, a in zip(texts, answer)]
+
+
+def to_prompt(row, problem_field: str):
+    return {"prompt": [{"role": "system", "content": SYSTEM_PROMPT},
+                       {"role": "user", "content": row[problem_field]}]}
+
+
+def load_rows(args):
+    import datasets
+
+    if args.smoke:
+        from edge_kernels.train import embedded
+
+        train, _ = embedded.make_task(seed=0, n_train=64, n_eval=0)
+        return datasets.Dataset.from_list(train)
+    if os.path.exists(args.dataset):
+        fmt = "json" if args.dataset.endswith((".json", ".jsonl")) else "parquet"
+        return datasets.load_dataset(fmt, data_files=args.dataset, split="train")
+    return datasets.load_dataset(args.dataset, split=args.split)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="Qwen/Qwen2.5-Math-1.5B")
+    p.add_argument("--dataset", default="agentica-org/DeepScaleR-Preview-Dataset")
+    p.add_argument("--split", default="train")
+    p.add_argument("--problem-field", default="problem")
+    p.add_argument("--estimator", default="eda", choices=["grpo", "eda", "egpo", "prog_grpo", "ep_grpo"])
+    p.add_argument("--gec", action="store_true", help="Guided Error Correction (needs answer/solution columns)")
+    p.add_argument("--use-edge-kernels", action="store_true")
+    p.add_argument("--output-dir", default="runs/trl-edge-grpo")
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--per-device-batch", type=int, default=8)
+    p.add_argument("--max-completion-length", type=int, default=1024)
+    p.add_argument("--learning-rate", type=float, default=1e-6)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--use-vllm", action="store_true", help="(not with --gec)")
+    p.add_argument("--smoke", action="store_true", help="offline tiny model + task, 2 steps on the CPU")
+    args = p.parse_args(argv)
+
+    from edge_kernels.integrations.trl import EdgeGRPOConfig as GRPOConfig, EdgeGRPOTrainer as GRPOTrainer
+
+    rows = load_rows(args)
+    dataset = rows.map(lambda r: to_prompt(r, args.problem_field))
+    model, tokenizer = args.model, None
+    overrides = {}
+    if args.smoke:
+        from edge_kernels.train import embedded
+
+        tokenizer = embedded.build_tokenizer(embedded.tokenizer_corpus(list(rows)))
+        model = embedded.build_model(tokenizer, embedded.ModelConfig(hidden_size=32, intermediate_size=64))
+        overrides = dict(max_steps=2, num_generations=4, per_device_train_batch_size=4, max_completion_length=16,
+                         use_cpu=True, gec_max_new_tokens=8, learning_rate=1e-3)
+    options = dict(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        num_generations=args.num_generations,
+        per_device_train_batch_size=args.per_device_batch,
+        max_completion_length=args.max_completion_length,
+        learning_rate=args.learning_rate,
+        bf16=args.bf16,
+        use_vllm=args.use_vllm,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon_high=0.28,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        # edge-kernels options
+        advantage_estimator=args.estimator,
+        gec_enable=args.gec,
+        use_edge_kernels=args.use_edge_kernels,
+    )
+    options.update(overrides)
+    config = GRPOConfig(**options)
+    trainer = GRPOTrainer(model=model, reward_funcs=accuracy_reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

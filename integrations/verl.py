@@ -1,0 +1,546 @@
+"""verl adapter: ``edge_``-prefixed policy losses and advantage estimators, and our fused kernel in verl.
+
+Importing this module (which ``import verl`` does by itself once edge-kernels is installed, through the
+``verl.plugins`` entry point) registers, with verl 0.9's calling conventions:
+
+* policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode=...``), built on
+  :func:`edge_kernels.losses.policy_loss` and normalised over the global batch exactly like verl's ``agg_loss``:
+
+  - ``edge_vanilla``: token-level clipped surrogate with verl's dual clip (``clip_ratio_c``), the same loss as
+    verl's ``vanilla``;
+  - ``edge_gspo``: sequence-level importance ratio (GSPO); forward equal to verl's ``gspo`` (while the sequence
+    log-ratio is <= 10), gradient through the masked mean as in the GSPO paper (verl uses a straight-through
+    estimator), see :mod:`edge_kernels.losses`.
+
+* advantage estimators (``algorithm.adv_estimator=...``): ``edge_grpo``, ``edge_eda``, ``edge_egpo``,
+  ``edge_prog_grpo``, ``edge_ep_grpo`` (``algorithms.md`` sections 1, 2, 4, 5). Their options live under
+  ``algorithm.edge`` (``+algorithm.edge.eda_clamp=[0.5,2.0]``, see :data:`EDGE_OPTIONS`); an unknown key raises.
+
+verl's ``compute_advantage`` passes estimators only the rewards, the response mask and the group ids: the old
+log-probs and entropies it computed are not forwarded (the legacy trainer even pops the entropies). The hook
+that keeps them is the smallest possible: a wrapper of ``PPOTrainer._compute_advantage`` (v1 trainer, the
+default ``trainer.use_v1=True``) that reads ``old_log_probs`` and ``entropy`` back from the TransferQueue, and a
+wrapper of ``RayPPOTrainer._compute_old_log_prob`` (legacy trainer) that copies them before they are dropped.
+Both hand them to our estimators through :func:`side_inputs` and do nothing for any other estimator. They are
+installed when verl imports those trainer modules (a post-import hook set by this module); set
+``EDGE_KERNELS_VERL_HOOKS=0`` to disable them. Estimators that need these inputs raise a clear error without them
+(e.g. in ``rollout_correction.bypass_mode``, where verl computes no entropies).
+
+Fused kernels: with ``EDGE_KERNELS_VERL_FUSED_KERNELS=1`` in the workers' environment (or
+:func:`patch_verl_fused_kernels` called in them), verl's ``use_fused_kernels`` path (both
+``fused_kernel_options.impl_backend=triton``, i.e. ``verl.utils.kernel.linear_cross_entropy``, and the
+``torch``/``liger`` backends' ``FusedLinearForPPO``) calls :func:`edge_kernels.linear_logprob_entropy`.
+Vocabulary-parallel (Megatron tensor-parallel) heads are refused at call time.
+
+If the entry point is not installed (e.g. running from a source tree), ``VERL_USE_EXTERNAL_MODULES=
+edge_kernels.integrations.verl`` makes verl import this module the same way.
+
+Tested with verl 0.9.1.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import logging
+import os
+import sys
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+
+from edge_kernels import advantages as _adv
+from edge_kernels.losses import policy_loss as _policy_loss
+from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VERL = "0.9.1"
+POLICY_LOSSES = ("edge_vanilla", "edge_gspo")
+ESTIMATORS = ("edge_grpo", "edge_eda", "edge_egpo", "edge_prog_grpo", "edge_ep_grpo")
+
+#: ``algorithm.edge.*`` keys and defaults. ``scale`` defaults to verl's ``norm_adv_by_std_in_grpo`` ("group" when
+#: True, "none" = Dr.GRPO when False).
+EDGE_OPTIONS = {
+    "eps": 1e-6,
+    "scale": None,
+    "correct_threshold": 0.0,
+    "eda_entropy_source": "old",
+    "eda_clamp": None,
+    "eda_eps": 1e-6,
+    "egpo_uncertainty": "nll",
+    "egpo_w_min": 0.5,
+    "egpo_w_max": 2.0,
+    "egpo_mode": "asymmetric",
+    "egpo_renorm": False,
+    "egpo_nsr_value": -1.0,
+    "egpo_eps": 1e-6,
+    "prog_alpha": 0.3,
+    "prog_low_frac": 0.2,
+    "prog_baseline": "group",
+    "ep_g_min": 0.5,
+    "ep_g_max": 2.0,
+    "ep_num_buckets": 10,
+    "ep_lambda": 0.1,
+    "ep_eps": 1e-6,
+}
+
+__all__ = [
+    "POLICY_LOSSES",
+    "ESTIMATORS",
+    "EDGE_OPTIONS",
+    "register",
+    "side_inputs",
+    "stash_side_inputs",
+    "needed_side_inputs",
+    "install_trainer_hooks",
+    "patch_verl_fused_kernels",
+    "edge_linear_cross_entropy",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# policy losses
+
+
+def _global_factor(agg: str, mask: torch.Tensor, gbi: dict) -> tuple[str, float]:
+    """The aggregation to run in :func:`edge_kernels.losses.policy_loss` and the factor that turns its local
+    normalisation into verl's ``agg_loss`` normalisation over the global batch (``config.global_batch_info``)."""
+    dp = int(gbi.get("dp_size") or 1)
+    n_tok = float(mask.sum())
+    rows = float((mask.sum(-1) > 0).sum())
+    if agg in ("token-mean", "token-sum"):
+        if agg == "token-sum":
+            return "token-mean", n_tok * dp
+        btok = gbi.get("batch_num_tokens")
+        if btok is None:
+            if dp > 1:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+            return "token-mean", 1.0
+        return "token-mean", n_tok / float(btok) * dp
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        gbs = gbi.get("global_batch_size")
+        if gbs is None and dp > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        if agg == "seq-mean-token-sum-norm":  # ours: sum / (B * max_len); verl: sum / gbs * dp / max_len
+            denom = rows if gbs is None else float(gbs)
+            return agg, (mask.shape[0] / denom * dp) if denom > 0 else 0.0
+        return agg, 1.0 if gbs is None else rows / float(gbs) * dp
+    raise ValueError(f"Invalid loss_agg_mode: {agg}")
+
+
+def _make_policy_loss(is_level: str, dual_clip: bool):
+    def edge_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                         response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                         rollout_is_weights: Optional[torch.Tensor] = None):
+        if config is None:
+            raise ValueError("edge policy losses need the actor config (verl passes ActorConfig as `config`)")
+        clip = config.clip_ratio
+        low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+        high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+        c = config.get("clip_ratio_c", 3.0) if dual_clip else None
+        if c is not None and not c > 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {c}")
+        mask = response_mask.bool()
+        adv = advantages
+        if rollout_is_weights is not None:
+            # w >= 0 scales the whole clipped term: w * max(-A r, -A clip(r)) == max(-(wA) r, -(wA) clip(r)), and
+            # likewise for the dual clip; moving w into the advantage keeps the denominators verl's.
+            adv = (adv * rollout_is_weights).expand_as(log_prob)
+        gbi = dict(getattr(config, "global_batch_info", None) or {})
+        agg, factor = _global_factor(loss_agg_mode, mask, gbi)
+        lsf = gbi.get("loss_scale_factor")
+        loss, m = _policy_loss(log_prob, old_log_prob, adv, mask, clip_low=low, clip_high=high, dual_clip=c,
+                               is_level=is_level, agg=agg, max_len=None if lsf is None else int(lsf))
+        with torch.no_grad():
+            ppo_kl = ((old_log_prob - log_prob).detach() * mask).sum() / mask.sum().clamp(min=1)
+            metrics = {
+                "actor/pg_clipfrac": float(m["clip_frac_low"] + m["clip_frac_high"]),
+                "actor/ppo_kl": float(ppo_kl),
+                "actor/pg_clipfrac_lower": float(m.get("clip_frac_dual", torch.tensor(0.0))),
+                "actor/edge_ratio_mean": float(m["ratio_mean"]),
+                "actor/edge_approx_kl_k3": float(m["approx_kl"]),
+            }
+        return loss * factor, metrics
+
+    edge_policy_loss.__name__ = f"edge_policy_loss_{is_level}"
+    return edge_policy_loss
+
+
+edge_vanilla_policy_loss = _make_policy_loss("token", dual_clip=True)
+edge_gspo_policy_loss = _make_policy_loss("sequence", dual_clip=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# side inputs (old log-probs, entropies) for the estimators
+
+_SIDE_LOCK = threading.Lock()
+_PENDING: Optional[dict] = None
+
+_NEEDS = {
+    "edge_grpo": (),
+    "edge_eda": ("entropys",),
+    "edge_egpo": ("old_log_probs",),  # ("entropys",) with egpo_uncertainty="entropy"
+    "edge_prog_grpo": ("old_log_probs",),
+    "edge_ep_grpo": ("entropys",),
+}
+
+
+def needed_side_inputs(adv_estimator, config=None) -> tuple:
+    """Which of ``old_log_probs`` / ``entropys`` the estimator needs (``()`` for any non-edge estimator)."""
+    name = getattr(adv_estimator, "value", adv_estimator)
+    needs = _NEEDS.get(str(name), ())
+    if name == "edge_egpo" and _options(config)["egpo_uncertainty"] == "entropy":
+        needs = ("entropys",)
+    return needs
+
+
+def stash_side_inputs(**tensors) -> None:
+    """Hand ``old_log_probs`` / ``entropys`` (``[B, T]``, verl's padded response layout) to the next edge
+    estimator call, which consumes them. Used by the trainer hooks; callers of the estimators may also pass them
+    as keyword arguments."""
+    global _PENDING
+    with _SIDE_LOCK:
+        _PENDING = {k: v for k, v in tensors.items() if v is not None}
+
+
+class side_inputs:
+    """Context manager form of :func:`stash_side_inputs` (cleared on exit)."""
+
+    def __init__(self, **tensors):
+        self.tensors = tensors
+
+    def __enter__(self):
+        stash_side_inputs(**self.tensors)
+        return self
+
+    def __exit__(self, *exc):
+        global _PENDING
+        with _SIDE_LOCK:
+            _PENDING = None
+        return False
+
+
+def _take_side_inputs() -> dict:
+    global _PENDING
+    with _SIDE_LOCK:
+        side, _PENDING = (_PENDING or {}), None
+    return side
+
+
+# ----------------------------------------------------------------------------------------------------------
+# advantage estimators
+
+
+def _options(config) -> dict:
+    edge = None
+    if config is not None:
+        edge = config.get("edge", None) if hasattr(config, "get") else getattr(config, "edge", None)
+    opts = dict(EDGE_OPTIONS)
+    if edge is not None:
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(edge, DictConfig):
+                edge = OmegaConf.to_container(edge, resolve=True)
+        except ImportError:  # pragma: no cover
+            pass
+        unknown = sorted(set(edge) - set(EDGE_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown algorithm.edge option(s) {unknown}; known: {sorted(EDGE_OPTIONS)}")
+        opts.update(edge)
+    if opts["scale"] is None:
+        norm = config.get("norm_adv_by_std_in_grpo", True) if hasattr(config, "get") else True
+        opts["scale"] = "group" if norm else "none"
+    if opts["eda_entropy_source"] != "old":
+        raise ValueError(
+            "algorithm.edge.eda_entropy_source must be 'old' in verl: the entropy of the policy being updated is "
+            "not available to verl's policy-loss functions (they receive no entropies)"
+        )
+    if opts["prog_baseline"] != "group":
+        raise ValueError("algorithm.edge.prog_baseline must be 'group' in verl: verl computes no prompt log-probs")
+    if opts["eda_clamp"] is not None:
+        opts["eda_clamp"] = tuple(float(x) for x in opts["eda_clamp"])
+    return opts
+
+
+def _group_ids(index, batch: int, device) -> torch.Tensor:
+    if index is None:
+        raise ValueError("edge estimators need the group index (verl's `uid` non-tensor batch column)")
+    index = np.asarray(index)
+    if index.shape != (batch,):
+        raise ValueError(f"index has shape {index.shape}, expected ({batch},)")
+    _, inverse = np.unique(index.astype(str), return_inverse=True)
+    return torch.as_tensor(inverse, dtype=torch.int64, device=device)
+
+
+def _side(name: str, explicit: Optional[torch.Tensor], side: dict, shape, estimator: str) -> torch.Tensor:
+    x = explicit if explicit is not None else side.get(name)
+    if x is None:
+        raise ValueError(
+            f"{estimator} needs the old policy's per-token {name} ([B, T]), which verl's compute_advantage does not "
+            "pass to estimators. edge_kernels.integrations.verl keeps them when the trainer hooks are installed "
+            "(the default for the verl.plugins entry point / VERL_USE_EXTERNAL_MODULES; not disabled with "
+            "EDGE_KERNELS_VERL_HOOKS=0), and when old log-probs are recomputed: rollout_correction.bypass_mode "
+            "computes no entropies."
+        )
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{estimator}: {name} has shape {tuple(x.shape)}, expected the response mask's {tuple(shape)}")
+    return x
+
+
+def _make_estimator(name: str):
+    def edge_estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config=None, index=None,
+                       old_log_probs: Optional[torch.Tensor] = None, entropys: Optional[torch.Tensor] = None,
+                       **kwargs):
+        side = _take_side_inputs()
+        unexpected = sorted(k for k, v in kwargs.items() if v is not None)
+        if unexpected:
+            raise TypeError(f"{name} does not use {unexpected}")
+        opts = _options(config)
+        mask = response_mask.bool()
+        scores = token_level_rewards.sum(dim=-1).float()
+        gid = _group_ids(index, scores.shape[0], scores.device)
+        thr = opts["correct_threshold"]
+        with torch.no_grad():
+            base = _adv.grpo_advantages(scores, group_ids=gid, scale=opts["scale"], eps=opts["eps"])
+            if name == "edge_grpo":
+                adv = base
+            elif name == "edge_eda":
+                ent = _side("entropys", entropys, side, mask.shape, name).float()
+                adv = _adv.eda_advantages(base, _adv.seq_mean_entropy(ent, mask), group_ids=gid,
+                                          eps=opts["eda_eps"], clamp=opts["eda_clamp"])
+            elif name == "edge_egpo":
+                if opts["egpo_uncertainty"] == "nll":
+                    u = _adv.nll_uncertainty(_side("old_log_probs", old_log_probs, side, mask.shape, name).float(),
+                                             mask)
+                elif opts["egpo_uncertainty"] == "entropy":
+                    u = _adv.seq_mean_entropy(_side("entropys", entropys, side, mask.shape, name).float(), mask)
+                else:
+                    raise ValueError(f"algorithm.edge.egpo_uncertainty must be 'nll' or 'entropy', got "
+                                     f"{opts['egpo_uncertainty']!r}")
+                adv = _adv.egpo_advantages(scores, u, group_ids=gid, w_min=opts["egpo_w_min"],
+                                           w_max=opts["egpo_w_max"], mode=opts["egpo_mode"],
+                                           renorm=bool(opts["egpo_renorm"]), nsr_value=opts["egpo_nsr_value"],
+                                           eps=opts["egpo_eps"], scale=opts["scale"], correct_threshold=thr)
+            elif name == "edge_prog_grpo":
+                logp = _side("old_log_probs", old_log_probs, side, mask.shape, name).float()
+                adv = _adv.prog_grpo_advantages(base, logp, mask, scores, group_ids=gid, alpha=opts["prog_alpha"],
+                                                low_frac=opts["prog_low_frac"], baseline="group",
+                                                correct_threshold=thr)
+            else:  # edge_ep_grpo
+                ent = _side("entropys", entropys, side, mask.shape, name).float()
+                adv = _adv.ep_grpo_token_advantages(base, ent, mask, scores, group_ids=gid, g_min=opts["ep_g_min"],
+                                                    g_max=opts["ep_g_max"], num_buckets=int(opts["ep_num_buckets"]),
+                                                    lam=opts["ep_lambda"], eps=opts["ep_eps"],
+                                                    correct_threshold=thr)
+        adv = adv[:, None] if adv.dim() == 1 else adv
+        adv = (adv * response_mask).to(token_level_rewards.dtype)
+        return adv, adv
+
+    edge_estimator.__name__ = f"compute_{name}_advantage"
+    return edge_estimator
+
+
+_ESTIMATOR_FNS = {name: _make_estimator(name) for name in ESTIMATORS}
+_LOSS_FNS = {"edge_vanilla": edge_vanilla_policy_loss, "edge_gspo": edge_gspo_policy_loss}
+
+
+def register() -> None:
+    """Register the ``edge_`` policy losses and advantage estimators in verl's registries (idempotent)."""
+    from verl.trainer.ppo import core_algos
+
+    for name, fn in _LOSS_FNS.items():
+        core_algos.register_policy_loss(name)(fn)
+    for name, fn in _ESTIMATOR_FNS.items():
+        existing = core_algos.ADV_ESTIMATOR_REGISTRY.get(name)
+        if existing is not None and existing is not fn and _is_ours(existing):
+            core_algos.ADV_ESTIMATOR_REGISTRY[name] = fn  # this module imported again (reload / second name)
+        else:
+            core_algos.register_adv_est(name)(fn)  # raises if another package owns the name
+
+
+def _is_ours(fn) -> bool:
+    return getattr(fn, "__module__", "").endswith("integrations.verl") and fn.__name__.startswith("compute_edge_")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# trainer hooks that keep old log-probs and entropies
+
+
+def _wrap_v1_compute_advantage(orig):
+    @functools.wraps(orig)
+    def _compute_advantage(self, batch, metrics):
+        needs = needed_side_inputs(self.config.algorithm.adv_estimator, self.config.algorithm)
+        if not needs:
+            return orig(self, batch, metrics)
+        tq = sys.modules[orig.__module__].tq
+        fields = {"old_log_probs": "old_log_probs", "entropys": "entropy"}
+        try:
+            data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                                   select_fields=[fields[n] for n in needs] + ["response_mask"])
+        except Exception as exc:
+            raise ValueError(
+                f"{self.config.algorithm.adv_estimator} needs {list(needs)} of the old policy, which are not in the "
+                "TransferQueue (rollout_correction.bypass_mode computes no entropies)"
+            ) from exc
+        padded = data.to_padded_tensor()
+        with side_inputs(**{n: padded[fields[n]] for n in needs}):
+            return orig(self, batch, metrics)
+
+    _compute_advantage._edge_kernels_hook = True
+    return _compute_advantage
+
+
+def _wrap_legacy_compute_old_log_prob(orig):
+    @functools.wraps(orig)
+    def _compute_old_log_prob(self, batch):
+        old_log_prob, mfu = orig(self, batch)
+        needs = needed_side_inputs(self.config.algorithm.adv_estimator, self.config.algorithm)
+        if needs:  # verl pops "entropys" right after this returns; keep references for the estimator
+            stash_side_inputs(old_log_probs=old_log_prob.batch["old_log_probs"],
+                              entropys=old_log_prob.batch["entropys"])
+        return old_log_prob, mfu
+
+    _compute_old_log_prob._edge_kernels_hook = True
+    return _compute_old_log_prob
+
+
+def _patch_v1(module) -> None:
+    cls = module.PPOTrainer
+    if not getattr(cls._compute_advantage, "_edge_kernels_hook", False):
+        cls._compute_advantage = _wrap_v1_compute_advantage(cls._compute_advantage)
+
+
+def _patch_legacy(module) -> None:
+    cls = module.RayPPOTrainer
+    if not getattr(cls._compute_old_log_prob, "_edge_kernels_hook", False):
+        cls._compute_old_log_prob = _wrap_legacy_compute_old_log_prob(cls._compute_old_log_prob)
+
+
+_TRAINER_HOOKS = {
+    "verl.trainer.ppo.v1.trainer_base": _patch_v1,
+    "verl.trainer.ppo.ray_trainer": _patch_legacy,
+}
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs ``callback(module)`` right after the module ``name`` is executed (once)."""
+
+    def __init__(self, name: str, callback):
+        self.name = name
+        self.callback = callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        orig_exec = loader.exec_module
+        hook = self
+
+        def exec_module(module):
+            orig_exec(module)
+            if hook in sys.meta_path:
+                sys.meta_path.remove(hook)
+            _run_hook(hook.callback, module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def _run_hook(callback, module) -> None:
+    try:
+        callback(module)
+    except Exception:  # never break verl's own import
+        logger.warning("edge_kernels: could not install the verl trainer hook on %s", module.__name__, exc_info=True)
+
+
+def install_trainer_hooks() -> None:
+    """Install the side-input hooks on verl's trainers: now for already imported trainer modules, else right
+    after verl imports them (idempotent)."""
+    for name, patch in _TRAINER_HOOKS.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            _run_hook(patch, module)
+        elif not any(isinstance(f, _PostImportHook) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, _PostImportHook(name, patch))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# our kernel on verl's use_fused_kernels path
+
+
+def _kernel_impl() -> str:
+    return os.environ.get("EDGE_KERNELS_VERL_IMPL", "auto")
+
+
+def edge_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              temperature: float = 1.0, reduction: str = "none", dist_process_group=None):
+    """Drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``: ``(log_probs, entropy)``,
+    both flat ``[N]`` (verl's layout), from ``hidden [..., D]`` and ``weight [V, D]`` at ``temperature``."""
+    if reduction != "none":
+        raise NotImplementedError(f"edge_linear_cross_entropy supports reduction='none' only, got {reduction!r}")
+    if dist_process_group is not None and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size(dist_process_group) > 1:
+        raise NotImplementedError(
+            "edge_kernels does not support a vocabulary-parallel LM head (Megatron tensor parallelism > 1); "
+            "unset EDGE_KERNELS_VERL_FUSED_KERNELS or use tensor_model_parallel_size=1"
+        )
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
+    logp, ent = linear_logprob_entropy(h, weight, labels.reshape(-1), temperature=float(temperature),
+                                       impl=_kernel_impl())
+    return logp, ent
+
+
+def _edge_fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+    h = hidden_states if hidden_states.dtype == vocab_weights.dtype else hidden_states.to(vocab_weights.dtype)
+    return linear_logprob_entropy(h, vocab_weights, input_ids.to(torch.int64), temperature=float(temperature),
+                                  impl=_kernel_impl())
+
+
+def patch_verl_fused_kernels() -> None:
+    """Route verl's ``use_fused_kernels`` path to :func:`edge_kernels.linear_logprob_entropy` in this process.
+
+    Must run in every worker process before the model is built; setting ``EDGE_KERNELS_VERL_FUSED_KERNELS=1``
+    in the workers' environment does it on ``import verl``. Still enable verl's path as usual
+    (``actor_rollout_ref.model.use_fused_kernels=True``).
+    """
+    from verl.utils.kernel import linear_cross_entropy as lce
+
+    lce.linear_cross_entropy = edge_linear_cross_entropy
+    # modules that bound the name at import (Megatron forward) are rebound too
+    for mod_name in ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap"):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, "linear_cross_entropy"):
+            mod.linear_cross_entropy = edge_linear_cross_entropy
+    try:
+        from verl.utils.experimental import torch_functional as tf
+
+        tf.FusedLinearForPPO.forward = _edge_fused_linear_for_ppo_forward
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+register()
+if _env_flag("EDGE_KERNELS_VERL_HOOKS", "1"):
+    install_trainer_hooks()
+if _env_flag("EDGE_KERNELS_VERL_FUSED_KERNELS", "0"):
+    patch_verl_fused_kernels()

@@ -1,0 +1,419 @@
+"""edge_kernels.integrations.trl with the real TRL on CPU.
+
+A tiny Qwen2 (hidden 32, 2 layers) and a character-level tokenizer are built here (no hub access); the model
+is saved to a temporary directory so that TRL can load the reference model for ``beta > 0`` from its path.
+
+Tolerance of the kernel-vs-native comparison (``test_edge_kernels_match_trl_native``): everything is fp32 on
+the CPU; TRL's fused head and ours both accumulate the logits in fp32 but in a different order (TRL: one
+``torch.mm`` per vocabulary chunk; ours: the chunked PyTorch path of edge-kernels), so per-token log-probs and
+entropies agree to a few fp32 ulps of the logits (~1e-6). We assert 1e-5 absolute on log-probs / entropies, and
+1e-5 relative + 1e-6 absolute on the loss and the gradients.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+from edge_kernels import advantages as A  # noqa: E402
+from edge_kernels.integrations.trl import (  # noqa: E402
+    ESTIMATORS,
+    EdgeGRPOConfig,
+    EdgeGRPOTrainer,
+    install_edge_lm_head,
+)
+
+G = 4  # completions per prompt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _few_threads():
+    """The model is tiny: thread start-up and contention cost more than they save (and CI machines are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiny offline model, tokenizer, data, rewards
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for c in string.digits + string.ascii_letters + string.punctuation + " \n":
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = Qwen2ForCausalLM(cfg)
+    # a larger LM head spreads the next-token distribution away from uniform (non-trivial entropies)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_dataset(with_answer=True, with_solution=True):
+    data = {"prompt": ["1+1=", "2+3=", "4+4=", "9-3="]}
+    if with_answer:
+        data["answer"] = ["2", "5", "8", "6"]
+    if with_solution:
+        data["solution"] = ["1+1=2 so \\boxed{2}", "\\boxed{5}", "4+4 is \\boxed{8}", "\\boxed{6}"]
+    return datasets.Dataset.from_dict(data)
+
+
+def accuracy_reward(completions, answer, **kwargs):
+    out = []
+    for c, a in zip(completions, answer):
+        found = re.findall(r"\\boxed\{([^}]*)\}", c)
+        out.append(1.0 if found and found[-1] == a else 0.0)
+    return out
+
+
+def noise_reward(completions, **kwargs):
+    """Deterministic in the text, varied across samples: gives groups non-zero reward variance (values < 1,
+    so a completion is 'correct' for GEC only through accuracy_reward)."""
+    return [(sum(map(ord, c)) % 3) / 4 for c in completions]
+
+
+REWARDS = [accuracy_reward, noise_reward]
+
+
+def make_config(tmp_path, **overrides) -> EdgeGRPOConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=G, num_generations=G,
+        max_completion_length=8, max_steps=2, learning_rate=1e-2, use_cpu=True, report_to="none",
+        logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, gec_max_new_tokens=6,
+        correct_threshold=0.6, bf16=False,
+    )
+    kwargs.update(overrides)
+    return EdgeGRPOConfig(**kwargs)
+
+
+def make_trainer(model_dir, tokenizer, tmp_path, dataset=None, **overrides) -> EdgeGRPOTrainer:
+    return EdgeGRPOTrainer(model=model_dir, reward_funcs=REWARDS, args=make_config(tmp_path, **overrides),
+                           train_dataset=make_dataset() if dataset is None else dataset,
+                           processing_class=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training: 2 steps per estimator, GEC on and off
+
+
+@pytest.mark.parametrize("gec", [False, True], ids=["gec_off", "gec_on"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_two_training_steps(estimator, gec, model_dir, tokenizer, tmp_path):
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator=estimator, gec_enable=gec,
+                           use_edge_kernels=True)
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    assert trainer.state.global_step == 2
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    if estimator != "grpo":
+        assert all("edge/adv_group_var" in h for h in logs)
+    if gec:
+        assert all("gec/incorrect_frac" in h for h in logs)
+        assert any(h["gec/regenerated_frac"] + h["gec/injected_frac"] + h["gec/replaced_frac"] > 0 for h in logs)
+    # a non-zero advantage somewhere moved the LM head
+    if any(h.get("edge/zero_adv_group_frac", 0.0) < 1.0 or h["reward_std"] > 0 for h in logs):
+        assert not torch.equal(before, trainer.model.lm_head.weight.detach())
+
+
+def test_trl_options_with_kl_and_current_entropy_eda(model_dir, tokenizer, tmp_path):
+    """beta > 0 (reference model loaded from the saved path), clip-higher, sequence-level IS, entropy masking and
+    bonus, DAPO loss, num_iterations > 1 (old log-probs kept), EDA with the current policy's entropy."""
+    trainer = make_trainer(
+        model_dir, tokenizer, tmp_path, advantage_estimator="eda", eda_entropy_source="current",
+        eda_clamp=[0.5, 2.0], use_edge_kernels=True, beta=0.05, loss_type="dapo", epsilon_high=0.28,
+        importance_sampling_level="sequence", top_entropy_quantile=0.5, entropy_coef=0.01, num_iterations=2,
+    )
+    assert trainer.ref_model is not None and getattr(trainer.ref_model, "_edge_kernels_lm_head", False)
+    assert getattr(trainer.model, "_edge_kernels_lm_head", False)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all("kl" in h for h in logs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the kernel in place of TRL's fused LM head
+
+
+def _fixed_batch(tokenizer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, P, T = 4, 5, 7
+    vocab = len(tokenizer)
+    prompt_ids = torch.randint(3, vocab, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_ids[0, :2] = tokenizer.pad_token_id
+    completion_ids = torch.randint(3, vocab, (B, T), generator=g)
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[2, 6:] = 0
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.tensor([1.0, -0.5, 0.25, -1.5]),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+@pytest.mark.parametrize("loss_type,is_level", [("grpo", "token"), ("dapo", "sequence"), ("dr_grpo", "token")])
+def test_edge_kernels_match_trl_native(loss_type, is_level, model_dir, tokenizer, tmp_path):
+    common = dict(beta=0.1, loss_type=loss_type, importance_sampling_level=is_level, top_entropy_quantile=0.6,
+                  entropy_coef=0.05, epsilon_high=0.28, temperature=0.7)
+    native = make_trainer(model_dir, tokenizer, tmp_path / "a", use_edge_kernels=False, **common)
+    edge = make_trainer(model_dir, tokenizer, tmp_path / "b", use_edge_kernels=True, **common)
+    assert not getattr(native.model, "_edge_kernels_lm_head", False)
+    assert getattr(edge.model, "_edge_kernels_lm_head", False)
+    batch = _fixed_batch(tokenizer)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    T = batch["completion_ids"].shape[1]
+    m = batch["completion_mask"].bool()
+
+    outs = []
+    for tr in (native, edge):
+        with torch.no_grad():
+            lp, ent, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, am, T, compute_entropy=True)
+            ref, _, _ = tr._get_per_token_logps_and_entropies(tr.ref_model, ids, am, T)
+        outs.append((lp, ent, ref))
+    for x, y in zip(outs[0], outs[1]):
+        torch.testing.assert_close(x[m], y[m], atol=1e-5, rtol=0)
+    # the entropies are the full-vocabulary ones at the sampling temperature (independent check)
+    with torch.no_grad():
+        logits = native.model(input_ids=ids, attention_mask=am).logits[:, -T - 1:-1] / 0.7
+    ref_ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(outs[1][1][m], ref_ent[m], atol=1e-5, rtol=0)
+
+    lp0 = outs[0][0]
+    batch["old_per_token_logps"] = lp0 + 0.3 * torch.randn(lp0.shape, generator=torch.Generator().manual_seed(1))
+    batch["ref_per_token_logps"] = outs[0][2] - 0.1
+    losses, grads = [], []
+    for tr in (native, edge):
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call _compute_loss directly
+        tr.model.zero_grad()
+        loss = tr._compute_loss(tr.model, dict(batch))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and "lm_head.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_all_masked_micro_batch_is_a_differentiable_zero(model_dir):
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    install_edge_lm_head(model, temperature=1.0)
+    ids = torch.randint(3, 50, (2, 6))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100), fused_lm_head=True)
+    assert out.log_probs.shape == (2, 5) and not out.log_probs.any()
+    out.log_probs.sum().backward()
+    assert model.lm_head.weight.grad is not None and not model.lm_head.weight.grad.any()
+    # generation still goes through the model's own forward
+    assert model(input_ids=ids).logits.shape == (2, 6, model.config.vocab_size)
+
+
+def test_install_edge_lm_head_refuses_softcapping(model_dir):
+    model = Qwen2ForCausalLM.from_pretrained(model_dir)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-caps"):
+        install_edge_lm_head(model, temperature=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the advantages the trainer trains on are the reference functions' (per group, before the shuffle)
+
+
+@pytest.mark.parametrize("estimator", ["eda", "egpo", "prog_grpo", "ep_grpo"])
+def test_advantages_match_reference(estimator, model_dir, tokenizer, tmp_path):
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator=estimator, use_edge_kernels=True,
+                           egpo_uncertainty="nll")
+    trainer.model.train()
+    rows = [dict(r) for r in make_dataset() for _ in range(G)][:G * 2]
+    torch.manual_seed(3)
+    out = trainer._generate_and_score_completions(rows)
+    rpf = trainer._edge_rewards_per_func
+    rewards = (rpf * trainer.reward_weights).nansum(1)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    am = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    mask = out["completion_mask"].bool()
+    with torch.no_grad():
+        logp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, mask.shape[1],
+                                                                   compute_entropy=True)
+    base = A.grpo_advantages(rewards, group_size=G, eps=1e-6)
+    thr = trainer.args.correct_threshold
+    if estimator == "eda":
+        ref = A.eda_advantages(base, A.seq_mean_entropy(ent, mask), group_size=G)
+    elif estimator == "egpo":
+        ref = A.egpo_advantages(rewards, A.nll_uncertainty(logp, mask), group_size=G, correct_threshold=thr)
+    elif estimator == "prog_grpo":
+        ref = A.prog_grpo_advantages(base, logp, mask, rewards, group_size=G, correct_threshold=thr)
+    else:
+        ref = A.ep_grpo_token_advantages(base, ent, mask, rewards, group_size=G, correct_threshold=thr)
+    assert out["advantages"].shape == ref.shape
+    torch.testing.assert_close(out["advantages"], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_eda_current_entropy_source_has_the_entropy_gradient(model_dir, tokenizer, tmp_path):
+    """At the sampling weights the current entropy equals the scoring pass's, so the loss is the 'old' one;
+    the gradient differs by the 1/P_i term (algorithms.md section 2, 'current')."""
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="eda", eda_entropy_source="current",
+                           use_edge_kernels=True)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    rows = [dict(r) for r in make_dataset() for _ in range(G)][:G * 2]
+    out = trainer._generate_and_score_completions(rows)
+    assert {"edge_base_advantages", "edge_eda_group_mean"} <= out.keys()
+    old_mode = {k: v for k, v in out.items() if not k.startswith("edge_")}  # TRL's path, A^ from the old pass
+    losses, grads = [], []
+    for batch in (out, old_mode):
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(trainer.model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert torch.equal(out["advantages"], old_mode["advantages"])  # the buffered batch is not mutated
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEC
+
+
+def test_gec_answer_injection_rescored_and_masked(model_dir, tokenizer, tmp_path):
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="grpo", gec_enable=True,
+                           gec_regenerate_prob=0.0, gec_inject_prob=1.0, gec_replace_prob=0.0,
+                           gec_mask_injected=True)
+    trainer.model.train()
+    rows = [dict(r) for r in make_dataset() for _ in range(G)][:G]
+    out = trainer._generate_and_score_completions(rows)
+    # every sampled completion was incorrect, got the answer injected, and TRL re-scored it as correct
+    acc = trainer._edge_rewards_per_func[:, 0]
+    assert torch.all(acc == 1.0)
+    texts = tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    assert all(t.endswith("the correct answer is \\boxed{2}.") for t in texts)
+    # the injected text (and its EOS) is masked out of the loss; sampled tokens stay in
+    inj = len(tokenizer("\nWait! Something is wrong here. After verification, the correct answer is \\boxed{2}.",
+                        add_special_tokens=False).input_ids) + 1
+    lengths = out["completion_mask"].sum(1)
+    for row in range(G):
+        n = int(lengths[row])
+        assert out["tool_mask"][row, n - inj:n].sum() == 0
+        assert out["tool_mask"][row, :n - inj].all()
+    assert trainer._metrics["train"]["gec/injected_frac"][-1] == 1.0
+
+
+def test_gec_replacement_and_regeneration(model_dir, tokenizer, tmp_path):
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="eda", gec_enable=True,
+                           gec_regenerate_prob=0.5, gec_inject_prob=0.0, gec_replace_prob=0.5, gec_seed=1)
+    trainer.model.train()
+    rows = [dict(r) for r in make_dataset() for _ in range(G)][:G * 2]
+    out = trainer._generate_and_score_completions(rows)
+    texts = tokenizer.batch_decode(out["completion_ids"], skip_special_tokens=True)
+    m = trainer._metrics["train"]
+    assert m["gec/regenerated_frac"][-1] > 0 and m["gec/replaced_frac"][-1] > 0
+    assert any(t in {r["solution"] for r in rows} for t in texts)
+    assert any(" Wait! Something is wrong here." in t for t in texts)
+    assert "tool_mask" not in out  # injected text is trained on by default
+
+
+def test_gec_requires_answer_and_solution_columns(model_dir, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"needs the dataset column\(s\) \['answer', 'solution'\]"):
+        make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(False, False), gec_enable=True)
+    with pytest.raises(ValueError, match=r"\['solution'\]"):
+        make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(True, False), gec_enable=True)
+    # without injection / replacement no column is needed
+    make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(False, False), gec_enable=True,
+                 gec_regenerate_prob=1.0, gec_inject_prob=0.0, gec_replace_prob=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_refusals(model_dir, tokenizer, tmp_path):
+    with pytest.raises(TypeError, match="EdgeGRPOConfig"):
+        EdgeGRPOTrainer(model=model_dir, reward_funcs=REWARDS, processing_class=tokenizer,
+                        args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                        per_device_train_batch_size=G, num_generations=G),
+                        train_dataset=make_dataset())
+    with pytest.raises(ValueError, match="sum_then_normalize"):
+        make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="egpo",
+                     multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="prog_baseline"):
+        make_config(tmp_path, advantage_estimator="prog_grpo", prog_baseline="prompt")
+    with pytest.raises(ValueError, match="eda_entropy_source='current'"):
+        make_config(tmp_path, advantage_estimator="egpo", eda_entropy_source="current")
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        make_config(tmp_path, advantage_estimator="ppo")
+    with pytest.raises(ValueError, match="GEC probabilities"):
+        make_config(tmp_path, gec_regenerate_prob=0.6, gec_inject_prob=0.6)
+    with pytest.raises(ValueError, match="use_vllm=True"):
+        make_trainer(model_dir, tokenizer, tmp_path, gec_enable=True, use_vllm=True)
+    with pytest.raises(ValueError, match="rollout_func"):
+        EdgeGRPOTrainer(model=model_dir, reward_funcs=REWARDS, processing_class=tokenizer, train_dataset=make_dataset(),
+                        args=make_config(tmp_path, gec_enable=True), rollout_func=lambda prompts, trainer: {})
+
+
+def test_unscorable_completion_is_refused(model_dir, tokenizer, tmp_path):
+    def none_reward(completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = EdgeGRPOTrainer(model=model_dir, reward_funcs=[none_reward], processing_class=tokenizer,
+                              args=make_config(tmp_path, advantage_estimator="eda"), train_dataset=make_dataset())
+    trainer.model.train()
+    rows = [dict(r) for r in make_dataset() for _ in range(G)][:G]
+    with pytest.raises(ValueError, match="returned None"):
+        trainer._generate_and_score_completions(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the example script
+
+
+def test_example_script_smoke(tmp_path):
+    """integrations/examples/trl_edge_grpo.py --smoke: the embedded offline model and task (conversational
+    prompts, tied embeddings, math-verify reward), EDA + GEC + our kernel, 2 steps."""
+    pytest.importorskip("math_verify")
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "integrations", "examples", "trl_edge_grpo.py")
+    spec = importlib.util.spec_from_file_location("trl_edge_grpo_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(["--smoke", "--estimator", "eda", "--gec", "--use-edge-kernels",
+                            "--output-dir", str(tmp_path / "run")])
+    assert trainer.state.global_step == 2
+    assert getattr(trainer.model, "_edge_kernels_lm_head", False)
