@@ -306,7 +306,8 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     from ..dispatch import resolve_impl, validate_linear_inputs
 
     temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index)
-    backend = resolve_impl(impl, hidden, weight)
+    backend = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy",
+                           cuda_available="cuda" in _BACKENDS)
     lead_shape = targets.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1).to(torch.int64).contiguous()

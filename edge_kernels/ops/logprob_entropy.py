@@ -217,7 +217,7 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
     from ..dispatch import resolve_impl, validate_logits_inputs
 
     temperature = validate_logits_inputs(logits, targets, temperature, ignore_index)
-    backend = resolve_impl(impl, logits)
+    backend = resolve_impl(impl, logits, op="logprob_entropy", cuda_available="cuda" in _BACKENDS)
     lead_shape = targets.shape
     x3 = _as_3d(logits)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
