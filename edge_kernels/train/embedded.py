@@ -9,6 +9,13 @@
 * **Model** - a small randomly initialised ``Qwen2ForCausalLM`` (the real models' architecture), built from a
   ``Qwen2Config``. A short supervised warm-up on the reference solutions (done by the loop) makes rewards
   non-zero before RL starts.
+* **Warm-up demonstrations** - the reference solutions, half of which (``--embedded-unboxed-frac``) state the
+  answer without ``\\boxed{}``: the warmed-up policy, like a base model, follows the boxed-answer instruction
+  only part of the time and gets its arithmetic partly right. The reward needs both, so RL has something real
+  to learn in the few minutes a CPU allows. On the default seed, greedy eval pass@1 goes from 0.165 after
+  the warm-up (45 of 200 answers boxed, 131 with the right final number) to 0.695 after 80 EDGE-GRPO steps
+  (200 boxed, 139 right): the gain is mostly format compliance, the arithmetic improves only a little. The
+  task's own ``solution`` fields (GEC's reference replacement) all keep their box.
 
 Everything is deterministic under the seed.
 """
@@ -95,6 +102,22 @@ def make_task(seed: int, n_train: int, n_eval: int, task: TaskConfig = TaskConfi
         seen.add(row["problem"])
         rows.append(row)
     return rows[:n_train], rows[n_train:]
+
+
+def warmup_demonstrations(rows: Sequence[Dict[str, str]], unboxed_frac: float, seed: int) -> List[str]:
+    """Demonstrations for the supervised warm-up: the reference solutions, of which a seeded ``unboxed_frac``
+    state the answer without ``\\boxed{}`` ("The answer is 7."), like a base model that follows the
+    boxed-answer instruction only some of the time. The reward needs the box, so RL has a real, quickly
+    learnable improvement to find on top of the arithmetic; the task's own ``solution`` fields (used by GEC's
+    reference replacement) all keep their box."""
+    rng = random.Random(f"edge-train-demos-{seed}")
+    out = []
+    for r in rows:
+        sol = r["solution"]
+        if rng.random() < unboxed_frac:
+            sol = sol.replace("\\boxed{" + r["answer"] + "}", r["answer"])
+        out.append(sol)
+    return out
 
 
 def tokenizer_corpus(rows: Sequence[Dict[str, str]], extra: Sequence[str] = ()) -> List[str]:

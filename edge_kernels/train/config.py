@@ -1,0 +1,360 @@
+"""edge-train's configuration: one dataclass, loadable from YAML, every field also a command-line flag.
+
+Precedence, lowest first: the defaults below < the resumed run's ``config.yaml`` (``--resume``) < ``--config
+FILE`` < flags on the command line. Fields whose default is ``None`` and whose help says "auto" are filled in
+by :func:`resolve` (they differ between the embedded default and a real model); the output directory gets
+the fully resolved config as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+ESTIMATORS = ("grpo", "dr_grpo", "eda", "egpo", "prog_grpo", "ep_grpo")
+ROLLOUTS = ("hf", "vllm")
+AGGS = ("auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+DEFAULT_REFLECTION = " Wait! Something is wrong here."
+DEFAULT_INJECTION = ("\nWait! Something is wrong here. After verification, the correct answer is "
+                     "\\boxed{ANSWER}.")
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ConfigError(ValueError):
+    """A bad option value or config file (reported to the user without a traceback)."""
+
+
+def _f(default, help: str, choices: Optional[Sequence[str]] = None, group: str = "run"):
+    meta = {"help": help, "group": group}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # ---- run
+    output: str = _f("./edge-train-out", "output directory (metrics.jsonl, plots/, checkpoint/, config.yaml)")
+    max_steps: Optional[int] = _f(None, "number of RL steps (auto: 80 embedded, 200 with --model)")
+    seed: int = _f(0, "random seed (model init, task, sampling, GEC); a run is deterministic under it")
+    device: str = _f("auto", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    resume: Optional[str] = _f(None, "resume from this output directory (or its checkpoint/)")
+    save_every: int = _f(1, "write a checkpoint every N steps (1: a kill loses at most the step in flight)")
+    eval_every: Optional[int] = _f(None, "evaluate on the eval set every N steps (0: only after warm-up and at the "
+                                         "end; auto: 20 embedded, 0 with --model)")
+    progress: bool = _f(True, "show progress bars")
+    cpu_threads: int = _f(0, "torch CPU threads (0: auto = 1 for the embedded model on CPU, where a tiny model "
+                             "gains nothing from more and shared cores make more threads much slower; "
+                             "torch's default otherwise)")
+    deterministic: bool = _f(True, "torch.use_deterministic_algorithms (warn-only) and seeded everything")
+    # ---- model and data
+    model: Optional[str] = _f(None, "local Hugging Face causal-LM directory (default: the embedded tiny "
+                                    "Qwen2 model, built and warmed up on the spot)", group="model")
+    dtype: str = _f("auto", "parameter dtype (auto: bfloat16 on CUDA with --model, else float32)",
+                    choices=DTYPES, group="model")
+    gradient_checkpointing: bool = _f(False, "gradient checkpointing in the update pass (saves memory)",
+                                      group="model")
+    impl: str = _f("auto", "kernel implementation for the fused ops: auto, triton, torch", group="model")
+    data: Optional[str] = _f(None, "training problems, JSONL or Parquet (default: the embedded task)",
+                             group="model")
+    eval_data: Optional[str] = _f(None, "held-out problems for pass@1 (default: the embedded eval split, "
+                                        "or none with --data)", group="model")
+    problem_field: str = _f("problem", "field holding the problem text", group="model")
+    answer_field: str = _f("answer", "field holding the ground-truth answer", group="model")
+    solution_field: str = _f("solution", "field holding the reference solution (GEC)", group="model")
+    system_prompt: str = _f(DEFAULT_SYSTEM_PROMPT, "system turn of the chat prompt (Qwen2.5-Math's)",
+                            group="model")
+    max_prompt_tokens: int = _f(1024, "problems whose prompt is longer are an error", group="model")
+    max_eval_problems: int = _f(0, "evaluate on at most this many problems (0: all)", group="model")
+    # ---- rollout
+    rollout: str = _f("hf", "rollout engine: hf (model.generate) or vllm (colocated, CUDA only)",
+                      choices=ROLLOUTS, group="rollout")
+    prompts_per_step: int = _f(8, "problems per RL step (each sampled --group-size times)", group="rollout")
+    group_size: int = _f(8, "responses sampled per problem (G)", group="rollout")
+    temperature: float = _f(1.0, "sampling temperature (also used by the scoring pass and the loss)",
+                            group="rollout")
+    top_p: float = _f(1.0, "nucleus sampling (1.0: the full distribution the kernels score)", group="rollout")
+    max_new_tokens: Optional[int] = _f(None, "response length limit (auto: 48 embedded, 1024 with --model)",
+                                       group="rollout")
+    rollout_batch_size: int = _f(64, "sequences per generate() call", group="rollout")
+    eval_temperature: float = _f(0.0, "eval sampling temperature (0: greedy)", group="rollout")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vLLM's share of GPU memory (colocated)", group="rollout")
+    # ---- advantages
+    estimator: str = _f("eda", "advantage estimator", choices=ESTIMATORS, group="advantages")
+    adv_eps: float = _f(1e-6, "eps of the advantage formulas", group="advantages")
+    eda_entropy_source: str = _f("old", "EDA entropy: old (scoring pass, detached) or current (gradient "
+                                        "through 1/P)", choices=("old", "current"), group="advantages")
+    eda_clamp: Optional[List[float]] = _f(None, "clamp EDA's scale to [s_min, s_max] (e.g. 0.5 2)",
+                                          group="advantages")
+    egpo_w_min: float = _f(0.5, "EGPO w_min", group="advantages")
+    egpo_w_max: float = _f(2.0, "EGPO w_max", group="advantages")
+    egpo_mode: str = _f("asymmetric", "EGPO clamp mode", choices=("asymmetric", "symmetric", "lock_one"),
+                        group="advantages")
+    egpo_nsr_value: float = _f(-1.0, "EGPO NSR advantage of entirely-incorrect groups", group="advantages")
+    prog_alpha: float = _f(0.3, "ProGRPO alpha", group="advantages")
+    prog_low_frac: float = _f(0.2, "ProGRPO fraction of lowest-log-prob tokens", group="advantages")
+    ep_lambda: float = _f(0.1, "EP-GRPO lambda of the progress-aligned signal", group="advantages")
+    # ---- GEC
+    gec: bool = _f(True, "Guided Error Correction of incorrect responses (EDGE-GRPO)", group="gec")
+    gec_p_regenerate: float = _f(0.5, "P(prompt-and-regenerate) for an incorrect response", group="gec")
+    gec_p_inject: float = _f(0.25, "P(answer injection)", group="gec")
+    gec_p_reference: float = _f(0.25, "P(reference replacement)", group="gec")
+    gec_reflection: str = _f(DEFAULT_REFLECTION, "reflection prompt appended before regeneration", group="gec")
+    gec_injection: str = _f(DEFAULT_INJECTION, "answer-injection text (ANSWER is replaced)", group="gec")
+    gec_max_new_tokens: Optional[int] = _f(None, "new-token limit of regeneration (auto: 32 embedded, 256)",
+                                           group="gec")
+    gec_mask_injected: bool = _f(False, "mask injected / reference tokens out of the loss", group="gec")
+    # ---- reward
+    format_reward: float = _f(0.0, "weight of the optional format reward (1 if a \\boxed{} exists)",
+                              group="reward")
+    # ---- optimisation
+    lr: Optional[float] = _f(None, "RL learning rate (auto: 1e-4 embedded, 1e-6 with --model)", group="optim")
+    weight_decay: float = _f(0.0, "AdamW weight decay", group="optim")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)", group="optim")
+    clip_low: float = _f(0.2, "PPO clip eps_low", group="optim")
+    clip_high: float = _f(0.2, "PPO clip eps_high (DAPO clip-higher: 0.28)", group="optim")
+    kl_coef: float = _f(0.0, "KL-to-reference coefficient (needs a reference model copy)", group="optim")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient", group="optim")
+    loss_agg: str = _f("auto", "loss aggregation (auto: seq-mean-token-sum-norm for dr_grpo, else "
+                               "token-mean)", choices=AGGS, group="optim")
+    ppo_epochs: int = _f(1, "passes over each rollout batch", group="optim")
+    micro_batch_size: int = _f(0, "rows per forward/backward in scoring and update (0: all; a multiple of "
+                                  "--group-size)", group="optim")
+    # ---- supervised warm-up (embedded default)
+    warmup_steps: Optional[int] = _f(None, "supervised warm-up steps on reference solutions before RL "
+                                           "(auto: 300 embedded, 0 with --model)", group="warmup")
+    warmup_lr: float = _f(3e-3, "warm-up learning rate", group="warmup")
+    warmup_batch_size: int = _f(32, "warm-up batch size", group="warmup")
+    # ---- embedded task and model
+    embedded_train_size: int = _f(4000, "embedded task: training problems", group="embedded")
+    embedded_eval_size: int = _f(200, "embedded task: held-out eval problems", group="embedded")
+    embedded_max_operand: int = _f(9, "embedded task: largest operand", group="embedded")
+    embedded_two_step_frac: float = _f(0.3, "embedded task: share of two-step problems", group="embedded")
+    embedded_unboxed_frac: float = _f(0.5, "embedded task: share of warm-up demonstrations that state the answer "
+                                           "without \\boxed{} (the format gap RL closes)", group="embedded")
+    embedded_vocab_size: int = _f(512, "embedded tokenizer: BPE vocabulary size", group="embedded")
+    embedded_hidden_size: int = _f(128, "embedded model: hidden size", group="embedded")
+    embedded_layers: int = _f(2, "embedded model: layers", group="embedded")
+    embedded_heads: int = _f(4, "embedded model: attention heads", group="embedded")
+    embedded_intermediate_size: int = _f(384, "embedded model: MLP size", group="embedded")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check and convert a value from YAML or a flag to the field's type."""
+    f = FIELDS[name]
+    ann = str(f.type)
+    if value is None:
+        if "Optional" in ann:
+            return None
+        raise ConfigError(f"{name} may not be null")
+    try:
+        if "List[float]" in ann:
+            if isinstance(value, str):
+                value = [x for x in value.replace(",", " ").split()]
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ConfigError(f"{name} must be two numbers, got {value!r}")
+            return [float(v) for v in value]
+        if "bool" in ann:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        if "int" in ann:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            return int(value)
+        if "float" in ann:
+            if isinstance(value, bool):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            return float(value)
+        if "str" in ann:
+            if not isinstance(value, (str, int, float)):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+            value = str(value)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{name}: cannot use {value!r} ({e})") from None
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    """A config file's mapping, keys normalised to field names (dashes become underscores)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option: value, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"{path}: unknown option {key!r} (see edge-train --help for the options)")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every field as a flag (``--field-name``); booleans get ``--x/--no-x``. Defaults are suppressed so the
+    parsed namespace holds only what was given."""
+    groups: Dict[str, argparse._ArgumentGroup] = {}
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="YAML file of options (keys as below, dashes or underscores)")
+    for f in dataclasses.fields(TrainConfig):
+        gname = f.metadata.get("group", "run")
+        g = groups.get(gname) or groups.setdefault(gname, parser.add_argument_group(gname))
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and not isinstance(default, bool):
+            help_ += f" [default: {default}]"
+        ann = str(f.type)
+        kw: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_.replace("%", "%%"), "dest": f.name}
+        if "bool" in ann:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if "List[float]" in ann:
+            kw.update(nargs=2, type=float, metavar=("LO", "HI"))
+        elif "int" in ann:
+            kw["type"] = int
+        elif "float" in ann:
+            kw["type"] = float
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        g.add_argument(flag, **kw)
+
+
+def build_config(cli: Dict[str, Any]) -> TrainConfig:
+    """Merge defaults < resumed config < ``--config`` file < flags into a :class:`TrainConfig`."""
+    cli = dict(cli)
+    config_file = cli.pop("config", None)
+    values: Dict[str, Any] = {}
+    resume = cli.get("resume")
+    if resume is None and config_file is not None:
+        resume = load_yaml(config_file).get("resume")
+    if resume is not None:
+        run_dir = resume_run_dir(resume)
+        saved = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(saved):
+            values.update(load_yaml(saved))
+            values["output"] = run_dir
+        else:
+            raise ConfigError(f"--resume {resume}: no config.yaml in {run_dir}; is it an edge-train output "
+                              "directory?")
+    if config_file is not None:
+        values.update(load_yaml(config_file))
+    for name, value in cli.items():
+        values[name] = _coerce(name, value)
+    values["resume"] = resume
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def resume_run_dir(path: str) -> str:
+    """The output directory a ``--resume`` path names (the directory itself or its ``checkpoint/``)."""
+    path = os.path.abspath(path)
+    if os.path.basename(path.rstrip(os.sep)) in ("checkpoint", "checkpoint.old"):
+        path = os.path.dirname(path.rstrip(os.sep))
+    if not os.path.isdir(path):
+        raise ConfigError(f"--resume {path}: no such directory")
+    return path
+
+
+def validate(cfg: TrainConfig) -> None:
+    def positive(name):
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{name} must be > 0, got {v}")
+
+    for name in ("group_size", "prompts_per_step", "max_new_tokens", "rollout_batch_size",
+                 "temperature", "gec_max_new_tokens", "lr", "ppo_epochs", "save_every", "warmup_batch_size",
+                 "max_prompt_tokens", "embedded_train_size", "embedded_eval_size", "embedded_max_operand"):
+        positive(name)
+    for name in ("max_steps", "cpu_threads", "warmup_steps", "eval_every", "micro_batch_size", "max_eval_problems",
+                 "eval_temperature",
+                 "kl_coef", "max_grad_norm", "format_reward"):
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")
+    for name in ("embedded_unboxed_frac", "embedded_two_step_frac"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p must lie in (0, 1], got {cfg.top_p}")
+    probs = (cfg.gec_p_regenerate, cfg.gec_p_inject, cfg.gec_p_reference)
+    if any(p < 0 for p in probs) or sum(probs) > 1 + 1e-9:
+        raise ConfigError(f"GEC probabilities must be >= 0 and sum to at most 1, got {probs}")
+    if "ANSWER" not in cfg.gec_injection:
+        raise ConfigError("gec_injection must contain the placeholder ANSWER")
+    if cfg.micro_batch_size and cfg.micro_batch_size % cfg.group_size:
+        raise ConfigError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of group_size "
+                          f"({cfg.group_size}): groups are never split")
+    if cfg.kl_coef > 0:
+        raise ConfigError("kl_coef > 0 is not supported by edge-train yet (no reference model copy is kept); "
+                          "use verl for KL-regularised runs")
+    if cfg.eval_data is not None and cfg.data is None and cfg.model is None:
+        pass  # the embedded task with an extra eval file is fine
+    if cfg.impl not in ("auto", "triton", "torch", "cuda"):
+        raise ConfigError(f"impl must be auto, triton, torch or cuda; got {cfg.impl!r}")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the "auto" fields; the result is what ``config.yaml`` records."""
+    embedded = cfg.model is None
+    c = dataclasses.replace(cfg)
+    if c.max_steps is None:
+        c.max_steps = 80 if embedded else 200
+    if c.max_new_tokens is None:
+        c.max_new_tokens = 48 if embedded else 1024
+    if c.gec_max_new_tokens is None:
+        c.gec_max_new_tokens = 32 if embedded else 256
+    if c.lr is None:
+        c.lr = 1e-4 if embedded else 1e-6
+    if c.warmup_steps is None:
+        c.warmup_steps = 300 if embedded else 0
+    if c.eval_every is None:
+        c.eval_every = 20 if embedded else 0
+    if c.loss_agg == "auto":
+        c.loss_agg = "seq-mean-token-sum-norm" if c.estimator == "dr_grpo" else "token-mean"
+    validate(c)
+    return c
+
+
+def to_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: TrainConfig, path: str) -> None:
+    import yaml
+
+    d = to_dict(cfg)
+    d.pop("resume", None)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(d, fh, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,168 @@
+"""The loop on a tiny embedded configuration: advantages per estimator, an update that changes the weights,
+metrics.jsonl, plots, checkpoints, errors, and exact resumption after a SIGKILL."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from edge_kernels.train.config import ESTIMATORS, TrainConfig
+from edge_kernels.train.loop import METRIC_FIELDS, TrainError, Trainer
+from train_helpers import TINY, run_cli, tiny_flags
+
+REQUIRED = set(METRIC_FIELDS) | {"step", "reward_mean", "accuracy", "entropy_mean", "adv_var", "zero_adv_frac",
+                                  "loss", "gec_applied", "step_time_s"}
+
+
+def make_trainer(tmp_path, **over):
+    cfg = TrainConfig(**{**TINY, "output": str(tmp_path / "run"), **over})
+    tr = Trainer(cfg, log=lambda s: None)
+    tr.setup()
+    return tr
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_advantages_per_estimator_on_one_batch(tmp_path, estimator):
+    tr = make_trainer(tmp_path, estimator=estimator, group_size=4)
+    B, T = 8, 5
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.tensor([1., 0., 0., 1., 0., 0., 0., 0.])  # group 2 is entirely incorrect
+    old_logp = -torch.rand(B, T, generator=g) * 3
+    entropy = torch.rand(B, T, generator=g) * 2 + 0.1
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    adv, eda_mode = tr._advantages(rewards, old_logp, entropy, mask)
+    assert eda_mode == "off"
+    assert adv.shape == ((B, T) if estimator == "ep_grpo" else (B,))
+    assert torch.isfinite(adv).all()
+    from edge_kernels import advantages as A
+
+    base = A.grpo_advantages(rewards, group_size=4, scale="none" if estimator == "dr_grpo" else "group")
+    if estimator in ("grpo", "dr_grpo"):
+        torch.testing.assert_close(adv, base)
+    if estimator == "eda":  # EDA only rescales: A * mean_g(P) / P_i
+        p = A.seq_mean_entropy(entropy, mask)
+        scale = torch.cat([p[:4].mean() / (p[:4] + 1e-6), p[4:].mean() / (p[4:] + 1e-6)])
+        torch.testing.assert_close(adv, base * scale)
+        assert (adv[4:] == 0).all()
+    if estimator == "egpo":  # NSR: the entirely-incorrect group is pushed down
+        assert (adv[4:] < 0).all()
+    if estimator in ("grpo", "dr_grpo", "eda", "prog_grpo"):
+        assert adv[0] > 0 and adv[1] < 0
+
+
+def test_eda_current_mode(tmp_path):
+    tr = make_trainer(tmp_path, eda_entropy_source="current", warmup_steps=0)
+    _, mode = tr._advantages(torch.tensor([1., 0., 0., 1.] * 2), torch.zeros(8, 3), torch.ones(8, 3),
+                             torch.ones(8, 3, dtype=torch.bool))
+    assert mode == "current"
+    rec = tr.rl_step()
+    assert all(rec[k] == rec[k] for k in ("loss", "adv_var", "zero_adv_frac"))  # not NaN
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_training_step_changes_the_weights(tmp_path, estimator):
+    tr = make_trainer(tmp_path, estimator=estimator, warmup_steps=0)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    rec = tr.rl_step()
+    assert REQUIRED - {"step_time_s"} <= set(rec)
+    assert rec["step"] == 1 and rec["gec_applied"] > 0  # a random model is always wrong: GEC corrects
+    assert rec["gec_applied"] == rec["gec_regenerate"] + rec["gec_inject"] + rec["gec_reference"]
+    assert rec["reward_mean"] > rec["reward_mean_rollout"]  # injected answers and references are correct
+    changed = [k for k, v in tr.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "model.embed_tokens.weight" in changed and any("layers.0" in k for k in changed)
+    for v in rec.values():
+        assert v == v  # no NaN
+
+
+def test_no_gec_and_mask_injected(tmp_path):
+    tr = make_trainer(tmp_path, gec=False, warmup_steps=0)
+    rec = tr.rl_step()
+    assert rec["gec_applied"] == 0 and rec["reward_mean"] == rec["reward_mean_rollout"]
+    tr2 = make_trainer(tmp_path / "b", gec_mask_injected=True, gec_p_regenerate=0.0, gec_p_inject=0.0,
+                       gec_p_reference=1.0, warmup_steps=0)
+    before = {k: v.clone() for k, v in tr2.model.state_dict().items()}
+    rec = tr2.rl_step()
+    # every response is replaced by its reference, and every reference token is masked: nothing to learn
+    assert rec["gec_reference"] == 8 and rec["loss"] == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in tr2.model.state_dict().items())
+
+
+def test_full_run_outputs(tmp_path):
+    out = tmp_path / "run"
+    summary = Trainer(TrainConfig(**{**TINY, "output": str(out), "max_steps": 3, "eval_every": 2}),
+                      log=lambda s: None).run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert REQUIRED <= set(r)
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["zero_adv_frac"] <= 1 and r["step_time_s"] > 0
+    assert "eval_accuracy" in rows[1]
+    assert sorted(os.listdir(out / "plots")) == ["adv_var.png", "entropy.png", "reward_accuracy.png",
+                                                "zero_adv_frac.png"]
+    assert (out / "config.yaml").exists() and (out / "data" / "eval.jsonl").exists()
+    assert {"model", "optimizer.pt", "rng.pt", "trainer_state.json"} <= set(os.listdir(out / "checkpoint"))
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["phase"] == "rl" and state["sampler"]["pos"] == 6
+    assert summary["final_eval"]["total"] == TINY["embedded_eval_size"]
+    assert summary["warmup_eval"]["total"] == TINY["embedded_eval_size"]
+    # a second run into the same directory must not silently mix with the first
+    with pytest.raises(TrainError, match="--resume"):
+        Trainer(TrainConfig(**{**TINY, "output": str(out)}), log=lambda s: None).setup()
+
+
+def test_out_of_memory_names_the_option_that_helps(tmp_path):
+    tr = make_trainer(tmp_path, warmup_steps=0)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    tr.engine.generate = oom
+    with pytest.raises(TrainError, match="out of memory during rollout: lower --rollout-batch-size"):
+        tr.rl_step()
+
+
+def test_run_is_deterministic_under_the_seed(tmp_path):
+    a = make_trainer(tmp_path / "a", warmup_steps=0).rl_step()
+    b = make_trainer(tmp_path / "b", warmup_steps=0).rl_step()
+    c = make_trainer(tmp_path / "c", warmup_steps=0, seed=1).rl_step()
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("time_s")}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+def _metrics(path):
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    proc = run_cli(["--output", out, *tiny_flags(max_steps=5)])
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("point", ["update", "metrics", "checkpoint"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, straight_run, point):
+    out = str(tmp_path / "run")
+    killed = run_cli(["--output", out, *tiny_flags(max_steps=5)], env_extra={"EDGE_TRAIN_KILL_AT": f"3:{point}"})
+    assert killed.returncode == -9, killed.stderr  # SIGKILL
+    steps_logged = [r["step"] for r in _metrics(out)]
+    assert steps_logged == ([1, 2] if point == "update" else [1, 2, 3])
+    resumed = run_cli(["--resume", out])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout  # the step in flight is redone
+    assert _metrics(out) == _metrics(straight_run)
+    assert not os.path.exists(os.path.join(out, "checkpoint.tmp"))
+
+
+def test_run_n_then_resume_to_2n(tmp_path, straight_run):
+    out = str(tmp_path / "run")
+    first = run_cli(["--output", out, *tiny_flags(max_steps=2)])
+    assert first.returncode == 0, first.stderr
+    second = run_cli(["--resume", out, "--max-steps", "5"])  # flags override the saved config
+    assert second.returncode == 0, second.stderr
+    assert _metrics(out) == _metrics(straight_run)

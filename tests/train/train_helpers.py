@@ -1,0 +1,51 @@
+"""Helpers of the edge-train tests: a tiny embedded configuration that runs in seconds on a CPU."""
+
+import os
+import subprocess
+import sys
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# a model and task small enough that a few RL steps take about a second
+TINY = {
+    "embedded_train_size": 48,
+    "embedded_eval_size": 8,
+    "embedded_hidden_size": 32,
+    "embedded_intermediate_size": 64,
+    "embedded_layers": 1,
+    "embedded_heads": 2,
+    "embedded_vocab_size": 300,
+    "warmup_steps": 3,
+    "warmup_batch_size": 8,
+    "prompts_per_step": 2,
+    "group_size": 4,
+    "max_new_tokens": 8,
+    "gec_max_new_tokens": 4,
+    "max_steps": 2,
+    "progress": False,
+    "lr": 1e-3,
+}
+
+
+def tiny_flags(**over):
+    """TINY (plus overrides) as command-line flags."""
+    d = {**TINY, **over}
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def run_cli(args, env_extra=None, timeout=240):
+    """``python -m edge_kernels.train ARGS`` in a fresh process; returns the CompletedProcess."""
+    env = dict(os.environ)
+    env.pop("EDGE_TRAIN_KILL_AT", None)
+    env.update(env_extra or {})
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "edge_kernels.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
