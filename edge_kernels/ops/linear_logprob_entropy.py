@@ -198,9 +198,9 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda:
-        try:  # torch >= 2.8: 16-bit inputs, fp32 output, no rounding of the partial product
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except (TypeError, RuntimeError):
+        try:  # torch >= 2.8: 16-bit inputs, fp32 output, so the chunk's partial product is never rounded
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+        except (TypeError, RuntimeError):  # older torch: the partial product is rounded to 16 bits once
             acc.add_(torch.mm(a, b).float())
     else:  # interpreter runs on CPU tensors
         acc.addmm_(a.float(), b.float())
