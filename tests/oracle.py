@@ -58,3 +58,16 @@ def rel_err(a, b):
     """||a - b|| / max(||b||, tiny) in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_logits(shape, v, *, dtype=torch.float32, seed=0, ignore_frac=0.2, ignore_index=-100, device="cpu"):
+    """LLM-like logits ``[*shape, V]`` and targets: 40% of rows peaked (target logit +8..18), scales vary by
+    row, ``ignore_frac`` of the targets set to ``ignore_index``."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.tensor(shape).prod())
+    logits = torch.randn(n, v, generator=g) * (torch.rand(n, 1, generator=g) * 4)
+    targets = torch.randint(0, v, (n,), generator=g)
+    peaked = torch.rand(n, generator=g) < 0.4
+    logits[peaked, targets[peaked]] += 8 + 10 * torch.rand(int(peaked.sum()), generator=g)
+    targets[torch.rand(n, generator=g) < ignore_frac] = ignore_index
+    return logits.reshape(*shape, v).to(device=device, dtype=dtype), targets.reshape(shape).to(device)

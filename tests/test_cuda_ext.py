@@ -37,6 +37,7 @@ import torch
 from edge_kernels import _cuda, linear_logprob_entropy, logprob_entropy
 from edge_kernels.dispatch import resolve_impl
 from edge_kernels.ops import logprob_entropy as le_mod
+import oracle
 from oracle import oracle_logprob_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,15 +417,8 @@ def ext():
     return _cuda.load()
 
 
-def make_logits(shape, v, *, dtype=torch.float32, seed=0, ignore_frac=0.2, ignore_index=-100, device="cuda"):
-    g = torch.Generator().manual_seed(seed)
-    n = int(torch.tensor(shape).prod())
-    logits = torch.randn(n, v, generator=g) * (torch.rand(n, 1, generator=g) * 4)
-    targets = torch.randint(0, v, (n,), generator=g)
-    peaked = torch.rand(n, generator=g) < 0.4
-    logits[peaked, targets[peaked]] += 8 + 10 * torch.rand(int(peaked.sum()), generator=g)
-    targets[torch.rand(n, generator=g) < ignore_frac] = ignore_index
-    return logits.reshape(*shape, v).to(device=device, dtype=dtype), targets.reshape(shape).to(device)
+def make_logits(shape, v, *, device="cuda", **kw):
+    return oracle.make_logits(shape, v, device=device, **kw)
 
 
 def _run(impl, logits, targets, temperature, g_logp, g_ent, ignore_index=-100, inplace=False, feed=None):

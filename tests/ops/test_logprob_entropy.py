@@ -13,21 +13,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from edge_kernels import logprob_entropy
-from oracle import oracle_logprob_entropy
+from oracle import make_logits, oracle_logprob_entropy
 
 IMPLS = ["torch", "triton"]
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def make_logits(shape, v, *, dtype=torch.float32, seed=0, ignore_frac=0.2):
-    g = torch.Generator().manual_seed(seed)
-    n = int(torch.tensor(shape).prod())
-    logits = torch.randn(n, v, generator=g) * (torch.rand(n, 1, generator=g) * 4)
-    targets = torch.randint(0, v, (n,), generator=g)
-    peaked = torch.rand(n, generator=g) < 0.4
-    logits[peaked, targets[peaked]] += 8 + 10 * torch.rand(int(peaked.sum()), generator=g)
-    targets[torch.rand(n, generator=g) < ignore_frac] = -100
-    return logits.reshape(*shape, v).to(dtype), targets.reshape(shape)
 
 
 def _check(impl, logits, targets, temperature, seed=0, inplace=False):
