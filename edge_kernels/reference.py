@@ -54,14 +54,13 @@ def update_stats(m: Tensor, s: Tensor, b: Tensor, z: Tensor) -> Tuple[Tensor, Te
     return m_new, alpha * s + e.sum(dim=1), alpha * carried_b + tile_b
 
 
-def combine_stats(m1, s1, b1, m2, s2, b2) -> Tuple[Tensor, Tensor, Tensor]:
-    """Merge two partial ``(m, s, b)`` statistics of disjoint vocabulary ranges."""
-    m = torch.maximum(m1, m2)
-    shift = _safe_shift(m)
-    a1, a2 = torch.exp(m1 - shift), torch.exp(m2 - shift)
-    zero = torch.zeros_like(s1)
-    b = a1 * (b1 + torch.where(s1 > 0, m1 - shift, zero) * s1) + a2 * (b2 + torch.where(s2 > 0, m2 - shift, zero) * s2)
-    return m, a1 * s1 + a2 * s2, b
+def combine_stats_stacked(m: Tensor, s: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Merge ``K`` partial statistics stacked as ``[K, n]`` (disjoint vocabulary ranges) in one pass."""
+    m_all = m.amax(dim=0)
+    shift = _safe_shift(m_all)
+    a = torch.exp(m - shift)
+    carried = b + torch.where(s > 0, m - shift, torch.zeros_like(s)) * s
+    return m_all, (a * s).sum(dim=0), (a * carried).sum(dim=0)
 
 
 def finalize_stats(m: Tensor, s: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:

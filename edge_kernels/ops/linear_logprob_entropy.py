@@ -183,10 +183,7 @@ def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size
         cols_per_split, inv_temp,
         HAS_BIAS=bias is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
     )
-    m, s, b = part[0, 0], part[1, 0], part[2, 0]
-    for k in range(1, num_splits):
-        m, s, b = reference.combine_stats(m, s, b, part[0, k], part[1, k], part[2, k])
-    lse, entropy = reference.finalize_stats(m, s, b)
+    lse, entropy = reference.finalize_stats(*reference.combine_stats_stacked(part[0], part[1], part[2]))
     zt = part[3].sum(dim=0)
     valid = targets != ignore_index
     zero = torch.zeros_like(lse)
