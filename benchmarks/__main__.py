@@ -38,6 +38,8 @@ BENCHMARKS = {
     "sweep_v": ("time and peak memory vs V (issue 6)", "bench_logprob_entropy:run_sweep_v"),
     "policy": ("fused linear policy loss (when edge_kernels.losses.fused_linear_policy_loss exists)",
                "bench_policy_loss:run_policy"),
+    "train_step": ("one policy-update step on a small Qwen2: edge-train vs naive logits vs TRL GRPOTrainer (issue 6)",
+                   "bench_train_step:run_train_step"),
 }
 
 

@@ -1,8 +1,10 @@
 """CPU smoke test of the benchmark harness: ``python -m benchmarks --quick`` in a subprocess writes a Markdown
-report with our rows (accurate against the float64 oracle), a JSON file and PNG plots."""
+report with our rows (accurate against the float64 oracle), a JSON file and PNG plots; the ``train_step`` rows
+(edge-train, naive, TRL) agree on the loss of the same batch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -63,3 +65,18 @@ def test_quick_benchmarks_write_report(tmp_path):
     bad = [e for e in errors if not (math.isfinite(e[2]) and e[2] < 1e-4)]
     assert not bad, f"our rows' errors vs the float64 oracle: {bad}"
     assert elapsed < 90, f"--quick took {elapsed:.0f} s"
+
+    # train_step: one policy-update step of edge-train, the naive step and TRL's GRPOTrainer, on the same batch
+    steps = [s for s in doc["sections"] if s["id"].startswith("train_step/")]
+    assert len(steps) == 1, [s["id"] for s in doc["sections"]]
+    rows = {r["impl"].split(" ")[0]: r for r in steps[0]["rows"]}
+    assert set(rows) == {"ours", "naive", "TRL"}, list(rows)
+    for key in ("ours", "naive") + (("TRL",) if importlib.util.find_spec("trl") else ()):
+        assert rows[key]["status"] == "ok", rows[key]
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert all(r["ms"] > 0 and r["tok_s"] > 0 and r["wall_s"] < 20 for r in ok), ok
+    tol = steps[0]["loss_tolerance"]
+    assert tol <= 1e-4  # fp32 on the CPU
+    bad = [(r["impl"], r["loss"], r["err_loss"]) for r in ok if not r["err_loss"] <= tol]
+    assert not bad, f"losses vs the float64 reference {steps[0]['reference_loss']}: {bad}"
+    assert max(r["loss"] for r in ok) - min(r["loss"] for r in ok) <= 2 * tol
