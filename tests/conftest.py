@@ -19,6 +19,15 @@ if not _HAS_CUDA:
 
 import pytest  # noqa: E402
 
+try:  # CI replays the same fuzz examples every run (no flaky submissions); elsewhere each run explores anew
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass
+
 DEVICE = "cuda" if _HAS_CUDA else "cpu"
 
 
