@@ -2,16 +2,8 @@
 
 import torch
 
-from edge_kernels.train import embedded as E
+from train_helpers import tiny_model_and_tokenizer
 from edge_kernels.train.batch import pack, response_hidden, score
-
-
-def tiny_model():
-    tr, _ = E.make_task(0, 60, 0)
-    tok = E.build_tokenizer(E.tokenizer_corpus(tr), vocab_size=300)
-    cfg = E.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1)
-    return E.build_model(tok, cfg, seed=0), tok
 
 
 def test_pack_layout():
@@ -26,7 +18,7 @@ def test_pack_layout():
 
 
 def test_scoring_pass_matches_full_logits():
-    model, tok = tiny_model()
+    model, tok = tiny_model_and_tokenizer()
     torch.manual_seed(0)
     V = len(tok)
     prompts = [torch.randint(3, V, (n,)).tolist() for n in (5, 9, 7)]
@@ -47,7 +39,7 @@ def test_scoring_pass_matches_full_logits():
 
 
 def test_left_padding_does_not_change_scores():
-    model, tok = tiny_model()
+    model, tok = tiny_model_and_tokenizer()
     torch.manual_seed(1)
     V = len(tok)
     prompt, resp = torch.randint(3, V, (5,)).tolist(), torch.randint(3, V, (4,)).tolist()

@@ -5,18 +5,10 @@ import importlib.util
 import pytest
 import torch
 
-from edge_kernels.train import embedded as E
+from train_helpers import tiny_model_and_tokenizer
 from edge_kernels.train.rollout import VLLM_MISSING, HFRollout, _strip, make_rollout
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-def tiny():
-    tr, _ = E.make_task(0, 60, 0)
-    tok = E.build_tokenizer(E.tokenizer_corpus(tr), vocab_size=300)
-    cfg = E.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1)
-    return E.build_model(tok, cfg, seed=0), tok
 
 
 def test_strip_cuts_after_the_first_eos():
@@ -26,7 +18,7 @@ def test_strip_cuts_after_the_first_eos():
 
 
 def test_hf_rollout_is_seeded_and_batched():
-    model, tok = tiny()
+    model, tok = tiny_model_and_tokenizer()
     eng = HFRollout(model, tok, batch_size=3)
     prefixes = [tok.encode("Tom has 3 apples.", add_special_tokens=False)] * 4 + [[5, 6]]
     torch.manual_seed(0)
@@ -44,7 +36,7 @@ def test_hf_rollout_is_seeded_and_batched():
 
 
 def test_hf_rollout_ignores_the_models_generation_defaults():
-    model, tok = tiny()
+    model, tok = tiny_model_and_tokenizer()
     model.generation_config.top_k = 1  # would make sampling greedy
     model.generation_config.repetition_penalty = 5.0
     eng = HFRollout(model, tok)
@@ -54,7 +46,7 @@ def test_hf_rollout_ignores_the_models_generation_defaults():
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here")
 def test_vllm_missing_is_a_clear_error():
-    model, tok = tiny()
+    model, tok = tiny_model_and_tokenizer()
     with pytest.raises(RuntimeError, match="needs the vllm package"):
         make_rollout("vllm", model, tok, model_path="/x", seed=0, batch_size=8, dtype="float32",
                      gpu_memory_utilization=0.3)
@@ -64,7 +56,7 @@ def test_vllm_missing_is_a_clear_error():
 @pytest.mark.skipif(not HAS_VLLM or not torch.cuda.is_available(),
                     reason="vllm is CUDA-only and pins torch 2.14 (not installable on CPU CI)")
 def test_vllm_rollout(tmp_path):  # pragma: no cover - runs only on a GPU machine with vllm
-    model, tok = tiny()
+    model, tok = tiny_model_and_tokenizer()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     eng = make_rollout("vllm", model.cuda(), tok, model_path=str(tmp_path), seed=0, batch_size=8,

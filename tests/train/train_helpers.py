@@ -49,3 +49,14 @@ def run_cli(args, env_extra=None, timeout=240):
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "edge_kernels.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_model_and_tokenizer():
+    """A one-layer embedded Qwen2 model and its tokenizer, built in well under a second."""
+    from edge_kernels.train import embedded as E
+
+    tr, _ = E.make_task(0, 60, 0)
+    tok = E.build_tokenizer(E.tokenizer_corpus(tr), vocab_size=300)
+    cfg = E.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1)
+    return E.build_model(tok, cfg, seed=0), tok
