@@ -640,7 +640,7 @@ def _sweep_md(sw: Dict[str, Any]) -> List[str]:
     for mode in sw["modes"]:
         lines.append(f"**{mode}**: median ms / peak GiB per {sw['x_name']}")
         lines.append("")
-        lines.append(f"| impl | " + " | ".join(f"{sw['x_name']}={x}" for x in xs) + " |")
+        lines.append("| impl | " + " | ".join(f"{sw['x_name']}={x}" for x in xs) + " |")
         lines.append("|---|" + "---:|" * len(xs))
         for impl, per_mode in sw["series"].items():
             cells = []

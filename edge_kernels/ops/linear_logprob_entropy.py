@@ -30,7 +30,6 @@ from ._triton_common import (
     interpreting,
     next_pow2,
     num_sms,
-    softmax_stats_finalize,
     softmax_stats_update,
 )
 from .. import reference
