@@ -80,10 +80,8 @@ def grad_logits_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy
     if grad_entropy is not None:
         ent_term = p * torch.where(torch.isneginf(z), torch.zeros_like(p), z - lse[:, None] + entropy[:, None])
         dz = dz - grad_entropy[:, None] * ent_term
-    local = targets - col0
-    rows = torch.nonzero((local >= 0) & (local < z.shape[1])).flatten()
-    if rows.numel():
-        dz[rows, local[rows]] += grad_logp[rows]
+    local, in_chunk = _local_targets(targets, col0, z.shape[1])
+    dz.scatter_add_(1, local[:, None], torch.where(in_chunk, grad_logp, torch.zeros_like(grad_logp))[:, None])
     return dz * inv_temp
 
 
@@ -92,11 +90,16 @@ def _chunks(vocab: int, chunk_size: int):
         yield c0, min(vocab, c0 + chunk_size)
 
 
-def _gather_target(z: Tensor, col0: int, targets: Tensor, out: Tensor) -> None:
+def _local_targets(targets: Tensor, col0: int, cols: int) -> Tuple[Tensor, Tensor]:
+    """Targets as column indices of the chunk ``[col0, col0 + cols)`` (clamped into it) and which lie inside.
+    Masked gathers and scatters instead of ``nonzero``: no host sync per chunk on a GPU."""
     local = targets - col0
-    rows = torch.nonzero((local >= 0) & (local < z.shape[1])).flatten()
-    if rows.numel():
-        out[rows] = z[rows, local[rows]]
+    return local.clamp(0, cols - 1), (local >= 0) & (local < cols)
+
+
+def _gather_target(z: Tensor, col0: int, targets: Tensor, out: Tensor) -> None:
+    local, in_chunk = _local_targets(targets, col0, z.shape[1])
+    out.copy_(torch.where(in_chunk, z.gather(1, local[:, None]).squeeze(1), out))
 
 
 def _finish(zt: Tensor, lse: Tensor, entropy: Tensor, valid: Tensor):
