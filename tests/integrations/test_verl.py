@@ -7,9 +7,10 @@ formula evaluated in a different order, so 1e-6 relative. Estimators are compare
 string ``uid`` groups), with the reference functions of :mod:`edge_kernels.advantages` (exact up to fp32
 rounding) and ``edge_grpo`` with verl's ``grpo``.
 
-verl's trainer classes cannot be imported in this environment (``transfer_queue`` / ``cachetools`` are not
-installed), so the trainer hooks are exercised on stand-in classes with verl's method signatures; the
-post-import mechanism that installs them is tested on a throw-away module.
+The trainer hooks run inside verl's real trainer methods (v1 ``PPOTrainer._compute_advantage`` and the legacy
+``RayPPOTrainer._compute_old_log_prob`` followed by ``compute_advantage``): only the actor workers and the
+TransferQueue client are in-memory stand-ins. The post-import mechanism that installs the hooks is also tested
+on a throw-away module.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 
 import numpy as np
 import pytest
@@ -270,69 +270,121 @@ def test_side_inputs_reach_the_estimator_through_verl_compute_advantage_kwargs()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# trainer hooks (stand-ins with verl's signatures: the real classes need transfer_queue / cachetools)
+# trainer hooks, on verl's real trainer classes (verl's own code runs; only the actor workers and the
+# TransferQueue client are replaced by in-memory stand-ins)
 
 
-class _FakeTensorDict(dict):
-    def to_padded_tensor(self):
-        return dict(self)
+def _nested(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nested.as_nested_tensor([x[i, : int(lengths[i])] for i in range(x.shape[0])], layout=torch.jagged)
 
 
-def test_v1_compute_advantage_hook():
-    rewards, mask, uid, scores, logp, ent = _verl_batch(seed=4)
-    calls = []
-    tq = types.SimpleNamespace(kv_batch_get=lambda keys, partition_id, select_fields: (
-        calls.append(select_fields) or _FakeTensorDict(
-            {"entropy": ent, "old_log_probs": logp, "response_mask": mask})))
-    module = types.ModuleType("fake_trainer_base")
-    module.tq = tq
-    sys.modules["fake_trainer_base"] = module
+class _InMemoryTransferQueue:
+    """The two calls verl's v1 ``PPOTrainer._compute_advantage`` makes on the ``transfer_queue`` client."""
 
-    class PPOTrainer:
-        def __init__(self, est):
-            self.config = __import__("omegaconf").OmegaConf.create(
-                {"algorithm": {"adv_estimator": est, "norm_adv_by_std_in_grpo": True}})
+    def __init__(self, fields: dict, batch: int):
+        self.fields, self.batch, self.gets, self.puts = fields, batch, [], {}
 
-        def _compute_advantage(self, batch, metrics):  # what verl does: call the estimator via the registry
-            fn = core_algos.get_adv_estimator_fn(self.config.algorithm.adv_estimator)
-            return fn(token_level_rewards=rewards, response_mask=mask, config=self.config.algorithm, index=uid)[0]
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        from tensordict import TensorDict
 
-    PPOTrainer._compute_advantage.__module__ = "fake_trainer_base"
-    module.PPOTrainer = PPOTrainer
-    try:
-        ev._patch_v1(module)
-        ev._patch_v1(module)  # idempotent
-        batch = types.SimpleNamespace(keys=["k"] * len(uid), partition_id="train")
-        adv = PPOTrainer("edge_eda")._compute_advantage(batch, {})
-        ref, _ = ev._ESTIMATOR_FNS["edge_eda"](rewards, mask, config=_cfg(), index=uid, entropys=ent)
-        torch.testing.assert_close(adv, ref)
-        assert calls == [["entropy", "response_mask"]]
-        PPOTrainer("edge_prog_grpo")._compute_advantage(batch, {})
-        assert calls[-1] == ["old_log_probs", "response_mask"]
-        PPOTrainer("edge_grpo")._compute_advantage(batch, {})  # needs nothing: no TransferQueue read
-        assert len(calls) == 2
-        assert ev._PENDING is None
-    finally:
-        del sys.modules["fake_trainer_base"]
+        self.gets.append(list(select_fields))
+        return TensorDict({f: self.fields[f] for f in select_fields if f in self.fields}, batch_size=[self.batch])
+
+    def kv_batch_put(self, keys, partition_id, fields):
+        self.puts.update(fields.items())
+        return "meta-after-put"
 
 
-def test_legacy_compute_old_log_prob_hook():
-    rewards, mask, uid, scores, logp, ent = _verl_batch(seed=5)
+class _KVBatchMeta:
+    def __init__(self, batch: int):
+        self.keys, self.partition_id = [f"key-{i}" for i in range(batch)], "train"
 
-    class RayPPOTrainer:
-        def __init__(self, est):
-            self.config = __import__("omegaconf").OmegaConf.create({"algorithm": {"adv_estimator": est}})
+    def __len__(self):
+        return len(self.keys)
 
-        def _compute_old_log_prob(self, batch):
-            return types.SimpleNamespace(batch={"old_log_probs": logp, "entropys": ent}), 0.0
 
-    module = types.SimpleNamespace(RayPPOTrainer=RayPPOTrainer)
-    ev._patch_legacy(module)
-    old, _ = RayPPOTrainer("edge_ep_grpo")._compute_old_log_prob(None)
-    old.batch.pop("entropys")  # what verl's fit() does next
-    adv, _ = core_algos.get_adv_estimator_fn("edge_ep_grpo")(rewards, mask, config=_cfg(), index=uid)
+@pytest.mark.parametrize("name", ["edge_eda", "edge_prog_grpo", "edge_grpo"])
+def test_v1_trainer_compute_advantage_keeps_side_inputs(name, monkeypatch):
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1 import trainer_base
+
+    assert getattr(trainer_base.PPOTrainer._compute_advantage, "_edge_kernels_hook", False), "hook not installed"
+    rewards, mask, uid, scores, logp, ent = _verl_batch(seed=7)
+    batch, lengths = mask.shape[0], mask.sum(1).long()
+    tq = _InMemoryTransferQueue({
+        "uid": _gids(uid), "response_mask": _nested(mask, lengths), "rm_scores": _nested(rewards, lengths),
+        "old_log_probs": _nested(logp, lengths), "entropy": _nested(ent, lengths),
+    }, batch)
+    monkeypatch.setattr(trainer_base, "tq", tq)
+    trainer_cls = type("Trainer", (trainer_base.PPOTrainer,), {"on_sample_end": lambda *a, **k: None,
+                                                                "on_step_end": lambda *a, **k: None})
+    trainer = object.__new__(trainer_cls)  # the parts of __init__ _compute_advantage reads
+    trainer.config = OmegaConf.create({
+        "algorithm": {"adv_estimator": name, "use_kl_in_reward": False, "gamma": 1.0, "lam": 1.0,
+                      "norm_adv_by_std_in_grpo": True, "edge": {}},
+        "actor_rollout_ref": {"rollout": {"n": 4}},
+    })
+    assert trainer._compute_advantage(_KVBatchMeta(batch), {}) == "meta-after-put"
+    adv = tq.puts["advantages"].to_padded_tensor(0.0)
+    ref, _ = ev._ESTIMATOR_FNS[name](rewards, mask, config=_cfg(), index=uid, entropys=ent, old_log_probs=logp)
+    torch.testing.assert_close(adv, ref[:, : adv.shape[1]], rtol=1e-6, atol=1e-6)
+    side_reads = [g for g in tq.gets if "rm_scores" not in g]  # verl's own read asks for rm_scores
+    assert side_reads == ([[{"edge_eda": "entropy", "edge_prog_grpo": "old_log_probs"}[name], "response_mask"]]
+                          if name != "edge_grpo" else [])
+    assert ev._PENDING is None
+    if name == "edge_eda":  # without the hook verl's trainer cannot give the estimator the entropies
+        with pytest.raises(ValueError, match="entrop"):
+            trainer_base.PPOTrainer._compute_advantage.__wrapped__(trainer, _KVBatchMeta(batch), {})
+
+
+def test_legacy_trainer_keeps_entropies_that_fit_pops():
+    from omegaconf import OmegaConf
+    from verl import DataProto
+    from verl.trainer.ppo import ray_trainer
+    from verl.utils import tensordict_utils as tu
+
+    assert getattr(ray_trainer.RayPPOTrainer._compute_old_log_prob, "_edge_kernels_hook", False)
+    rewards, mask, uid, scores, logp, ent = _verl_batch(seed=8)
+    batch, resp_len, prompt_len = mask.shape[0], mask.shape[1], 3
+    g = torch.Generator().manual_seed(0)
+    prompt_lens = torch.randint(1, prompt_len + 1, (batch,), generator=g)
+    prompt_mask = (torch.arange(prompt_len)[None, :] >= (prompt_len - prompt_lens)[:, None]).long()  # left pad
+    attention = torch.cat([prompt_mask, mask.long()], 1)
+    prompts = torch.randint(5, 50, (batch, prompt_len), generator=g) * prompt_mask
+    responses = torch.randint(5, 50, (batch, resp_len), generator=g) * mask.long()
+    data = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+                 "attention_mask": attention, "position_ids": (attention.cumsum(1) - 1).clamp(min=0),
+                 "response_mask": mask, "token_level_rewards": rewards},
+        non_tensors={"uid": uid})
+    # the actor's output: one value per real token, position t scoring token t+1 (what verl un-pads)
+    per_token = {"log_probs": [], "entropy": []}
+    for i in range(batch):
+        p, r = int(prompt_lens[i]), int(mask[i].sum())
+        for key, src in (("log_probs", logp), ("entropy", ent)):
+            row = torch.zeros(p + r)
+            row[p - 1: p - 1 + r] = src[i, :r]
+            per_token[key].append(row)
+
+    class ActorWorkers:
+        def compute_log_prob(self, batch_td):
+            out = tu.get_tensordict({k: torch.nested.as_nested_tensor(v, layout=torch.jagged)
+                                     for k, v in per_token.items()})
+            tu.assign_non_tensor(out, metrics={"mfu": 0.0})
+            return out
+
+    trainer = object.__new__(ray_trainer.RayPPOTrainer)
+    trainer.config = OmegaConf.create({"algorithm": {"adv_estimator": "edge_ep_grpo", "edge": {},
+                                                     "norm_adv_by_std_in_grpo": True},
+                                       "actor_rollout_ref": {"actor": {}}})
+    trainer.actor_rollout_wg = ActorWorkers()
+    old, _ = trainer._compute_old_log_prob(data)
+    data = data.union(old)
+    data.batch.pop("entropys")  # what RayPPOTrainer.fit() does before computing advantages
+    out = ray_trainer.compute_advantage(data, adv_estimator="edge_ep_grpo", config=trainer.config.algorithm)
     ref, _ = ev._ESTIMATOR_FNS["edge_ep_grpo"](rewards, mask, config=_cfg(), index=uid, entropys=ent)
-    torch.testing.assert_close(adv, ref)
+    torch.testing.assert_close(out.batch["advantages"], ref, rtol=1e-6, atol=1e-6)
+    assert ev._PENDING is None
 
 
 def test_post_import_hook(tmp_path, monkeypatch):
@@ -349,7 +401,7 @@ def test_post_import_hook(tmp_path, monkeypatch):
         if hook in sys.meta_path:
             sys.meta_path.remove(hook)
         sys.modules.pop("edge_fake_target", None)
-    # and the real hooks are armed for verl's trainer modules (they are not importable here)
+    # and the real hooks are armed for, or already installed on, verl's trainer modules
     armed = {f.name for f in sys.meta_path if isinstance(f, ev._PostImportHook)}
     for name in ev._TRAINER_HOOKS:
         assert name in armed or name in sys.modules
