@@ -14,6 +14,7 @@
 // Only ATen/c10 core headers: the CPU PyTorch wheel lacks c10/cuda/impl/cuda_cmake_macros.h, included by every
 // c10/cuda and ATen/cuda header. The current CUDA stream comes from c10's device-guard interface instead.
 
+#include <cmath>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -105,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_fwd_cuda(
   const ek::DType dtype = logits_dtype(x, "logits");
   const RowGeom g = row_geometry(x, "logits");
   check_rows(targets, "targets", g.n, x.device(), at::kLong);
-  TORCH_CHECK(inv_temp > 0.0, "edge_kernels: inv_temp must be > 0, got ", inv_temp);
+  TORCH_CHECK(inv_temp > 0.0 && std::isfinite(static_cast<float>(inv_temp)),
+              "edge_kernels: inv_temp must be > 0 and finite in float32, got ", inv_temp);
 
   const c10::DeviceGuard guard(x.device());
   const auto opts = x.options().dtype(at::kFloat);
@@ -158,7 +160,8 @@ void logprob_entropy_bwd_cuda(
     TORCH_CHECK(entropy.has_value() && entropy->defined(), "edge_kernels: grad_entropy needs entropy");
     check_rows(*entropy, "entropy", g.n, x.device(), at::kFloat);
   }
-  TORCH_CHECK(inv_temp > 0.0, "edge_kernels: inv_temp must be > 0, got ", inv_temp);
+  TORCH_CHECK(inv_temp > 0.0 && std::isfinite(static_cast<float>(inv_temp)),
+              "edge_kernels: inv_temp must be > 0 and finite in float32, got ", inv_temp);
   if (g.n == 0) return;
 
   const c10::DeviceGuard guard(x.device());

@@ -211,10 +211,12 @@ struct Acc {
     if (!(m <= mx)) raise_max(m, c);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float d = fmaxf(fmaf(x[k], c, neg_shift), kMinExp2);
+      // d is not clamped before the exp: a NaN logit must reach s (fmaxf would drop it); -inf gives e = 0,
+      // and only the factor of b is clamped so that 0 * -inf never forms
+      const float d = fmaf(x[k], c, neg_shift);
       const float e = fast_exp2(d);
       s += e;
-      b = fmaf(e, d, b);
+      b = fmaf(e, fmaxf(d, kMinExp2), b);
     }
   }
 };

@@ -107,7 +107,13 @@ def check_temperature(temperature: float) -> float:
         raise TypeError(f"temperature must be a positive number, got {temperature!r}") from None
     if not t > 0 or t != t or t == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if 1.0 / t > _FLOAT32_MAX:  # the kernels scale logits by 1/temperature in fp32
+        raise ValueError(f"temperature must be >= {1.0 / _FLOAT32_MAX:.3g} (1/temperature is used in float32), "
+                         f"got {temperature!r}")
     return t
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:

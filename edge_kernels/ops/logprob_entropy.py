@@ -189,6 +189,8 @@ class LogprobEntropyFunction(torch.autograd.Function):
         zero = torch.zeros_like(lse)
         g_logp = zero if grad_logp is None else torch.where(valid, grad_logp.float(), zero).contiguous()
         g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), zero).contiguous()
+        # rows that share memory (an expanded view) cannot be overwritten in place: every block would race
+        inplace = inplace and torch._debug_has_internal_overlap(logits) == 0
         out = logits if inplace else torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
         _, bwd = _BACKENDS[impl]
         return bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, out), None, None, None, None, None
@@ -208,8 +210,10 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
         temperature: > 0.
         ignore_index: positions with this target return 0 for both outputs and receive no gradient.
         inplace_backward: write the logits gradient over ``logits`` in the backward (saves ``N*V`` memory;
-            the caller must not read ``logits`` after ``backward``).
-        impl: ``"auto"``, ``"triton"`` or ``"torch"``.
+            the caller must not read ``logits`` after ``backward``). Logits whose rows overlap in memory (an
+            ``expand``-ed view) get a new gradient tensor instead.
+        impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"cuda"`` (the csrc/
+            extension, built on first use) or ``"torch"``.
 
     Returns:
         ``(logp, entropy)`` float32, shaped like ``targets``.

@@ -289,6 +289,7 @@ def _ok():
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(temperature=-1.0), ValueError, "temperature"),
         (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(temperature=1e-39), ValueError, "1/temperature is used in float32"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(impl="cublas"), ValueError, "impl must be one of"),
         (dict(weight=torch.randn(10, 8, device="meta")), ValueError, "one device"),

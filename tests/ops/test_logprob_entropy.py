@@ -75,6 +75,21 @@ def test_inplace_backward_writes_gradient_over_logits(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_on_overlapping_rows_gets_a_new_buffer(impl):
+    # an expand()-ed view: every row is the same memory, so writing the gradient over it would race
+    logits, targets = make_logits((1,), 300, seed=12, ignore_frac=0.0)
+    x = logits.clone().requires_grad_()
+    view = (x * 1.0).expand(5, 300)
+    t5 = torch.randint(0, 300, (5,), generator=torch.Generator().manual_seed(0))
+    logp, ent = logprob_entropy(view, t5, impl=impl, inplace_backward=True)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    x64 = logits.double().expand(5, 300).clone().requires_grad_()
+    r_logp, r_ent = oracle_logprob_entropy(x64, t5)
+    (r_logp.sum() + 0.5 * r_ent.sum()).backward()
+    assert torch.allclose(x.grad.double(), x64.grad.sum(0, keepdim=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_masked_vocabulary_entries(impl):
     logits, targets = make_logits((10,), 50, seed=3, ignore_frac=0.0)
     logits[:, ::4] = float("-inf")  # a vocabulary mask
@@ -109,6 +124,8 @@ def test_fuzz_against_oracle(n, v, temperature, dtype, impl, seed):
         (torch.randn(4, 10).double(), torch.zeros(4, dtype=torch.long), {}, TypeError, "logits must be float32"),
         (torch.randn(0, 10), torch.zeros(0, dtype=torch.long), {}, ValueError, "empty"),
         (torch.randn(4, 10), torch.zeros(4, dtype=torch.long), dict(temperature=0), ValueError, "temperature"),
+        (torch.randn(4, 10), torch.zeros(4, dtype=torch.long), dict(temperature=1e-39), ValueError,
+         "temperature must be >= "),
         (torch.randn(4, 10), torch.zeros(4, dtype=torch.long), dict(impl="x"), ValueError, "impl"),
     ],
 )
