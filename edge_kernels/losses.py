@@ -94,8 +94,10 @@ def _check_advantages(advantages: Tensor, shape: Tuple[int, int], check_nan: boo
         raise ValueError(
             f"advantages must have shape [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
         )
-    # one host sync: a NaN advantage would silently poison the whole batch's loss
-    if check_nan and advantages.numel() and bool(torch.isnan(advantages.detach()).any()):
+    # one host sync: a NaN advantage would silently poison the whole batch's loss (skipped while a CUDA graph
+    # is being captured, where a sync is illegal: eager calls check it)
+    capturing = advantages.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_nan and not capturing and advantages.numel() and bool(torch.isnan(advantages.detach()).any()):
         raise ValueError("advantages contains NaN")
 
 

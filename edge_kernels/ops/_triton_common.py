@@ -7,6 +7,7 @@ The statistics are the ones :mod:`edge_kernels.reference` documents: running max
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -58,6 +59,12 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def on_device(t: torch.Tensor):
+    """Context for a launch: Triton launches on the *current* CUDA device and its stream, so make that the
+    tensors' device (a reference model on ``cuda:1`` while ``cuda:0`` is current would fault otherwise)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def interpreting() -> bool:

@@ -16,7 +16,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 import torch
 
@@ -52,17 +52,23 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
 
 
 def compile_kernel(kernel, arg_types: Dict[str, str], constexprs: Dict[str, object], *, arch: int,
-                   num_warps: int, num_stages: int, variant: str = "") -> CompiledKernel:
+                   num_warps: int, num_stages: int, variant: str = "",
+                   divisible_by_16: Iterable[str] = ()) -> CompiledKernel:
     """Compile ``kernel`` for ``sm_<arch>``. ``arg_types`` maps each runtime argument to a Triton type string
-    (``"*bf16"``, ``"i32"``, ``"fp32"``...); ``constexprs`` gives every ``tl.constexpr`` argument."""
+    (``"*bf16"``, ``"i32"``, ``"fp32"``...); ``constexprs`` gives every ``tl.constexpr`` argument;
+    ``divisible_by_16`` names the runtime arguments a real launch would see as multiples of 16 (Triton
+    specializes on that: pointers from the caching allocator always, sizes and strides when they are), so
+    the compiled variant is the one that launch would run."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
     signature = {n: ("constexpr" if n in constexprs else arg_types[n]) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16
+             if n in names and n not in constexprs}
     src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     usage = _resource_usage(compiled.asm["cubin"])
@@ -71,6 +77,13 @@ def compile_kernel(kernel, arg_types: Dict[str, str], constexprs: Dict[str, obje
     return CompiledKernel(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), arch, variant,
                           usage.get("REG", -1), usage.get("STACK", 0) + usage.get("LOCAL", 0),
                           max(usage.get("SHARED", 0), compiled.metadata.shared), mma)
+
+
+# the 7B shape's launches: N=8192, D=3584, V=152064 (all multiples of 16, as are the strides, the split width and
+# the backward chunk); every pointer comes from the caching allocator (512-byte aligned)
+_LINEAR_DIV16 = ("N", "V", "D", "stride_hn", "stride_wv", "cols_per_split", "num_splits", "col0", "n_cols",
+                 "stride_dzn", "stride_dbn")
+_LOGITS_DIV16 = ("N", "V", "T", "stride_b", "stride_t", "dstride_b", "dstride_t")
 
 
 def _linear_variants(dtype: torch.dtype):
@@ -85,9 +98,10 @@ def _linear_variants(dtype: torch.dtype):
                      PART_B="*fp32", PART_ZT="*fp32", inv_temp="fp32")
     bwd_types = dict(H=f"*{t}", W=f"*{t}", BIAS=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32", G_LOGP="*fp32",
                      G_ENT="*fp32", DZ=f"*{t}", PART_DB="*fp32", inv_temp="fp32")
-    yield op._linear_stats_fwd_kernel, fwd_types, dict(HAS_BIAS=True, **common), launch, f"{t} bias"
+    yield op._linear_stats_fwd_kernel, fwd_types, dict(HAS_BIAS=True, **common), launch, f"{t} bias", _LINEAR_DIV16
     yield (op._linear_grad_logits_kernel, bwd_types,
-           dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, WRITE_DB=True, **common), launch, f"{t} bias+entropy grad")
+           dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, WRITE_DB=True, GROUP_N=op.GROUP_N, **common), launch,
+           f"{t} bias+entropy grad", _LINEAR_DIV16)
 
 
 def _logits_variants(dtype: torch.dtype):
@@ -96,10 +110,10 @@ def _logits_variants(dtype: torch.dtype):
     t = _TRITON_DTYPE[dtype]
     cfg, launch = op._config(8192, 152064, dtype, interpret=False)
     yield (op._logits_stats_fwd_kernel, dict(X=f"*{t}", TGT="*i64", LOGP="*fp32", ENT="*fp32", LSE="*fp32",
-                                             inv_temp="fp32"), cfg, launch, f"{t}")
+                                             inv_temp="fp32"), cfg, launch, f"{t}", _LOGITS_DIV16)
     yield (op._logits_grad_kernel, dict(X=f"*{t}", DX=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32",
                                         G_LOGP="*fp32", G_ENT="*fp32", inv_temp="fp32"),
-           dict(HAS_GRAD_ENTROPY=True, **cfg), launch, f"{t} entropy grad")
+           dict(HAS_GRAD_ENTROPY=True, **cfg), launch, f"{t} entropy grad", _LOGITS_DIV16)
 
 
 def report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> List[CompiledKernel]:
@@ -107,12 +121,15 @@ def report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float16, torch.float32)
     out = []
     for arch in archs:
         for dtype in dtypes:
-            for kernel, types, constexprs, launch, variant in (*_linear_variants(dtype), *_logits_variants(dtype)):
+            for kernel, types, constexprs, launch, variant, div16 in (*_linear_variants(dtype),
+                                                                       *_logits_variants(dtype)):
                 # integer runtime arguments (sizes, strides, offsets) default to i32: Triton specializes them
                 full_types = {n: types.get(n, "i32") for n in kernel.arg_names}
+                pointers = [n for n, ty in full_types.items() if ty.startswith("*")]
                 out.append(compile_kernel(kernel, full_types, constexprs, arch=arch,
                                           num_warps=launch.get("num_warps", 4),
-                                          num_stages=launch.get("num_stages", 3), variant=variant))
+                                          num_stages=launch.get("num_stages", 3), variant=variant,
+                                          divisible_by_16=[*pointers, *div16]))
     return out
 
 

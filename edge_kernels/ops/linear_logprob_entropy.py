@@ -5,19 +5,23 @@ them (the PyTorch path of :mod:`edge_kernels.reference` plugs into the same Func
 
 Forward (one matmul's worth of work): a program owns ``BLOCK_N`` rows and a contiguous slice of the vocabulary,
 forms logits tiles with ``tl.dot`` in fp32 (never rounded to the input dtype), folds them into streaming softmax
-statistics and picks the target logit out of the tile it lies in. The vocabulary is split across programs when
-there are too few row blocks to fill the GPU; the per-split statistics are merged afterwards (``O(splits * N)``).
-No ``[N, V]`` tensor exists.
+statistics and picks the target logit out of the tile it lies in. The vocabulary is split across programs
+(``L2_SPLITS`` slices, more when there are too few row blocks to fill the GPU), split index fastest in the launch
+order so that the programs resident together share a few row blocks of ``hidden`` through L2; the per-split
+statistics are merged afterwards (``O(splits * N)``). No ``[N, V]`` tensor exists.
 
 Backward (three matmuls' worth): the vocabulary is walked in chunks of ``chunk_size`` columns. For each chunk a
-kernel recomputes the logits tile, turns it into the logits gradient and stores it (input dtype) in an
-``[N, chunk_size]`` workspace; two cuBLAS matmuls then add ``dZ @ W_chunk`` to an fp32 ``d_hidden`` accumulator
-and write ``dZ.T @ hidden`` (fp32 accumulation inside the matmul, one write) into the chunk's rows of
-``d_weight``. Each ``d_weight`` element is thus summed over all tokens in fp32 exactly once.
+kernel (one output tile per program, programs in GEMM-style grouped order for L2 reuse) recomputes the logits
+tile, turns it into the logits gradient and stores it (input dtype) in an ``[N, chunk_size]`` workspace; two
+cuBLAS matmuls then add ``dZ @ W_chunk`` to an fp32 ``d_hidden`` accumulator (in the GEMM epilogue where torch
+supports an fp32 accumulator for 16-bit inputs) and write ``dZ.T @ hidden`` (fp32 sums, reduced-precision
+split-K reductions disabled for the call, one write) into the chunk's rows of ``d_weight``. Each ``d_weight``
+element is thus summed over all tokens in fp32 exactly once.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,6 +34,7 @@ from ._triton_common import (
     interpreting,
     next_pow2,
     num_sms,
+    on_device,
     softmax_stats_update,
 )
 from .. import reference
@@ -39,12 +44,15 @@ from ..dispatch import default_chunk_size
 @triton.jit
 def _linear_stats_fwd_kernel(
     H, W, BIAS, TGT, PART_M, PART_S, PART_B, PART_ZT,
-    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, inv_temp,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, num_splits, inv_temp,
     HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # the split index varies fastest, so the programs resident at one time share a few row blocks of H (kept
+    # in L2 while they sweep their vocabulary slices) instead of each streaming its own from HBM per tile
+    pid = tl.program_id(0)
+    pid_s = pid % num_splits
+    pid_n = pid // num_splits
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     tgt = tl.load(TGT + offs_n, mask=n_mask, other=-1)
@@ -90,10 +98,18 @@ def _linear_grad_logits_kernel(
     N, D, col0, n_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, stride_dbn, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DB: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # grouped order: consecutive programs cover GROUP_N row blocks x a run of column tiles, so both the H
+    # blocks and the W tiles they read are shared through L2 (one output tile per program, as in a GEMM)
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    col_tiles = tl.cdiv(n_cols, BLOCK_V)
+    per_group = GROUP_N * col_tiles
+    first_row_block = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(row_blocks - first_row_block, GROUP_N)
+    pid_n = first_row_block + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
@@ -161,6 +177,15 @@ def _tile_config(n: int, d: int, dtype: torch.dtype, interpret: Optional[bool] =
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32), dict(num_warps=8, num_stages=4)
 
 
+# Forward: vocabulary splits per row block on a GPU. With the split index fastest, the ~#SM programs resident at
+# once span about #SM / L2_SPLITS row blocks: at the 7B shape (D=3584, 128-row blocks of 0.9 MB) that is ~8
+# blocks (~7 MB of H) plus one W tile per split in flight, well inside L2, and W is read from HBM about
+# N / (128 * 8) times (8.7 GB at N=8192: a quarter of the matmul's time at HBM speed, not the bottleneck).
+L2_SPLITS = 16
+# Backward: row blocks per group of the grouped program order (see _linear_grad_logits_kernel).
+GROUP_N = 8
+
+
 def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size=None, num_splits=None):
     """Launch the forward; returns ``(logp, entropy, lse)`` fp32 ``[N]``. ``chunk_size`` is unused here (the
     forward needs no workspace beyond ``O(splits * N)`` statistics)."""
@@ -170,18 +195,20 @@ def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size
     upcast, precision = _dot_settings(hidden.dtype)
     row_blocks = cdiv(n, tiles["BLOCK_N"])
     v_tiles = cdiv(vocab, tiles["BLOCK_V"])
-    if num_splits is None:  # enough programs for ~2 waves, never more splits than vocab tiles
-        num_splits = min(v_tiles, max(1, cdiv(2 * num_sms(hidden.device), row_blocks)))
+    if num_splits is None:  # enough programs for ~2 waves (and L2 reuse on a GPU), never more than vocab tiles
+        waves = cdiv(2 * num_sms(hidden.device), row_blocks)
+        num_splits = min(v_tiles, max(1 if interpreting() else L2_SPLITS, waves))
     cols_per_split = cdiv(v_tiles, num_splits) * tiles["BLOCK_V"]
     num_splits = cdiv(vocab, cols_per_split)
     part = torch.empty((4, num_splits, n), device=hidden.device, dtype=torch.float32)
-    _linear_stats_fwd_kernel[(row_blocks, num_splits)](
-        hidden, weight, bias if bias is not None else hidden, targets,
-        part[0], part[1], part[2], part[3],
-        n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        cols_per_split, inv_temp,
-        HAS_BIAS=bias is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
-    )
+    with on_device(hidden):
+        _linear_stats_fwd_kernel[(row_blocks * num_splits,)](
+            hidden, weight, bias if bias is not None else hidden, targets,
+            part[0], part[1], part[2], part[3],
+            n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            cols_per_split, num_splits, inv_temp,
+            HAS_BIAS=bias is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
+        )
     lse, entropy = reference.finalize_stats(*reference.combine_stats_stacked(part[0], part[1], part[2]))
     zt = part[3].sum(dim=0)
     valid = targets != ignore_index
@@ -189,17 +216,64 @@ def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size
     return torch.where(valid, zt - lse, zero), torch.where(valid, entropy, zero), lse
 
 
+@functools.lru_cache(maxsize=None)
+def _mixed_mm_support(device: torch.device) -> str:
+    """How this torch build multiplies 16-bit CUDA matrices into fp32, probed once per device:
+    ``"addmm"`` (``addmm(fp32 acc, a, b, out_dtype=fp32)`` accumulates in the GEMM epilogue, no temporary),
+    ``"mm"`` (``mm(a, b, out_dtype=fp32)`` then an add), or ``"none"`` (round the product to 16 bits once)."""
+    if torch.cuda.is_current_stream_capturing():  # no probing (it syncs) inside a CUDA graph capture
+        return "capturing"
+    a = torch.ones((16, 16), device=device, dtype=torch.bfloat16)
+    acc = torch.ones((16, 16), device=device, dtype=torch.float32)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        if bool((acc == 17).all()):
+            return "addmm"
+    except (TypeError, RuntimeError, NotImplementedError):
+        pass
+    try:
+        if torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32:
+            return "mm"
+    except (TypeError, RuntimeError, NotImplementedError):
+        pass
+    return "none"
+
+
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with fp32 accumulation; ``acc`` is fp32, ``a``/``b`` may be 16-bit."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        try:  # torch >= 2.8: 16-bit inputs, fp32 output, so the chunk's partial product is never rounded
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-        except (TypeError, RuntimeError):  # older torch: the partial product is rounded to 16 bits once
-            acc.add_(torch.mm(a, b).float())
-    else:  # interpreter runs on CPU tensors
+    elif not a.is_cuda:  # interpreter runs on CPU tensors
         acc.addmm_(a.float(), b.float())
+    else:
+        how = _mixed_mm_support(a.device)
+        if how == "capturing":
+            _mixed_mm_support.cache_clear()  # probe on the next eager call
+            how = "mm"
+        if how == "addmm":  # newer torch: beta=1 accumulation into the fp32 accumulator, one read + one write
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        elif how == "mm":  # torch >= 2.8: fp32 product, never rounded, then added (an N x D temporary)
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+        else:  # older torch: the chunk's partial product is rounded to 16 bits once
+            acc.add_(torch.mm(a, b).float())
+
+
+def _mm_fp32_reduction(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` with every sum in fp32. For 16-bit inputs cuBLAS may otherwise reduce split-K partial
+    sums in 16 bits (``allow_*_reduced_precision_reduction``, on by default), and ``d_weight`` = ``dz.T @ H``
+    is exactly the tall-K shape (K = tokens) where it splits K."""
+    if not a.is_cuda or a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+        return
+    matmul = torch.backends.cuda.matmul
+    flag = "allow_bf16_reduced_precision_reduction" if a.dtype == torch.bfloat16 else \
+        "allow_fp16_reduced_precision_reduction"
+    saved = getattr(matmul, flag)
+    setattr(matmul, flag, False)
+    try:
+        torch.mm(a, b, out=out)
+    finally:
+        setattr(matmul, flag, saved)
 
 
 def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size,
@@ -219,19 +293,20 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
     for c0 in range(0, vocab, chunk):
         cols = min(chunk, vocab - c0)
         dz = dz_buf[:, :cols]
-        _linear_grad_logits_kernel[(row_blocks, cdiv(cols, tiles["BLOCK_V"]))](
-            hidden, weight, bias if bias is not None else hidden, targets, lse,
-            entropy if has_grad_entropy else lse, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
-            dz, part_db if needs_bias else lse,
-            n, d, c0, cols, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            dz.stride(0), chunk, inv_temp,
-            HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_DB=needs_bias,
-            UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
-        )
+        with on_device(hidden):
+            _linear_grad_logits_kernel[(row_blocks * cdiv(cols, tiles["BLOCK_V"]),)](
+                hidden, weight, bias if bias is not None else hidden, targets, lse,
+                entropy if has_grad_entropy else lse, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
+                dz, part_db if needs_bias else lse,
+                n, d, c0, cols, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                dz.stride(0), chunk, inv_temp,
+                HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_DB=needs_bias,
+                UPCAST_DOT=upcast, DOT_PRECISION=precision, GROUP_N=GROUP_N, **tiles, **launch,
+            )
         if needs_hidden:
             _accumulate_mm(dh, dz, weight[c0:c0 + cols])
         if needs_weight:
-            torch.mm(dz.t(), hidden, out=dw[c0:c0 + cols])
+            _mm_fp32_reduction(dz.t(), hidden, out=dw[c0:c0 + cols])
         if needs_bias:
             db[c0:c0 + cols] = part_db[:, :cols].sum(dim=0).to(db.dtype)
     return (dh.to(hidden.dtype) if needs_hidden else None), dw, db
@@ -305,7 +380,15 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     backend = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy",
                            cuda_available="cuda" in _BACKENDS)
     lead_shape = targets.shape
+    # the kernels index the feature dim and the bias with unit stride (and int32 feature offsets): copy the rare
+    # operand that is not laid out that way (a transposed weight view, a strided bias); autograd maps it back
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     logp, entropy = LinearLogprobEntropyFunction.apply(
         h2, weight, bias, t1, 1.0 / temperature, ignore_index, chunk_size, backend

@@ -23,6 +23,7 @@ from ._triton_common import (
     grad_logits,
     interpreting,
     next_pow2,
+    on_device,
     softmax_stats_finalize,
     softmax_stats_update,
 )
@@ -113,10 +114,11 @@ def triton_fwd(x3, targets, inv_temp, ignore_index):
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)
     out = torch.empty((3, n), device=x3.device, dtype=torch.float32)
-    _logits_stats_fwd_kernel[(cdiv(n, cfg["ROWS"]),)](
-        x3, targets, out[0], out[1], out[2], n, vocab, t, x3.stride(0), x3.stride(1), inv_temp, ignore_index,
-        **cfg, **launch,
-    )
+    with on_device(x3):
+        _logits_stats_fwd_kernel[(cdiv(n, cfg["ROWS"]),)](
+            x3, targets, out[0], out[1], out[2], n, vocab, t, x3.stride(0), x3.stride(1), inv_temp, ignore_index,
+            **cfg, **launch,
+        )
     return out[0], out[1], out[2]
 
 
@@ -125,11 +127,12 @@ def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)
     has_ge = grad_entropy is not None
-    _logits_grad_kernel[(cdiv(n, cfg["ROWS"]), cdiv(vocab, cfg["BLOCK_V"]))](
-        x3, out3, targets, lse, entropy if has_ge else lse, grad_logp, grad_entropy if has_ge else grad_logp,
-        n, vocab, t, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), inv_temp,
-        HAS_GRAD_ENTROPY=has_ge, **cfg, **launch,
-    )
+    with on_device(x3):
+        _logits_grad_kernel[(cdiv(n, cfg["ROWS"]), cdiv(vocab, cfg["BLOCK_V"]))](
+            x3, out3, targets, lse, entropy if has_ge else lse, grad_logp, grad_entropy if has_ge else grad_logp,
+            n, vocab, t, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), inv_temp,
+            HAS_GRAD_ENTROPY=has_ge, **cfg, **launch,
+        )
     return out3
 
 
