@@ -6,10 +6,15 @@ pass and the update both slice ``[P - 1, P - 1 + T)`` out of the decoder's last 
 with the LM head's weight, to the fused kernels (:func:`edge_kernels.linear_logprob_entropy`,
 :func:`edge_kernels.losses.fused_linear_policy_loss`). Position ids follow the attention mask, as in
 ``generate``.
+
+Mixed precision (``autocast_dtype``, e.g. bf16 compute over fp32 master parameters): the decoder runs under
+``torch.autocast`` and the fused kernels get the hidden states and the LM head cast to the compute dtype
+(:func:`head_inputs`; the cast is part of the graph, so the gradient reaches the fp32 parameter).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -78,20 +83,39 @@ def decoder_and_head(model) -> Tuple[torch.nn.Module, Tensor, Optional[Tensor]]:
     return base, head.weight, getattr(head, "bias", None)
 
 
-def response_hidden(model, packed: Packed) -> Tensor:
-    """Last hidden states at the positions that predict the response tokens ``[B, T, D]``."""
+def autocast(device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def head_inputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]
+                ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The fused kernels' ``hidden``, ``weight`` and ``bias`` in the compute dtype (they must share one; under
+    autocast the decoder's last hidden state stays in the residual stream's fp32). No-op when ``dtype`` is None."""
+    if dtype is None:
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def response_hidden(model, packed: Packed, autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Last hidden states at the positions that predict the response tokens ``[B, T, D]`` (the decoder under
+    autocast to ``autocast_dtype`` when given)."""
     base, _, _ = decoder_and_head(model)
-    out = base(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-               position_ids=packed.position_ids, use_cache=False)
+    with autocast(packed.input_ids.device, autocast_dtype):
+        out = base(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                   position_ids=packed.position_ids, use_cache=False)
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     P, T = packed.prompt_width, packed.targets.shape[1]
     return h[:, P - 1:P - 1 + T]
 
 
 def score(model, packed: Packed, *, temperature: float, micro_batch: int = 0, impl: str = "auto",
-          mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+          mask: Optional[Tensor] = None, autocast_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """The scoring pass: fp32 log-probs and full-vocabulary entropies ``[B, T]`` of the packed responses
-    under ``model`` at ``temperature``, with the fused kernel (no logits). Masked positions hold 0."""
+    under ``model`` at ``temperature``, with the fused kernel (no logits), in the same precision as the update
+    (``autocast_dtype``). Masked positions hold 0."""
     from edge_kernels import linear_logprob_entropy
 
     _, weight, bias = decoder_and_head(model)
@@ -105,9 +129,9 @@ def score(model, packed: Packed, *, temperature: float, micro_batch: int = 0, im
             for s in range(0, packed.rows, step):
                 sl = slice(s, s + step)
                 part = packed.select(sl)
-                h = response_hidden(model, part)
+                h, w, b = head_inputs(response_hidden(model, part, autocast_dtype), weight, bias, autocast_dtype)
                 tgt = torch.where(m[sl], part.targets, torch.full_like(part.targets, -100))
-                lp, ent = linear_logprob_entropy(h, weight, tgt, bias=bias, temperature=temperature,
+                lp, ent = linear_logprob_entropy(h, w, tgt, bias=b, temperature=temperature,
                                                  ignore_index=-100, return_entropy=True, impl=impl)
                 zero = torch.zeros_like(lp)
                 logps.append(torch.where(m[sl], lp, zero))

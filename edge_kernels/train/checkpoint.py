@@ -66,6 +66,14 @@ def save(output_dir: str, *, model, tokenizer, optimizer, state: Dict[str, Any],
     os.makedirs(tmp)
     model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    from .model import SOURCE_GENERATION_CONFIG
+
+    source_gc = getattr(model, SOURCE_GENERATION_CONFIG, None)
+    if source_gc is not None:  # the model's own sampling defaults, not the clean config edge-train samples with
+        try:  # written as loaded (save_pretrained would re-validate it); never fails a checkpoint
+            source_gc.to_json_file(os.path.join(tmp, "model", "generation_config.json"), use_diff=True)
+        except Exception:  # noqa: BLE001 - the clean config save_pretrained wrote stays
+            pass
     if optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(rng_state(), os.path.join(tmp, "rng.pt"))

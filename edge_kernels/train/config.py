@@ -18,6 +18,7 @@ ESTIMATORS = ("grpo", "dr_grpo", "eda", "egpo", "prog_grpo", "ep_grpo")
 ROLLOUTS = ("hf", "vllm")
 AGGS = ("auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
 
 DEFAULT_REFLECTION = " Wait! Something is wrong here."
 DEFAULT_INJECTION = ("\nWait! Something is wrong here. After verification, the correct answer is "
@@ -46,7 +47,10 @@ class TrainConfig:
     seed: int = _f(0, "random seed (model init, task, sampling, GEC); a run is deterministic under it")
     device: str = _f("auto", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     resume: Optional[str] = _f(None, "resume from this output directory (or its checkpoint/)")
-    save_every: int = _f(1, "write a checkpoint every N steps (1: a kill loses at most the step in flight)")
+    save_every: Optional[int] = _f(None, "write a checkpoint every N steps (auto: 1 embedded, so a kill loses at "
+                                         "most the step in flight; 50 with --model, where a checkpoint holds the "
+                                         "weights and AdamW's two moments, 12 bytes/parameter with fp32 master "
+                                         "weights, ~90 GB for a 7B model, on disk twice during the atomic swap)")
     eval_every: Optional[int] = _f(None, "evaluate on the eval set every N steps (0: only after warm-up and at the "
                                          "end; auto: 20 embedded, 0 with --model)")
     progress: bool = _f(True, "show progress bars")
@@ -57,8 +61,14 @@ class TrainConfig:
     # ---- model and data
     model: Optional[str] = _f(None, "local Hugging Face causal-LM directory (default: the embedded tiny "
                                     "Qwen2 model, built and warmed up on the spot)", group="model")
-    dtype: str = _f("auto", "parameter dtype (auto: bfloat16 on CUDA with --model, else float32)",
-                    choices=DTYPES, group="model")
+    dtype: str = _f("auto", "compute dtype of the forward passes (bfloat16: torch.autocast, the fused kernels fed "
+                            "bf16 hidden states and LM-head weight; auto: bfloat16 on CUDA with --model or with "
+                            "--param-dtype bfloat16, else float32); float16 cannot train (no loss scaling): use "
+                            "bfloat16", choices=DTYPES, group="model")
+    param_dtype: str = _f("float32", "dtype of the trained parameters and AdamW state (float32: fp32 master weights, "
+                                     "~16 bytes/parameter with AdamW; bfloat16 halves that but AdamW updates below "
+                                     "bf16 resolution, ~0.4% of a weight, are rounded away: at --lr 1e-6 most of "
+                                     "them)", choices=PARAM_DTYPES, group="model")
     gradient_checkpointing: bool = _f(False, "gradient checkpointing in the update pass (saves memory)",
                                       group="model")
     impl: str = _f("auto", "kernel implementation for the fused ops: auto, triton, torch", group="model")
@@ -319,6 +329,13 @@ def validate(cfg: TrainConfig) -> None:
                           "use verl for KL-regularised runs")
     if cfg.eval_data is not None and cfg.data is None and cfg.model is None:
         pass  # the embedded task with an extra eval file is fine
+    if cfg.dtype == "float16":
+        raise ConfigError("--dtype float16 cannot train: without loss scaling fp16 gradients under/overflow and "
+                          "AdamW's eps (1e-8) underflows, so the first step turns the weights into NaN; use "
+                          "--dtype bfloat16 (edge-train eval --dtype float16 is fine)")
+    if cfg.param_dtype == "bfloat16" and cfg.dtype == "float32":
+        raise ConfigError("--param-dtype bfloat16 needs bfloat16 compute: pass --dtype bfloat16 (or auto), or "
+                          "--param-dtype float32")
     if cfg.impl not in ("auto", "triton", "torch", "cuda"):
         raise ConfigError(f"impl must be auto, triton, torch or cuda; got {cfg.impl!r}")
 
@@ -339,6 +356,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         c.warmup_steps = 300 if embedded else 0
     if c.eval_every is None:
         c.eval_every = 20 if embedded else 0
+    if c.save_every is None:
+        c.save_every = 1 if embedded else 50
     if c.loss_agg == "auto":
         c.loss_agg = "seq-mean-token-sum-norm" if c.estimator == "dr_grpo" else "token-mean"
     validate(c)

@@ -92,16 +92,17 @@ def apply_gec(
     temperature: float = 1.0,
     top_p: float = 1.0,
     problem_ids: Optional[Sequence[int]] = None,
+    stop_ids: Optional[Sequence[int]] = None,
 ) -> List[Corrected]:
     """Correct the incorrect responses; returns one :class:`Corrected` per response (unchanged ones included).
 
-    ``prompts[i]`` / ``responses[i]`` are token ids (a response may end with ``eos_id``); ``generate`` is a
-    rollout engine's ``generate`` (called once, batched, for all regenerations). A response being corrected
-    loses its EOS; the corrected text ends with EOS (injection, reference) or with whatever the policy
-    generated (regeneration).
+    ``prompts[i]`` / ``responses[i]`` are token ids (a response may end with ``eos_id`` or any of ``stop_ids``, the
+    tokens the rollout engine stops on); ``generate`` is a rollout engine's ``generate`` (called once, batched,
+    for all regenerations). A response being corrected loses its trailing stop tokens; the corrected text ends
+    with ``eos_id`` (injection, reference) or with whatever the policy generated (regeneration).
     """
     branches = choose_branches(incorrect, generator, cfg)
-    eos_ids = {eos_id}
+    eos_ids = {int(eos_id)} | {int(t) for t in (stop_ids or ())}
 
     def body(resp: Sequence[int]) -> List[int]:
         r = list(resp)

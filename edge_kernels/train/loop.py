@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import checkpoint as ckpt
-from .batch import decoder_and_head, pack, response_hidden, score
+from .batch import decoder_and_head, head_inputs, pack, response_hidden, score
 from .config import TrainConfig, resolve, save_yaml
 from .data import DataError, Problem, PromptSampler, encode_prompts, load_problems, write_problems
 from .evaluate import EvalResult, evaluate
@@ -163,7 +163,17 @@ class Trainer:
             hf_logging.disable_progress_bar()
         except ImportError:  # pragma: no cover
             pass
-        self.dtype = resolve_dtype(c.dtype, self.device, self.embedded)
+        # mixed precision: the parameters (and AdamW's state) in --param-dtype, the forward passes in --dtype
+        self.dtype = resolve_dtype(c.dtype, self.device, self.embedded, c.param_dtype)
+        self.param_dtype = torch.bfloat16 if c.param_dtype == "bfloat16" else torch.float32
+        if self.dtype == torch.float16:  # pragma: no cover - validate() refuses it first
+            raise TrainError("--dtype float16 cannot train (no loss scaling); use --dtype bfloat16")
+        self.autocast_dtype = self.dtype if self.dtype != self.param_dtype else None
+        if self.param_dtype == torch.bfloat16:
+            self.log("warning: --param-dtype bfloat16: the weights and AdamW's state are bf16, and AdamW updates "
+                     "smaller than bf16's resolution (about 0.4% of a weight's magnitude) are rounded away: at "
+                     f"--lr {c.lr:g} most updates are lost. Use --param-dtype float32 (fp32 master weights, about 16 "
+                     "bytes/parameter with AdamW) unless memory forbids it.")
         os.makedirs(self.out, exist_ok=True)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.resume_from = ckpt.find(self.out) if c.resume else None
@@ -209,8 +219,8 @@ class Trainer:
         from .model import load_pretrained
 
         if self.resume_from is not None:
-            self.model, self.tokenizer = load_pretrained(os.path.join(self.resume_from, "model"), dtype=self.dtype,
-                                                         device=self.device)
+            self.model, self.tokenizer = load_pretrained(os.path.join(self.resume_from, "model"),
+                                                         dtype=self.param_dtype, device=self.device)
         elif self.embedded:
             from .embedded import ModelConfig, build_model, build_tokenizer, tokenizer_corpus
 
@@ -222,9 +232,9 @@ class Trainer:
                                num_hidden_layers=c.embedded_layers, num_attention_heads=c.embedded_heads,
                                num_key_value_heads=max(1, c.embedded_heads // 2),
                                max_position_embeddings=max(256, 2 * (c.max_prompt_tokens + c.max_new_tokens)))
-            self.model = build_model(self.tokenizer, mcfg, seed=c.seed).to(self.device, self.dtype)
+            self.model = build_model(self.tokenizer, mcfg, seed=c.seed).to(self.device, self.param_dtype)
         else:
-            self.model, self.tokenizer = load_pretrained(c.model, dtype=self.dtype, device=self.device)
+            self.model, self.tokenizer = load_pretrained(c.model, dtype=self.param_dtype, device=self.device)
         decoder_and_head(self.model)  # fails early on a model without a decoder / LM head
         if c.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -233,6 +243,10 @@ class Trainer:
         if eos is None:
             raise TrainError("the tokenizer has no EOS token; responses could never end")
         self.eos_id = eos
+        from .model import stop_token_ids
+
+        # the tokens that end a response, for every engine, GEC and the scoring (tokenizer EOS first)
+        self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
 
         self.train_prompts = encode_prompts(self.tokenizer, self.train_problems, c.system_prompt,
                                             c.max_prompt_tokens)
@@ -246,10 +260,22 @@ class Trainer:
         self.engine = make_rollout(c.rollout, self.model, self.tokenizer, model_path=model_path, seed=c.seed,
                                    batch_size=c.rollout_batch_size, dtype=str(self.dtype).replace("torch.", ""),
                                    gpu_memory_utilization=c.vllm_gpu_memory_utilization,
-                                   progress=_progress(c.progress))
+                                   progress=_progress(c.progress), stop_ids=self.stop_ids,
+                                   max_model_len=self.max_model_len(), autocast_dtype=self.autocast_dtype)
         self.sampler = PromptSampler(len(self.train_problems), c.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.phase = "warmup" if c.warmup_steps > 0 else "rl"
+
+    def max_model_len(self) -> int:
+        """The longest sequence a rollout engine is asked for: a prompt (at most --max-prompt-tokens), a response,
+        and, with GEC regeneration, the reflection prompt and its continuation; capped at the model's context
+        (vLLM would otherwise size its KV cache for the model's full context)."""
+        c = self.cfg
+        n = c.max_prompt_tokens + c.max_new_tokens
+        if c.gec and c.gec_p_regenerate > 0:
+            n += len(self.tokenizer.encode(c.gec_reflection, add_special_tokens=False)) + c.gec_max_new_tokens
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return min(n, int(limit)) if isinstance(limit, int) and limit > 0 else n
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -276,6 +302,7 @@ class Trainer:
             for g in self.optimizer.param_groups:  # the config, not the checkpoint, sets the hyper-parameters
                 g["lr"], g["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
         ckpt.load_rng(path)
+        self.engine.sync_weights(self.model)  # the policy's weights changed outside rl_step
         self._truncate_metrics(self.step)
         self.log(f"resumed from {path} at step {self.step} ({self.phase})")
 
@@ -341,9 +368,10 @@ class Trainer:
             packed = pack([self.train_prompts[i] for i in idx], [targets[i] for i in idx], self.pad_id,
                           device=self.device)
             with oom_guard("warmup"):
-                h = response_hidden(self.model, packed)
+                h, w, b = head_inputs(response_hidden(self.model, packed, self.autocast_dtype), weight, bias,
+                                      self.autocast_dtype)
                 tgt = torch.where(packed.mask, packed.targets, torch.full_like(packed.targets, -100))
-                logp, _ = linear_logprob_entropy(h, weight, tgt, bias=bias, return_entropy=False, impl=c.impl)
+                logp, _ = linear_logprob_entropy(h, w, tgt, bias=b, return_entropy=False, impl=c.impl)
                 m = packed.mask.to(logp.dtype)
                 loss = -(logp * m).sum() / m.sum().clamp(min=1)
                 opt.zero_grad(set_to_none=True)
@@ -357,6 +385,7 @@ class Trainer:
                     it.set_postfix(loss=f"{loss_v:.3f}")
         self.log(f"warm-up: {c.warmup_steps} supervised steps, final loss {loss_v:.4f}, {time.time() - t0:.1f}s")
         del opt
+        self.engine.sync_weights(self.model)  # the policy's weights changed outside rl_step
 
     # ------------------------------------------------------------------------------------------ eval
 
@@ -431,7 +460,8 @@ class Trainer:
             with oom_guard("rollout"):
                 fixed = apply_gec(prompts, responses, [not x for x in correct0], answers,
                                   [p.solution for p in problems], tokenizer=self.tokenizer, eos_id=self.eos_id,
-                                  generate=self.engine.generate, generator=gec_gen, cfg=self._gec_config(),
+                                  stop_ids=self.stop_ids, generate=self.engine.generate, generator=gec_gen,
+                                  cfg=self._gec_config(),
                                   temperature=c.temperature, top_p=c.top_p,
                                   problem_ids=[i for i in idx for _ in range(G)])
             responses = [f.tokens for f in fixed]
@@ -444,7 +474,7 @@ class Trainer:
         loss_mask = packed.mask & ~packed.injected if c.gec_mask_injected else packed.mask
         with oom_guard("scoring"):
             old_logp, entropy = score(self.model, packed, temperature=c.temperature, micro_batch=c.micro_batch_size,
-                                      impl=c.impl)
+                                      impl=c.impl, autocast_dtype=self.autocast_dtype)
         r = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         advantages, eda_mode = self._advantages(r, old_logp, entropy, loss_mask)
         seq_adv = advantages if advantages.dim() == 1 else adv.masked_mean(advantages, loss_mask)
@@ -465,9 +495,10 @@ class Trainer:
                 for s in range(0, B, mb):
                     sl = slice(s, s + mb)
                     part = packed.select(sl)
-                    h = response_hidden(self.model, part)
+                    h, w_, b_ = head_inputs(response_hidden(self.model, part, self.autocast_dtype), weight, bias,
+                                            self.autocast_dtype)
                     loss, m = fused_linear_policy_loss(
-                        h, weight, part.targets, advantages[sl], loss_mask[sl], bias=bias,
+                        h, w_, part.targets, advantages[sl], loss_mask[sl], bias=b_,
                         temperature=c.temperature, old_logp=old_logp[sl], eda=eda_mode, group_size=G,
                         eda_eps=c.adv_eps, eda_clamp=tuple(c.eda_clamp) if c.eda_clamp else None, impl=c.impl,
                         clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef, agg=c.loss_agg,
@@ -532,7 +563,9 @@ class Trainer:
             self.restore()
         where = "embedded tiny Qwen2 + synthetic arithmetic task" if self.embedded else c.model
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"edge-train: {where} ({n_params / 1e6:.2f}M params, {self.device}, {self.dtype}), "
+        prec = (str(self.dtype) if self.autocast_dtype is None else f"{self.param_dtype} params, {self.dtype} compute"
+                ).replace("torch.", "")
+        self.log(f"edge-train: {where} ({n_params / 1e6:.2f}M params, {self.device}, {prec}), "
                  f"{len(self.train_problems)} train / {len(self.eval_problems)} eval problems, estimator "
                  f"{c.estimator}, GEC {'on' if c.gec else 'off'}, G={c.group_size}, output {self.out}")
 

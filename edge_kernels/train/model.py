@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -32,12 +32,63 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device, embedded: bool) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, embedded: bool, param_dtype: str = "float32") -> torch.dtype:
+    """The compute dtype ``--dtype`` names (``edge-train eval``: also the dtype the weights are loaded in)."""
     if dtype == "auto":
+        if param_dtype == "bfloat16":
+            return torch.bfloat16
         if device.type == "cuda" and not embedded and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     return _DTYPES[dtype]
+
+
+def _ids(x) -> List[int]:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return [int(t) for t in x if t is not None]
+    return [int(x)]
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> List[int]:
+    """The token ids that end a response, shared by every rollout engine, GEC and the scoring of responses: the
+    tokenizer's EOS first (what GEC appends), then the model's ``generation_config.eos_token_id`` (an id or a
+    list: Qwen2.5-Instruct stops on ``<|im_end|>`` and ``<|endoftext|>``), then the chat template's end-of-turn
+    token ``<|im_end|>`` when the tokenizer has one."""
+    out: List[int] = []
+    for t in _ids(tokenizer.eos_token_id) + _ids(getattr(generation_config, "eos_token_id", None)):
+        if t not in out:
+            out.append(t)
+    try:
+        tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ok = isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == "<|im_end|>"
+    except Exception:  # noqa: BLE001 - a tokenizer without that token
+        ok = False
+    if ok and tid not in out:
+        out.append(tid)
+    return out
+
+
+def clean_generation_config(generation_config, tokenizer):
+    """A ``GenerationConfig`` holding only the special-token ids of ``generation_config``. A model's own sampling
+    defaults (Qwen2.5-Instruct: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05) would make
+    ``generate`` sample from another distribution than the one the scoring pass and the loss assume, and greedy
+    evaluation sample; transformers fills every field a ``generate(generation_config=...)`` leaves unset from
+    ``model.generation_config``, so the model's must hold none of them."""
+    from transformers import GenerationConfig
+
+    eos = getattr(generation_config, "eos_token_id", None)
+    pad = getattr(generation_config, "pad_token_id", None)
+    bos = getattr(generation_config, "bos_token_id", None)
+    return GenerationConfig(eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+                            pad_token_id=pad if pad is not None else tokenizer.pad_token_id,
+                            bos_token_id=bos)
+
+
+# the model's own generation_config as loaded: checkpoint.save writes it back into the checkpoint's model
+# directory, so a trained model keeps its recommended sampling settings for use outside edge-train
+SOURCE_GENERATION_CONFIG = "edge_train_source_generation_config"
 
 
 def model_dir(path: str) -> str:
@@ -53,7 +104,8 @@ def model_dir(path: str) -> str:
 
 
 def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device) -> Tuple[object, object]:
-    """``(model, tokenizer)`` from a local directory; a model that is not a causal LM is a :class:`ModelError`."""
+    """``(model, tokenizer)`` from a local directory, the parameters in ``dtype``; a model that is not a causal LM
+    is a :class:`ModelError`. The model's ``generation_config`` is replaced by :func:`clean_generation_config`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = model_dir(path)
@@ -84,6 +136,8 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device) -> T
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    source = getattr(model, "generation_config", None)
+    model.generation_config = clean_generation_config(source, tokenizer)
+    if source is not None:
+        setattr(model, SOURCE_GENERATION_CONFIG, source)
     return model.to(device), tokenizer

@@ -98,3 +98,11 @@ def test_train_then_eval_subcommand(tmp_path, capsys):
 def test_an_impl_the_device_cannot_run(tmp_path, capsys):
     assert main(["--output", str(tmp_path / "o"), "--impl", "cuda", *tiny_flags()]) == 2
     assert "--impl cuda" in capsys.readouterr().err
+
+
+def test_float16_training_is_a_clear_error(tmp_path, capsys):
+    # fp16 without loss scaling turned every weight into NaN after the first step
+    assert main(["--output", str(tmp_path / "o"), "--dtype", "float16", *tiny_flags()]) == 2
+    err = capsys.readouterr().err
+    assert "edge-train: error:" in err and "--dtype float16" in err and "bfloat16" in err
+    assert not (tmp_path / "o").exists()

@@ -88,3 +88,19 @@ def test_resume_reads_the_saved_config(tmp_path):
     assert cfg.output == str(run)  # a resumed run writes where it was
     with pytest.raises(ConfigError, match="no config.yaml"):
         build_config(parse(["--resume", str(tmp_path)]))
+
+
+def test_save_every_default_depends_on_the_run():
+    assert resolve(build_config(parse([]))).save_every == 1  # embedded: the resume tests rely on it
+    assert resolve(build_config(parse(["--model", "/m"]))).save_every == 50  # a 7B checkpoint is ~90 GB
+    assert resolve(build_config(parse(["--model", "/m", "--save-every", "3"]))).save_every == 3
+    assert resolve(build_config(parse(["--save-every", "7"]))).save_every == 7
+
+
+def test_float16_training_is_refused_with_a_pointer_to_bfloat16():
+    with pytest.raises(ConfigError, match=r"--dtype float16 cannot train.*--dtype bfloat16"):
+        build_config(parse(["--dtype", "float16"]))
+    with pytest.raises(ConfigError, match="--param-dtype bfloat16 needs bfloat16 compute"):
+        build_config(parse(["--dtype", "float32", "--param-dtype", "bfloat16"]))
+    cfg = build_config(parse(["--dtype", "bfloat16"]))
+    assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"  # fp32 master weights by default

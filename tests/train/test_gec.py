@@ -107,3 +107,15 @@ def test_missing_answer_or_solution_is_a_clear_error():
     with pytest.raises(GECError, match=r"reference solution of problem #17"):
         apply_gec([[1]], [[2]], [True], ["4"], [None], tokenizer=tok, eos_id=EOS, generate=fake_generate,
                   generator=torch.Generator().manual_seed(0), cfg=only_ref, problem_ids=[17])
+
+
+def test_every_stop_token_is_stripped_before_correcting():
+    # a model whose generation_config stops on two tokens (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>): a
+    # response ending with the second one must lose it too, or the corrected text has an EOS in its middle
+    OTHER = 1
+    cfg = GECConfig(p_regenerate=0.0, p_inject=1.0, p_reference=0.0)
+    out = apply_gec([[50]], [[65, 66, OTHER]], [True], ["4"], [None], tokenizer=CharTok(), eos_id=EOS,
+                    stop_ids=[EOS, OTHER], generate=fake_generate, generator=torch.Generator().manual_seed(0),
+                    cfg=cfg)
+    toks = out[0].tokens
+    assert toks[:2] == [65, 66] and OTHER not in toks and toks[-1] == EOS and toks.count(EOS) == 1

@@ -166,3 +166,135 @@ def test_run_n_then_resume_to_2n(tmp_path, straight_run):
     second = run_cli(["--resume", out, "--max-steps", "5"])  # flags override the saved config
     assert second.returncode == 0, second.stderr
     assert _metrics(out) == _metrics(straight_run)
+
+
+# ---------------------------------------------------------------------------------------------- GPU-path fixes
+
+
+def _frac_changed(model, before):
+    n = changed = 0
+    for k, v in model.state_dict().items():
+        n += v.numel()
+        changed += int((v != before[k]).sum())
+    return changed / n
+
+
+def test_bf16_compute_updates_fp32_master_weights_at_a_tiny_lr(tmp_path, monkeypatch):
+    import edge_kernels.losses as L
+
+    seen = []
+    real = L.fused_linear_policy_loss
+
+    def spy(hidden, weight, *a, **k):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *a, **k)
+
+    monkeypatch.setattr(L, "fused_linear_policy_loss", spy)
+    logs = []
+    cfg = TrainConfig(**{**TINY, "output": str(tmp_path / "run"), "dtype": "bfloat16", "lr": 1e-6,
+                         "warmup_steps": 0})
+    tr = Trainer(cfg, log=logs.append)
+    tr.setup()
+    assert tr.autocast_dtype == torch.bfloat16 and not any("warning" in s for s in logs)
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    rec = tr.rl_step()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # the fused kernel ran in bf16
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # the master weights stay fp32
+    assert all(torch.isfinite(v).all() for v in tr.model.state_dict().values()) and rec["loss"] == rec["loss"]
+    assert _frac_changed(tr.model, before) > 0.9  # a 1e-6 AdamW step moves (nearly) every fp32 weight
+
+    # bf16 parameters (--param-dtype bfloat16): the same step is almost entirely rounded away, and it says so
+    logs2 = []
+    tr2 = Trainer(TrainConfig(**{**cfg.__dict__, "output": str(tmp_path / "run2"), "param_dtype": "bfloat16"}),
+                  log=logs2.append)
+    tr2.setup()
+    assert any("warning: --param-dtype bfloat16" in s and "rounded away" in s for s in logs2)
+    assert all(p.dtype == torch.bfloat16 for p in tr2.model.parameters()) and tr2.autocast_dtype is None
+    before2 = {k: v.clone() for k, v in tr2.model.state_dict().items()}
+    tr2.rl_step()
+    assert _frac_changed(tr2.model, before2) < 0.1
+
+
+class _RecordingEngine:
+    """Wraps a rollout engine and records sync_weights calls (a stand-in for vLLM's weight push)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.synced = []
+
+    def generate(self, *a, **k):
+        return self.inner.generate(*a, **k)
+
+    def sync_weights(self, model):
+        self.synced.append({k: v.clone() for k, v in model.state_dict().items()})
+
+
+def test_engine_gets_the_weights_after_warmup_and_after_a_resume(tmp_path):
+    tr = make_trainer(tmp_path, warmup_steps=2)
+    tr.engine = eng = _RecordingEngine(tr.engine)
+    tr.warmup()
+    assert len(eng.synced) == 1
+    assert all(torch.equal(v, eng.synced[0][k]) for k, v in tr.model.state_dict().items())
+
+    out = tmp_path / "r"
+    Trainer(TrainConfig(**{**TINY, "output": str(out), "max_steps": 1, "warmup_steps": 0}), log=lambda s: None).run()
+    tr2 = Trainer(TrainConfig(**{**TINY, "output": str(out), "max_steps": 2, "warmup_steps": 0,
+                                 "resume": str(out)}), log=lambda s: None)
+    tr2.setup()
+    tr2.engine = eng2 = _RecordingEngine(tr2.engine)
+    tr2.restore()
+    assert tr2.step == 1 and len(eng2.synced) == 1
+    assert all(torch.equal(v, eng2.synced[0][k]) for k, v in tr2.model.state_dict().items())
+
+
+def test_rollout_engine_gets_stop_ids_and_a_max_model_len(tmp_path, monkeypatch):
+    import edge_kernels.train.rollout as R
+
+    calls = []
+    real = R.make_rollout
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "make_rollout", spy)
+    tr = make_trainer(tmp_path, warmup_steps=0, max_prompt_tokens=300)
+    refl = len(tr.tokenizer.encode(tr.cfg.gec_reflection, add_special_tokens=False))
+    k = calls[-1]
+    assert k["max_model_len"] == 300 + TINY["max_new_tokens"] + refl + TINY["gec_max_new_tokens"]
+    assert k["stop_ids"] == tr.stop_ids == [tr.tokenizer.eos_token_id]
+    tr2 = make_trainer(tmp_path / "b", warmup_steps=0, max_prompt_tokens=300, gec=False)
+    assert tr2.max_model_len() == 300 + TINY["max_new_tokens"]
+    tr2.model.config.max_position_embeddings = 64
+    assert tr2.max_model_len() == 64  # capped at the model's context
+
+
+def test_real_model_path_uses_every_stop_id_and_no_sampling_defaults(tmp_path, monkeypatch):
+    from edge_kernels.train import loop as loop_mod
+    from edge_kernels.train.embedded import make_task
+    from edge_kernels.train.data import Problem, write_problems
+    from train_helpers import save_model_with_sampling_defaults
+
+    _, _, eos_ids = save_model_with_sampling_defaults(tmp_path / "m")
+    tr_rows, _ = make_task(0, 8, 0)
+    write_problems([Problem(**r) for r in tr_rows], str(tmp_path / "train.jsonl"))
+    seen = []
+    real_gec = loop_mod.apply_gec
+
+    def spy(*a, **k):
+        seen.append(k["stop_ids"])
+        return real_gec(*a, **k)
+
+    monkeypatch.setattr(loop_mod, "apply_gec", spy)
+    tr = make_trainer(tmp_path, model=str(tmp_path / "m"), data=str(tmp_path / "train.jsonl"), warmup_steps=0,
+                      lr=1e-6)
+    assert tr.cfg.save_every == 50 and tr.param_dtype == torch.float32
+    assert tr.stop_ids == eos_ids and tr.engine.eos_ids == eos_ids
+    gc = tr.model.generation_config
+    assert gc.temperature in (None, 1.0) and gc.top_k in (None, 50) and gc.min_p is None
+    tr.rl_step()
+    assert seen == [eos_ids]
+    tr.save()  # the checkpoint keeps the model's own generation_config for use outside edge-train
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "model" / "generation_config.json").read_text())
+    assert saved["temperature"] == 0.7 and saved["eos_token_id"] == eos_ids

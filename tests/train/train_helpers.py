@@ -60,3 +60,19 @@ def tiny_model_and_tokenizer():
     cfg = E.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=1)
     return E.build_model(tok, cfg, seed=0), tok
+
+
+def save_model_with_sampling_defaults(path):
+    """A tiny random Qwen2 model directory whose generation_config carries Qwen2.5-Instruct-like sampling
+    defaults and two EOS ids (``<|im_end|>`` and ``<|endoftext|>``); returns ``(model, tokenizer, eos_ids)``."""
+    from transformers import GenerationConfig
+
+    model, tok = tiny_model_and_tokenizer()
+    eos_ids = [tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")]
+    assert eos_ids[0] != eos_ids[1]
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, min_p=0.1,
+        eos_token_id=eos_ids, pad_token_id=tok.pad_token_id, bos_token_id=eos_ids[1])
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok, eos_ids
