@@ -44,7 +44,7 @@ from ..dispatch import default_chunk_size
 @triton.jit
 def _linear_stats_fwd_kernel(
     H, W, BIAS, TGT, PART_M, PART_S, PART_B, PART_ZT,
-    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, num_splits, inv_temp,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, num_splits, inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -55,8 +55,10 @@ def _linear_stats_fwd_kernel(
     pid_n = pid // num_splits
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    tgt = tl.load(TGT + offs_n, mask=n_mask, other=-1)
+    tgt = tl.load(TGT + offs_n, mask=n_mask, other=ignore_index)
     h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn
+    # a block of ignored rows (padding) does no work: its outputs are zeroed by the launcher anyway
+    any_valid = tl.max((tgt != ignore_index).to(tl.int32), 0) > 0
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
@@ -65,6 +67,10 @@ def _linear_stats_fwd_kernel(
 
     v_start = pid_s * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, V)
+    if not any_valid:  # empty range: the statistics become those of one zero logit (finite lse, no NaN)
+        v_end = v_start
+        m = tl.zeros([BLOCK_N], tl.float32)
+        s = tl.full([BLOCK_N], 1.0, tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
@@ -118,8 +124,26 @@ def _linear_grad_logits_kernel(
     h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn
     w_cols = W + offs_v.to(tl.int64)[None, :] * stride_wv
 
+    tgt = tl.load(TGT + offs_n, mask=n_mask, other=-1)
+    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
+    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)
+    if HAS_GRAD_ENTROPY:
+        ent = tl.load(ENT + offs_n, mask=n_mask, other=0.0)
+        g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
+        active = (g_logp != 0) | (g_ent != 0)
+    else:
+        ent = lse
+        g_ent = g_logp
+        active = g_logp != 0
+    # rows with zero upstream gradient (ignored targets, masked-out loss tokens, padding) contribute exactly 0:
+    # a block of only such rows skips the recomputation and writes zeros
+    any_active = tl.max(active.to(tl.int32), 0) > 0
+    d_end = D
+    if not any_active:
+        d_end = 0
+
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, d_end, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
@@ -132,18 +156,9 @@ def _linear_grad_logits_kernel(
         acc += tl.load(BIAS + offs_v, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     z = acc * inv_temp
 
-    tgt = tl.load(TGT + offs_n, mask=n_mask, other=-1)
-    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
-    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)
-    if HAS_GRAD_ENTROPY:
-        ent = tl.load(ENT + offs_n, mask=n_mask, other=0.0)
-        g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
-    else:
-        ent = lse
-        g_ent = g_logp
     dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY)
     mask = n_mask[:, None] & c_mask[None, :]
-    dz = tl.where(mask, dz, 0.0)
+    dz = tl.where(mask & any_active, dz, 0.0)
     tl.store(DZ + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_c[None, :],
              dz.to(DZ.dtype.element_ty), mask=mask)
     if WRITE_DB:
@@ -206,7 +221,7 @@ def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size
             hidden, weight, bias if bias is not None else hidden, targets,
             part[0], part[1], part[2], part[3],
             n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            cols_per_split, num_splits, inv_temp,
+            cols_per_split, num_splits, inv_temp, ignore_index,
             HAS_BIAS=bias is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
         )
     lse, entropy = reference.finalize_stats(*reference.combine_stats_stacked(part[0], part[1], part[2]))
