@@ -180,6 +180,31 @@ def test_triton_backward_grouped_program_order(monkeypatch, group_n):
     _check(out, ref, torch.float32)
 
 
+def test_triton_skips_blocks_with_nothing_to_do_exactly():
+    # 150 rows = row blocks [0, 64), [64, 128), [128, 150) under the interpreter. Block 1 is all padding
+    # (ignore_index): the forward skips it. Block 0 has valid targets but zero upstream gradient (loss-masked
+    # tokens): the backward skips it. Block 2 mixes zero and non-zero gradients, so it must not be skipped.
+    hidden, weight, b, targets = make_linear_inputs(150, 24, 700, bias=True, seed=21, ignore_frac=0.0)
+    targets = targets.clone()
+    targets[64:128] = -100
+    gen = torch.Generator().manual_seed(4)
+    g_logp, g_ent = torch.randn(150, generator=gen), torch.randn(150, generator=gen)
+    g_logp[:64] = g_ent[:64] = 0.0
+    g_logp[128:140] = g_ent[128:140] = 0.0
+    h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+    logp, ent = linear_logprob_entropy(h, w, targets, bias=bb, temperature=0.8, impl="triton")
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    h64, w64, b64 = (t.double().requires_grad_() for t in (hidden, weight, b))
+    r_logp, r_ent = oracle_linear_logprob_entropy(h64, w64, targets, b64, 0.8)
+    ((r_logp * g_logp.double()).sum() + (r_ent * g_ent.double()).sum()).backward()
+    assert (logp.double() - r_logp).abs().max() <= FWD_ATOL
+    assert (ent.double() - r_ent).abs().max() <= FWD_ATOL
+    assert bool((logp[64:128] == 0).all() and (ent[64:128] == 0).all())
+    for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad), (bb.grad, b64.grad)):
+        assert rel_err(got, ref) <= 1e-5
+    assert bool((h.grad[:128] == 0).all())
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_strided_bias_and_transposed_weight(impl):
     # a bias that is a strided view and a weight stored [D, V] and transposed: the kernels index both with
@@ -363,8 +388,9 @@ def test_gpu_bf16_real_shapes(n, d, v):
         lp, en = oracle_linear_logprob_entropy(hidden[i:i + 256], weight, targets[i:i + 256], None, 0.9)
         ref_logp.append(lp)
         ref_ent.append(en)
-    assert (logp.double() - torch.cat(ref_logp)).abs().max() <= 1e-4
-    assert (ent.double() - torch.cat(ref_ent)).abs().max() <= 3e-4
+    logp_err = (logp.double() - torch.cat(ref_logp)).abs().max().item()
+    ent_err = (ent.double() - torch.cat(ref_ent)).abs().max().item()
+    assert logp_err <= 1e-4 and ent_err <= 3e-4, (logp_err, ent_err)  # both printed: the GPU run is rare
 
 
 @pytest.mark.gpu

@@ -23,8 +23,8 @@ def _check(impl, logits, targets, temperature, seed=0, inplace=False):
     x = logits.clone().requires_grad_()
     logp, ent = logprob_entropy(x if not inplace else x * 1, targets, temperature=temperature, impl=impl,
                                 inplace_backward=inplace)
-    g = torch.Generator().manual_seed(seed + 1)
-    g_logp, g_ent = torch.randn(logp.shape, generator=g), torch.randn(logp.shape, generator=g)
+    g = torch.Generator().manual_seed(seed + 1)  # CPU generator (reproducible everywhere), then the logits' device
+    g_logp, g_ent = (torch.randn(logp.shape, generator=g).to(logits.device) for _ in range(2))
     ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
 
     x64 = logits.double().requires_grad_()
