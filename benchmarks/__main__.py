@@ -136,6 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 log(f"adding to the earlier results in {out_dir}")
         except Exception as exc:  # noqa: BLE001
             log(f"could not read {prev_path} ({exc}); overwriting it")
+    results.autosave_dir = out_dir  # tables are saved as they are finished, plots after every benchmark
     if args.budget_s:
         set_deadline(args.budget_s)
     t0 = time.perf_counter()

@@ -126,6 +126,95 @@ def _compiled(fn: Callable, cfg: BenchConfig) -> Callable:
         raise Skip(f"torch.compile unavailable ({short_reason(exc)})") from None
 
 
+_VERL_LCE: Dict[str, Any] = {}  # the loaded verl linear_cross_entropy (one load per process)
+_VERL_PKG = "_benchmarks_verl_kernel"  # the package name verl's two kernel files are loaded under, standalone
+
+
+def _verl_device_stub():
+    """The four ``verl.utils.device`` names verl's ``kernels.py`` imports, for CUDA."""
+    import types
+
+    stub = types.ModuleType("verl.utils.device")
+    stub.is_cuda_available = torch.cuda.is_available()
+    stub.get_device_capability = (lambda device_id=0: torch.cuda.get_device_capability(device_id)
+                                  if torch.cuda.is_available() else (None, None))
+    stub.get_device_name = lambda: "cuda"
+    stub.get_torch_device = lambda: torch.cuda
+    return stub
+
+
+def _load_verl_standalone(kernel_dir) -> Callable:
+    """verl's ``utils/kernel/{kernels,linear_cross_entropy}.py`` loaded on their own, under ``_VERL_PKG``: they
+    need torch and triton, and from verl itself only four names of ``verl.utils.device`` (stubbed for the time
+    of the load, then removed again from ``sys.modules``)."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    kernel_dir = Path(kernel_dir)
+    pkg = types.ModuleType(_VERL_PKG)
+    pkg.__path__ = [str(kernel_dir)]
+    stubs = {"verl": types.ModuleType("verl"), "verl.utils": types.ModuleType("verl.utils"),
+             "verl.utils.device": _verl_device_stub()}
+    stubs["verl"].utils = stubs["verl.utils"]
+    stubs["verl.utils"].device = stubs["verl.utils.device"]
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules[_VERL_PKG] = pkg
+    try:
+        sys.modules.update(stubs)
+        mods = {}
+        for name in ("kernels", "linear_cross_entropy"):
+            spec = importlib.util.spec_from_file_location(f"{_VERL_PKG}.{name}", kernel_dir / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            spec.loader.exec_module(mod)
+            setattr(pkg, name, mod)  # ``from . import kernels`` (inside forward/backward) finds it here
+            mods[name] = mod
+    except BaseException:
+        for k in [k for k in sys.modules if k == _VERL_PKG or k.startswith(_VERL_PKG + ".")]:
+            del sys.modules[k]
+        raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return mods["linear_cross_entropy"].linear_cross_entropy
+
+
+def verl_linear_cross_entropy() -> Callable:
+    """verl's fused ``linear_cross_entropy`` (raises :class:`Skip` when verl is not installed).
+
+    The ordinary import runs ``verl/__init__.py``, which needs ray, tensordict, omegaconf and more: on a GPU
+    image where verl travelled as a ``--no-deps`` wheel (benchmarks/gpu_checks.sh) that import fails although
+    the kernel itself needs only torch and triton, so its two files are then loaded on their own."""
+    if "fn" in _VERL_LCE:
+        return _VERL_LCE["fn"]
+    try:
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy as fn
+    except Exception as exc:  # noqa: BLE001
+        import importlib.util
+        from pathlib import Path
+
+        try:
+            spec = importlib.util.find_spec("verl")  # locates the package without running its __init__
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise Skip(f"verl.utils.kernel.linear_cross_entropy not importable ({short_reason(exc)})") from None
+        kernel_dir = Path(list(spec.submodule_search_locations)[0]) / "utils" / "kernel"
+        try:
+            fn = _load_verl_standalone(kernel_dir)
+        except Exception as exc2:  # noqa: BLE001
+            raise Skip(f"verl.utils.kernel.linear_cross_entropy not importable ({short_reason(exc)}), nor its "
+                       f"kernel files on their own ({short_reason(exc2)})") from None
+        log(f"verl: package import failed ({short_reason(exc)}); loaded {kernel_dir}/linear_cross_entropy.py "
+            "on its own")
+    _VERL_LCE["fn"] = fn
+    return fn
+
+
 def linear_impls(cfg: BenchConfig, n: int, d: int, vocab: int, *, sweep: bool = False) -> List[Impl]:
     dev = cfg.device
     impls: List[Impl] = []
@@ -173,10 +262,9 @@ def linear_impls(cfg: BenchConfig, n: int, d: int, vocab: int, *, sweep: bool = 
         _need_cuda(dev, "verl's linear_cross_entropy (Triton kernels assert hidden.is_cuda)")
         if d % 128:
             raise Skip(f"verl's kernel needs D % 128 == 0 (D={d})")
-        try:
-            from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
-        except Exception as exc:  # noqa: BLE001
-            raise Skip(f"verl.utils.kernel.linear_cross_entropy not importable ({short_reason(exc)})") from None
+        linear_cross_entropy = verl_linear_cross_entropy()
+        # (hidden [N, D], weight [V, D], labels [N], temperature: float, reduction) -> (logp, entropy), fp32 [N];
+        # its backward asserts that both upstream gradients are given and contiguous (always true here)
         return lambda h, w, t: tuple(linear_cross_entropy(h, w, t, 1.0, "none"))
 
     impls.append(Impl("verl linear_cross_entropy", verl_make))
@@ -193,7 +281,9 @@ def linear_impls(cfg: BenchConfig, n: int, d: int, vocab: int, *, sweep: bool = 
             return -nll.float(), None
         return f
 
-    impls.append(Impl("cut-cross-entropy linear_cross_entropy", cce_make,
+    # its backward asserts 16-bit inputs ("Backwards requires embeddings to be bf16 or fp16"); --quick is fp32
+    cce_skip = {"fwd+bwd": "cut-cross-entropy's backward needs bf16/fp16 inputs (--quick is fp32)"} if cfg.quick else {}
+    impls.append(Impl("cut-cross-entropy linear_cross_entropy", cce_make, skip_modes=cce_skip,
                       note="log-prob only (no entropy); default gradient filtering"))
     return impls
 
@@ -472,7 +562,16 @@ def _sweep(cfg: BenchConfig, results: Results, sweep_id: str, x_name: str, xs: L
            shape_at: Callable[[int], Tuple[int, int, int]], data_at: Callable[[int], Any], fixed: str) -> None:
     dtype = torch.float32 if cfg.quick else torch.bfloat16
     series: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
-    for x in xs:
+
+    def publish(done: List[int]) -> None:  # after every size: a run killed mid-sweep keeps the sizes it finished
+        results.add_sweep({
+            "id": sweep_id, "x_name": x_name, "xs": list(done), "modes": ["fwd", "fwd+bwd"], "series": series,
+            "title": f"linear_logprob_entropy scaling vs {x_name} ({fixed}, {dtype_name(dtype)})",
+            "notes": ["no torch.compile rows (one compile per shape); errors are not checked here",
+                      "OOM after an OOM at a smaller size is assumed, not re-run"],
+        })
+
+    for i, x in enumerate(xs):
         n, d, vocab = shape_at(x)
         log(f"{sweep_id}: {x_name}={x}")
         try:
@@ -483,6 +582,7 @@ def _sweep(cfg: BenchConfig, results: Results, sweep_id: str, x_name: str, xs: L
                 for pts in s.values():
                     pts.append({"x": x, "status": "skipped", "reason": "data generation failed"})
             free_memory(cfg.device)
+            publish(xs[: i + 1])
             continue
         g_logp, g_ent = _grad_outputs(n, cfg.device)
         for impl in linear_impls(cfg, n, d, vocab, sweep=True):
@@ -504,12 +604,7 @@ def _sweep(cfg: BenchConfig, results: Results, sweep_id: str, x_name: str, xs: L
                 pts.append(pt)
         del data
         free_memory(cfg.device)
-    results.add_sweep({
-        "id": sweep_id, "x_name": x_name, "xs": xs, "modes": ["fwd", "fwd+bwd"], "series": series,
-        "title": f"linear_logprob_entropy scaling vs {x_name} ({fixed}, {dtype_name(dtype)})",
-        "notes": ["no torch.compile rows (one compile per shape); errors are not checked here",
-                  "OOM after an OOM at a smaller size is assumed, not re-run"],
-    })
+        publish(xs[: i + 1])
 
 
 def run_sweep_n(cfg: BenchConfig, results: Results) -> None:

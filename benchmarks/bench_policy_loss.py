@@ -164,7 +164,9 @@ def policy_impls(cfg: BenchConfig) -> List[Impl]:
     impls = [Impl("ours (fused_linear_policy_loss)", ours_make),
              Impl("naive PyTorch (materialized logits + same loss)", lambda: naive_policy),
              Impl("torch.compile(naive)", lambda: _compiled(naive_policy, cfg))]
-    liger_note = "loss_type='bnpo' (= token-mean), beta=0"
+    # Liger's autograd.Function runs each chunk's backward inside its forward (the gradients are stored for
+    # backward), so even under no_grad its fwd row does the input-gradient work too
+    liger_note = "loss_type='bnpo' (= token-mean), beta=0; computes its gradients in the forward (fwd row too)"
     if dev.type != "cuda":
         impls.append(Impl("Liger LigerFusedLinearGRPOLoss", liger_make, note=liger_note,
                           skip_modes={m: "CPU run (Liger targets CUDA)" for m in ("fwd", "fwd+bwd")}))

@@ -467,16 +467,32 @@ class Results:
         self.rooflines: Dict[str, Any] = {}
         self.sections: List[Dict[str, Any]] = []
         self.sweeps: List[Dict[str, Any]] = []
+        # when set, results.json and results.md (no plots) are rewritten there after every added section or sweep
+        # point, so that a run killed by an external time limit in the middle of a benchmark keeps its tables
+        self.autosave_dir: Optional[Path] = None
 
     # building
     def add_section(self, section: Dict[str, Any]) -> None:
         self.sections = [s for s in self.sections if s["id"] != section["id"]] + [section]
+        self._autosave()
 
     def remove_section(self, section_id: str) -> None:
         self.sections = [s for s in self.sections if s["id"] != section_id]
 
     def add_sweep(self, sweep: Dict[str, Any]) -> None:
         self.sweeps = [s for s in self.sweeps if s["id"] != sweep["id"]] + [sweep]
+        self._autosave()
+
+    def _autosave(self) -> None:
+        if self.autosave_dir is None:
+            return
+        try:
+            self.autosave_dir.mkdir(parents=True, exist_ok=True)
+            (self.autosave_dir / "results.json").write_text(json.dumps(self.to_json(), indent=1,
+                                                                       default=_json_default))
+            (self.autosave_dir / "results.md").write_text(self.markdown())
+        except Exception as exc:  # noqa: BLE001 - a failed checkpoint must not stop the run
+            print(f"[benchmarks] checkpoint to {self.autosave_dir} failed: {short_reason(exc)}", file=sys.stderr)
 
     def to_json(self) -> Dict[str, Any]:
         return {"env": self.env, "rooflines": self.rooflines, "sections": self.sections, "sweeps": self.sweeps}
