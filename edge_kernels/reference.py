@@ -73,13 +73,18 @@ def grad_logits_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy
                      grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float) -> Tensor:
     """Gradient w.r.t. the raw logits of the columns ``[col0, col0 + z.shape[1])`` (fp32 ``z`` is scaled).
 
-    ``grad_logp``/``grad_entropy`` must already be 0 on ignored rows.
+    ``grad_logp``/``grad_entropy`` must already be 0 on ignored rows. A row whose upstream gradients are both 0
+    gets exactly 0 (not ``0 * NaN`` from NaN logits of a padding row), as the Triton and CUDA kernels, which
+    skip such rows, give.
     """
     p = torch.exp(z - lse[:, None])
     dz = -grad_logp[:, None] * p
+    active = grad_logp != 0
     if grad_entropy is not None:
         ent_term = p * torch.where(torch.isneginf(z), torch.zeros_like(p), z - lse[:, None] + entropy[:, None])
         dz = dz - grad_entropy[:, None] * ent_term
+        active = active | (grad_entropy != 0)
+    dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
     local, in_chunk = _local_targets(targets, col0, z.shape[1])
     dz.scatter_add_(1, local[:, None], torch.where(in_chunk, grad_logp, torch.zeros_like(grad_logp))[:, None])
     return dz * inv_temp

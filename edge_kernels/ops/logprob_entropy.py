@@ -44,12 +44,19 @@ def _logits_stats_fwd_kernel(
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_mask = offs_r < N
     x_rows = X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None]
-    tgt = tl.load(TGT + offs_r, mask=r_mask, other=-1)
+    tgt = tl.load(TGT + offs_r, mask=r_mask, other=ignore_index)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     s = tl.zeros([ROWS], tl.float32)
     b = tl.zeros([ROWS], tl.float32)
     zt = tl.zeros([ROWS], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    # rows whose targets are all ignored (padding) are never read: their outputs are 0 and their statistics
+    # those of one zero logit (lse = 0), which the backward never uses (their gradient is 0)
+    v_end = V
+    if tl.max((tgt != ignore_index).to(tl.int32), 0) == 0:
+        v_end = 0
+        m = tl.zeros([ROWS], tl.float32)
+        s = tl.full([ROWS], 1.0, tl.float32)
+    for v0 in range(0, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         x = tl.load(x_rows + offs_v[None, :], mask=r_mask[:, None] & v_mask[None, :], other=float("-inf"))
@@ -72,21 +79,26 @@ def _logits_grad_kernel(
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     r_mask = offs_r < N
-    mask = r_mask[:, None] & (offs_v < V)[None, :]
-    x = tl.load(X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None] + offs_v[None, :], mask=mask, other=0.0)
-    z = x.to(tl.float32) * inv_temp
     tgt = tl.load(TGT + offs_r, mask=r_mask, other=-1)
     lse = tl.load(LSE + offs_r, mask=r_mask, other=0.0)
     g_logp = tl.load(G_LOGP + offs_r, mask=r_mask, other=0.0)
     if HAS_GRAD_ENTROPY:
         ent = tl.load(ENT + offs_r, mask=r_mask, other=0.0)
         g_ent = tl.load(G_ENT + offs_r, mask=r_mask, other=0.0)
+        active = (g_logp != 0) | (g_ent != 0)
     else:
         ent = lse
         g_ent = g_logp
+        active = g_logp != 0
+    # rows with zero upstream gradient (ignored, padding, loss-masked) get exact zeros without reading logits
+    row_active = r_mask & active
+    mask = row_active[:, None] & (offs_v < V)[None, :]
+    x = tl.load(X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None] + offs_v[None, :], mask=mask, other=0.0)
+    z = x.to(tl.float32) * inv_temp
     dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY)
+    dz = tl.where(mask, dz, 0.0)
     tl.store(DX + _row_offsets(offs_r, T, dstride_b, dstride_t)[:, None] + offs_v[None, :],
-             dz.to(DX.dtype.element_ty), mask=mask)
+             dz.to(DX.dtype.element_ty), mask=r_mask[:, None] & (offs_v < V)[None, :])
 
 
 def _config(n: int, vocab: int, dtype: torch.dtype, interpret: Optional[bool] = None):

@@ -90,6 +90,30 @@ def test_inplace_backward_on_overlapping_rows_gets_a_new_buffer(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_padding_rows_are_never_read(impl):
+    # padding rows (ignored targets) full of NaN: outputs 0, gradient exactly 0 there, nothing leaks elsewhere;
+    # rows 0-15 are all padding (a whole interpreter block), row 20 is padding inside a block of real rows
+    logits, targets = make_logits((40,), 300, seed=13, ignore_frac=0.0)
+    targets = targets.clone()
+    targets[:16] = -100
+    targets[20] = -100
+    logits[:16] = float("nan")
+    logits[20] = float("nan")
+    x = logits.clone().requires_grad_()
+    logp, ent = logprob_entropy(x, targets, temperature=0.9, impl=impl)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    pad = targets == -100
+    assert bool((logp[pad] == 0).all() and (ent[pad] == 0).all() and (x.grad[pad] == 0).all())
+    keep = ~pad
+    x64 = logits[keep].double().requires_grad_()
+    r_logp, r_ent = oracle_logprob_entropy(x64, targets[keep], 0.9)
+    (r_logp.sum() + 0.5 * r_ent.sum()).backward()
+    assert (logp[keep].double() - r_logp).abs().max() <= 1e-5
+    assert (ent[keep].double() - r_ent).abs().max() <= 1e-5
+    assert torch.allclose(x.grad[keep].double(), x64.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_masked_vocabulary_entries(impl):
     logits, targets = make_logits((10,), 50, seed=3, ignore_frac=0.0)
     logits[:, ::4] = float("-inf")  # a vocabulary mask
