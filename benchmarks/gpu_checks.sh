@@ -40,7 +40,7 @@ python3 -c "import importlib.util as u; print('anchors:', ', '.join(m + (' ok' i
 # inside the device tool's 600 s per command. Tables are saved as they finish, so a kill loses one row at most.
 case "$piece" in
     tests)
-        python3 -m pytest -q -m gpu tests/ops tests/test_losses.py tests/test_cuda_ext.py 2>&1 | tee "$out/gpu-tests.log"
+        python3 -m pytest -q -m gpu --durations=15 tests/ops tests/test_losses.py tests/test_cuda_ext.py 2>&1 | tee "$out/gpu-tests.log"
         ;;
     linear)
         python3 -m benchmarks --only linear --budget-s 450 --out "$out/bench-linear" 2>&1 | tee "$out/bench-linear.log"
