@@ -541,8 +541,11 @@ def group_advantage_variance(advantages: Tensor, *, group_size: Optional[int] = 
                              group_ids: Optional[Tensor] = None) -> Tensor:
     """Mean over groups of the within-group variance of per-sequence advantages ``[B]`` -> 0-d tensor.
 
-    Spec: ../shared/algorithms.md section 6 (EDGE-GRPO's Figure 5 quantity). Uses the population variance
-    (divide by the group size), so a group of one row contributes 0. Only ``[B]`` is accepted.
+    Spec: ../shared/algorithms.md section 6 ("intra-group advantage variance", the quantity behind EDGE-GRPO's
+    Figure 5). Uses the population variance (divide by the group size), so a group of one row contributes 0.
+    EDGE-GRPO's official trainer logs the batch-wide unbiased variance instead (``adv_batch_var`` in
+    :func:`edge_kernels.policy_loss`'s metrics); the two differ by how the groups' means spread. Only ``[B]`` is
+    accepted.
     """
     a, g = _metric_input(advantages, group_size, group_ids)
     dev = a - _group_mean(a, g)

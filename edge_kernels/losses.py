@@ -192,6 +192,7 @@ def _group_metrics(advantages: Tensor, group_size, group_ids) -> Dict[str, Tenso
     a = advantages.detach()
     return {
         "adv_group_var": group_advantage_variance(a, group_size=group_size, group_ids=group_ids),
+        "adv_batch_var": a.var() if a.numel() > 1 else torch.zeros((), dtype=a.dtype, device=a.device),
         "zero_adv_group_frac": zero_advantage_group_fraction(a, group_size=group_size, group_ids=group_ids),
     }
 
@@ -260,15 +261,17 @@ def policy_loss(
           verl's ``pg_clipfrac``.
         * ``clip_frac_dual`` (dual clip only): verl's ``pg_clipfrac_lower``, tokens with ``A < 0`` and
           ``L^clip > c |A|``.
-        * ``approx_kl``: k3 estimate of KL(old || current), ``mean(exp(l_old - l) - (l_old - l) - 1)``, from the
-          clamped token log-ratio (always token level).
+        * ``approx_kl``: k3 estimate of KL(old || current) from tokens sampled under the old policy,
+          ``mean(exp(l - l_old) - 1 - (l - l_old))`` (unbiased for that direction), from the clamped token
+          log-ratio (always token level).
         * ``kl_ref`` (when ``ref_logp`` is given): mean of the chosen ``kl_type`` estimator.
         * ``entropy_mean`` (when ``entropy`` is given).
         * ``keep_frac`` (entropy filter only): kept tokens' share of the masked tokens.
         * ``adv_mean``, ``adv_std``: token-weighted mean and unbiased std of the advantages (verl's
           ``critic/advantages`` statistics).
         * ``adv_group_var``, ``zero_adv_group_frac``: see :mod:`edge_kernels.advantages` (``[B]`` advantages
-          with a group layout only).
+          with a group layout only); ``adv_batch_var``: the unbiased variance of the ``[B]`` advantages over the
+          whole batch, the quantity EDGE-GRPO's official trainer logs.
 
     Raises:
         ValueError: a bad shape, an unknown mode string, ``clip_low``/``clip_high`` < 0, ``dual_clip <= 1``,
@@ -354,7 +357,7 @@ def policy_loss(
             "ratio_mean": mmean(r),
             "clip_frac_low": mmean((a < 0) & (r < 1.0 - clip_low)),
             "clip_frac_high": mmean((a > 0) & (r > 1.0 + clip_high)),
-            "approx_kl": mmean(torch.exp(-lr_tok) + lr_tok - 1.0),
+            "approx_kl": mmean(torch.expm1(lr_tok) - lr_tok),
         }
         if dual_clip is not None:
             metrics["clip_frac_dual"] = mmean((a < 0) & (pg_clip.detach() > -a * dual_clip))

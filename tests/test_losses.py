@@ -225,7 +225,11 @@ def test_hand_computed_example():
     assert m["clip_frac_high"].item() == pytest.approx(0.25)
     assert m["clip_frac_low"].item() == 0.0
     assert m["ratio_mean"].item() == pytest.approx(1.75, rel=1e-6)
-    assert m["approx_kl"].item() == pytest.approx(0.253819738833694, rel=1e-5)  # k3 of l_old vs l
+    # k3 of KL(old || current) under old samples: mean(r - 1 - ln r) over r = 1.5, 0.5, 1, 4
+    # = ((0.5 - ln 1.5) + (-0.5 + ln 2) + 0 + (3 - ln 4)) / 4 = 0.4753470...
+    k3 = ((0.5 - math.log(1.5)) + (-0.5 + math.log(2.0)) + 0.0 + (3.0 - math.log(4.0))) / 4
+    assert k3 == pytest.approx(0.475347, abs=1e-6)
+    assert m["approx_kl"].item() == pytest.approx(k3, rel=1e-5)
     assert m["adv_mean"].item() == 0.0
     assert m["adv_std"].item() == pytest.approx(math.sqrt(4 / 3), rel=1e-6)  # unbiased over 4 tokens
 
@@ -289,6 +293,10 @@ def test_metrics_are_detached_scalars_and_group_metrics():
         assert v.dim() == 0 and not v.requires_grad, k
     assert m["zero_adv_group_frac"].item() == 0.5
     assert m["adv_group_var"].item() == pytest.approx(group_advantage_variance(adv, group_size=2).item())
+    # groups (0, 0) and (1, -1): population variances 0 and 1 -> 0.5; batch-wide unbiased variance of
+    # [0, 0, 1, -1] = (0 + 0 + 1 + 1) / 3
+    assert m["adv_group_var"].item() == pytest.approx(0.5)
+    assert m["adv_batch_var"].item() == pytest.approx(2 / 3)
     torch.testing.assert_close(m["entropy_mean"], (entropy * mask).sum() / mask.sum())
     _, m_ids = policy_loss(logp, old, adv, mask, group_ids=torch.tensor([7, 3, 7, 3]))
     assert m_ids["zero_adv_group_frac"].item() == 0.0  # groups {0, 2}, {1, 3} both nonzero

@@ -266,14 +266,41 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.phase = "warmup" if c.warmup_steps > 0 else "rl"
 
+    def regeneration_horizon(self) -> int:
+        """The longest sampled sequence after the prompt: a response, plus (GEC regeneration) the reflection
+        prompt and the continuation. What a rollout engine's context must hold beyond the prompt."""
+        c = self.cfg
+        n = c.max_new_tokens
+        if c.gec and c.gec_p_regenerate > 0:
+            n += len(self.tokenizer.encode(c.gec_reflection, add_special_tokens=False)) + c.gec_max_new_tokens
+        return n
+
+    def response_horizon(self) -> int:
+        """The longest response the loop can train on, a constant of the run: a regenerated response, one with
+        the answer injected, or the longest reference solution of the training set (GEC's branches). Dr.GRPO's
+        ``seq-mean-token-sum-norm`` divides by it (its fixed ``max_completion_length``), not by the width of
+        whichever batch a step happened to pack."""
+        if getattr(self, "_response_horizon", None) is None:
+            c = self.cfg
+            n = self.regeneration_horizon()
+            if c.gec and c.gec_p_inject > 0:
+                inj = [c.gec_injection.replace("ANSWER", str(p.answer)) for p in self.train_problems]
+                n = max(n, c.max_new_tokens + 1 + max(map(len, self._encode_texts(inj)), default=0))
+            if c.gec and c.gec_p_reference > 0:
+                sols = [p.solution for p in self.train_problems if p.solution]
+                n = max(n, 1 + max(map(len, self._encode_texts(sols)), default=0))
+            self._response_horizon = n
+        return self._response_horizon
+
+    def _encode_texts(self, texts):
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
     def max_model_len(self) -> int:
         """The longest sequence a rollout engine is asked for: a prompt (at most --max-prompt-tokens), a response,
         and, with GEC regeneration, the reflection prompt and its continuation; capped at the model's context
         (vLLM would otherwise size its KV cache for the model's full context)."""
         c = self.cfg
-        n = c.max_prompt_tokens + c.max_new_tokens
-        if c.gec and c.gec_p_regenerate > 0:
-            n += len(self.tokenizer.encode(c.gec_reflection, add_special_tokens=False)) + c.gec_max_new_tokens
+        n = c.max_prompt_tokens + self.regeneration_horizon()
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         return min(n, int(limit)) if isinstance(limit, int) and limit > 0 else n
 
@@ -484,6 +511,7 @@ class Trainer:
         _, weight, bias = decoder_and_head(self.model)
         self.model.train()
         B, T = packed.targets.shape
+        horizon = self.response_horizon()  # fixed Dr.GRPO denominator (an injected solution may exceed it)
         mb = c.micro_batch_size or B
         n_tok = loss_mask.sum().clamp(min=1)
         total_loss = 0.0
@@ -502,7 +530,7 @@ class Trainer:
                         temperature=c.temperature, old_logp=old_logp[sl], eda=eda_mode, group_size=G,
                         eda_eps=c.adv_eps, eda_clamp=tuple(c.eda_clamp) if c.eda_clamp else None, impl=c.impl,
                         clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef, agg=c.loss_agg,
-                        max_len=T)
+                        max_len=max(horizon, T))
                     if c.loss_agg == "token-mean":
                         w = (loss_mask[sl].sum() / n_tok).item()
                     else:

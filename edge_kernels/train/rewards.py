@@ -17,8 +17,9 @@ _BOXED = "\\boxed"
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last brace-matched ``\\boxed{...}`` in ``text``, or None if there is none (or it is
-    unclosed). ``\\boxed {x}`` (a space before the brace) is accepted."""
+    """Content of the last brace-matched ``\\boxed{...}`` in ``text``, or None if there is none. A last box that
+    is unclosed (a response cut off mid-answer) or not followed by a brace is skipped for the one before it.
+    ``\\boxed {x}`` (a space before the brace) is accepted."""
     start = text.rfind(_BOXED)
     while start != -1:
         i = start + len(_BOXED)

@@ -76,6 +76,32 @@ def test_a_training_step_changes_the_weights(tmp_path, estimator):
         assert v == v  # no NaN
 
 
+def test_dr_grpo_divides_by_a_fixed_horizon(tmp_path, monkeypatch):
+    # Dr.GRPO's seq-mean-token-sum-norm divides by a constant max completion length, not by the width of the
+    # batch a step happened to pack (which varies with response and GEC lengths)
+    import edge_kernels.losses as L
+
+    seen = []
+    real = L.fused_linear_policy_loss
+
+    def spy(hidden, weight, targets, *a, **k):
+        seen.append((k["agg"], k["max_len"], targets.shape[1]))
+        return real(hidden, weight, targets, *a, **k)
+
+    monkeypatch.setattr(L, "fused_linear_policy_loss", spy)
+    tr = make_trainer(tmp_path, estimator="dr_grpo", warmup_steps=0)
+    reflection = len(tr.tokenizer.encode(tr.cfg.gec_reflection, add_special_tokens=False))
+    assert tr.regeneration_horizon() == TINY["max_new_tokens"] + reflection + TINY["gec_max_new_tokens"]
+    longest_solution = max(len(tr.tokenizer.encode(p.solution, add_special_tokens=False))
+                           for p in tr.train_problems)
+    assert tr.response_horizon() >= max(tr.regeneration_horizon(), longest_solution + 1)
+    tr.rl_step()
+    tr.rl_step()
+    assert seen and all(agg == "seq-mean-token-sum-norm" for agg, _, _ in seen)
+    assert {(agg, max_len) for agg, max_len, _ in seen} == {("seq-mean-token-sum-norm", tr.response_horizon())}
+    assert all(width <= tr.response_horizon() for _, _, width in seen)
+
+
 def test_no_gec_and_mask_injected(tmp_path):
     tr = make_trainer(tmp_path, gec=False, warmup_steps=0)
     rec = tr.rl_step()
