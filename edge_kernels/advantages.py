@@ -25,6 +25,7 @@ Tensor = torch.Tensor
 __all__ = [
     "masked_mean",
     "seq_mean_entropy",
+    "group_mean",
     "nll_uncertainty",
     "grpo_advantages",
     "eda_advantages",
@@ -207,16 +208,50 @@ def _group_constant(x: Tensor, g: _Groups) -> Tensor:
     return (hi == lo)[g.index]
 
 
-def _relative_scale(values: Tensor, g: _Groups, eps: float) -> Tensor:
+def _valid_group_mean(v: Tensor, g: _Groups, valid: Optional[Tensor]) -> Tensor:
+    """Per-group mean of ``v [B]`` over the rows where ``valid`` (all rows when None), gathered back to ``[B]``;
+    0 for a group without valid rows."""
+    if valid is None:
+        return _group_mean(v, g)
+    vf = valid.to(v.dtype)
+    total = _group_sum(torch.where(valid, v, torch.zeros_like(v)), g)
+    return (total / _group_sum(vf, g).clamp_min(1))[g.index]
+
+
+def _relative_scale(values: Tensor, g: _Groups, eps: float, valid: Optional[Tensor] = None) -> Tensor:
     """``mean_g(v) / (v_i + eps)`` with the group mean detached (the EDA scale and the EGPO weight).
 
     Negative values (round-off of an entropy kernel) count as 0, so the scale is always finite. A group whose
     values are all 0 gets scale 1 (the limit for equal values; the literal formula would give 0 / eps = 0 and
-    erase the group's advantages).
+    erase the group's advantages). Rows outside ``valid`` (no response token left: a truncated or fully
+    masked completion) are left out of the group mean, where their ``v = 0`` would drag it down, and get 1.
     """
     v = values.clamp_min(0)
-    mean = _group_mean(v.detach(), g)
-    return torch.where(mean > 0, mean / (v + eps), torch.ones_like(v))
+    mean = _valid_group_mean(v.detach(), g, valid)
+    scale = torch.where(mean > 0, mean / (v + eps), torch.ones_like(v))
+    return scale if valid is None else torch.where(valid, scale, torch.ones_like(scale))
+
+
+def _valid_rows(valid: Optional[Tensor], batch: int, device) -> Optional[Tensor]:
+    if valid is None:
+        return None
+    if not isinstance(valid, Tensor):
+        raise TypeError(f"valid must be a bool tensor [B] or None, got {type(valid).__name__}")
+    if tuple(valid.shape) != (batch,):
+        raise ValueError(f"valid must have shape [B] = ({batch},), got {tuple(valid.shape)}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+    return valid.to(device)
+
+
+def group_mean(values: Tensor, *, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
+               valid: Optional[Tensor] = None) -> Tensor:
+    """Per-group mean of ``values [B]`` over the rows where ``valid`` (bool ``[B]``; all rows by default),
+    gathered back to ``[B]`` (0 for a group without valid rows). The detached ``mean_g`` of sections 2 and 4
+    for callers that form the EDA scale in two steps (e.g. the mean at rollout time, the scale in the loss)."""
+    v = _per_sequence("values", values)
+    g = _resolve_groups("values", v.shape[0], v.device, group_size, group_ids)
+    return _valid_group_mean(v, g, _valid_rows(valid, v.shape[0], v.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,7 +339,7 @@ def grpo_advantages(rewards: Tensor, *, group_size: Optional[int] = None, group_
 
 def eda_advantages(advantages: Tensor, seq_entropy: Tensor, *, group_size: Optional[int] = None,
                    group_ids: Optional[Tensor] = None, eps: float = 1e-6,
-                   clamp: Optional[Tuple[float, float]] = None) -> Tensor:
+                   clamp: Optional[Tuple[float, float]] = None, valid: Optional[Tensor] = None) -> Tensor:
     """EDGE-GRPO's Entropy-Driven Advantage: ``A^_i = A_i * mean_g(P) / (P_i + eps)``.
 
     Spec: ../shared/algorithms.md section 2. ``advantages`` is ``[B]`` or token-level ``[B, T]`` (the scale
@@ -314,12 +349,17 @@ def eda_advantages(advantages: Tensor, seq_entropy: Tensor, *, group_size: Optio
     Gradient flows through ``1 / (P_i + eps)`` when ``seq_entropy`` requires grad (the "current" entropy
     source); ``mean_g(P)`` is always computed from ``seq_entropy.detach()``. For the "old" source pass a
     detached ``P``. EDA only rescales: a group whose advantages are all 0 stays 0.
+
+    ``valid`` (bool ``[B]``, e.g. ``mask.any(-1)``): rows with at least one response token. The others (a
+    completion truncated away or fully masked, whose ``P = 0`` says nothing) are left out of ``mean_g(P)`` and
+    keep scale 1. Default: every row counts.
     """
     a = _advantage_input(advantages)
     p = _per_sequence("seq_entropy", seq_entropy, a.shape[0])
     eps = _eps(eps, positive=True)
     g = _resolve_groups("advantages", a.shape[0], a.device, group_size, group_ids)
-    s = _relative_scale(p, g, eps)
+    valid = _valid_rows(valid, a.shape[0], a.device)
+    s = _relative_scale(p, g, eps, valid)
     if clamp is not None:
         if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
             raise TypeError(f"clamp must be a (s_min, s_max) pair or None, got {clamp!r}")
@@ -327,6 +367,8 @@ def eda_advantages(advantages: Tensor, seq_entropy: Tensor, *, group_size: Optio
         if not 0 <= lo <= hi:
             raise ValueError(f"clamp must satisfy 0 <= s_min <= s_max, got {tuple(clamp)!r}")
         s = s.clamp(lo, hi)
+        if valid is not None:  # rows without tokens keep exactly 1, whatever the clamp
+            s = torch.where(valid, s, torch.ones_like(s))
     return a * (s if a.dim() == 1 else s[:, None])
 
 
@@ -335,8 +377,8 @@ def eda_advantages(advantages: Tensor, seq_entropy: Tensor, *, group_size: Optio
 
 
 def _egpo_weights(u: Tensor, correct: Tensor, g: _Groups, mode: str, w_min: float, w_max: float,
-                  renorm: bool, eps: float) -> Tensor:
-    w = _relative_scale(u, g, eps)
+                  renorm: bool, eps: float, valid: Optional[Tensor]) -> Tensor:
+    w = _relative_scale(u, g, eps, valid)
     if mode == "symmetric":
         w = w.clamp(w_min, w_max)
     else:
@@ -361,7 +403,8 @@ def _check_weight_bounds(mode: str, w_min: float, w_max: float) -> None:
 def egpo_advantages(rewards: Tensor, seq_uncertainty: Tensor, *, group_size: Optional[int] = None,
                     group_ids: Optional[Tensor] = None, w_min: float = 0.5, w_max: float = 2.0,
                     mode: str = "asymmetric", renorm: bool = False, nsr_value: float = -1.0, eps: float = 1e-6,
-                    scale: str = "group", correct_threshold: float = 0.0) -> Tensor:
+                    scale: str = "group", correct_threshold: float = 0.0,
+                    valid: Optional[Tensor] = None) -> Tensor:
     """EGPO calibrated advantages ``A~_i = A_i * w_i`` ``[B]`` with negative-sample reinforcement (NSR).
 
     Spec: ../shared/algorithms.md section 4.
@@ -373,6 +416,8 @@ def egpo_advantages(rewards: Tensor, seq_uncertainty: Tensor, *, group_size: Opt
       ``mode="asymmetric"``: correct rows ``clip(w, 1, w_max)``, incorrect ``clip(w, w_min, 1)``;
       ``"symmetric"``: ``clip(w, w_min, w_max)``; ``"lock_one"``: incorrect rows ``w = 1``, correct rows
       ``clip(w, 1, w_max)``. ``renorm=True`` then divides by ``mean_g(w)``.
+    * ``valid`` (bool ``[B]``): as in :func:`eda_advantages`, rows without response tokens are left out of
+      ``mean_g(U)`` and get ``w = 1``.
     """
     r = _per_sequence("rewards", rewards)
     u = _per_sequence("seq_uncertainty", seq_uncertainty, r.shape[0])
@@ -390,7 +435,8 @@ def egpo_advantages(rewards: Tensor, seq_uncertainty: Tensor, *, group_size: Opt
     correct = r > threshold
     a = _grpo(r, g, scale, eps)
     a = torch.where(_group_any(correct, g), a, torch.full_like(a, nsr_value))
-    return a * _egpo_weights(u, correct, g, mode, w_min, w_max, bool(renorm), eps)
+    return a * _egpo_weights(u, correct, g, mode, w_min, w_max, bool(renorm), eps,
+                             _valid_rows(valid, r.shape[0], r.device))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -385,7 +385,8 @@ def _eda_current(advantages: Tensor, entropy: Tensor, mask: Tensor, group_size, 
     p = seq_mean_entropy(entropy, mask)
     # one call yields both A^ and the scale: eda_advantages broadcasts the scale over a token axis
     both = eda_advantages(torch.stack([advantages.to(p.dtype), torch.ones_like(p)], dim=1), p,
-                          group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp)
+                          group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp,
+                          valid=(mask != 0).any(-1))
     return both[:, 0], both[:, 1]
 
 

@@ -133,6 +133,17 @@ def _logit_scale(text_config) -> float:
     return 1.0 if scale is None else float(scale)
 
 
+_PARALLEL_WRAPPERS = ("FullyShardedDataParallel", "DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+
+def _unwrap_parallel(model):
+    """The model inside FSDP1 / DDP / DeepSpeed wrappers (each keeps it as ``.module``); others as they are."""
+    while type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None),
+                                                                    torch.nn.Module):
+        model = model.module
+    return model
+
+
 def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                          impl: str = "auto", chunk_size: Optional[int] = None) -> None:
     """Make ``model(..., labels=..., fused_lm_head=True)`` compute log-probs and entropies with
@@ -373,7 +384,9 @@ class EdgeGRPOTrainer(GRPOTrainer):
                                  cast_lm_head_to_fp32=config.cast_lm_head_to_fp32,
                                  impl=config.edge_kernels_impl, chunk_size=config.edge_kernels_chunk_size)
             if self.ref_model is not None:
-                install_edge_lm_head(self.ref_model, temperature=self.temperature,
+                # TRL has already wrapped the reference model (FSDP1, DeepSpeed, DDP); the head goes on the model
+                # inside, so the wrapper's own forward (unsharding the weights first) still runs around it
+                install_edge_lm_head(_unwrap_parallel(self.ref_model), temperature=self.temperature,
                                      cast_lm_head_to_fp32=config.cast_lm_head_to_fp32,
                                      impl=config.edge_kernels_impl, chunk_size=config.edge_kernels_chunk_size)
         self._gec_generator = torch.Generator().manual_seed(int(config.gec_seed) + self.accelerator.process_index)
@@ -471,12 +484,12 @@ class EdgeGRPOTrainer(GRPOTrainer):
         metrics = {}
         if est == "eda":
             p = _adv.seq_mean_entropy(ent_g, mask_g)
-            adv = _adv.eda_advantages(base, p, group_size=G, eps=a.eda_eps,
-                                      clamp=None if a.eda_clamp is None else tuple(a.eda_clamp))
-            group_mean = p.clamp_min(0).view(-1, G).mean(1).repeat_interleave(G)
-            scale = group_mean / (p.clamp_min(0) + a.eda_eps)
-            if a.eda_clamp is not None:
-                scale = scale.clamp(*a.eda_clamp)
+            valid = (mask_g != 0).any(-1)  # completions with no token left are left out of the group means
+            clamp = None if a.eda_clamp is None else tuple(a.eda_clamp)
+            adv = _adv.eda_advantages(base, p, group_size=G, eps=a.eda_eps, clamp=clamp, valid=valid)
+            group_mean = _adv.group_mean(p.clamp_min(0), group_size=G, valid=valid)
+            scale = _adv.eda_advantages(torch.ones_like(p), p, group_size=G, eps=a.eda_eps, clamp=clamp,
+                                        valid=valid)
             metrics["edge/eda_scale_mean"] = scale.mean().item()
             metrics["edge/seq_entropy_mean"] = p.mean().item()
             if a.eda_entropy_source == "current":
@@ -489,7 +502,8 @@ class EdgeGRPOTrainer(GRPOTrainer):
                  else _adv.seq_mean_entropy(ent_g, mask_g))
             adv = _adv.egpo_advantages(rewards, u, group_size=G, w_min=a.egpo_w_min, w_max=a.egpo_w_max,
                                        mode=a.egpo_mode, renorm=a.egpo_renorm, nsr_value=a.egpo_nsr_value,
-                                       eps=a.egpo_eps, scale=self.scale_rewards, correct_threshold=a.correct_threshold)
+                                       eps=a.egpo_eps, scale=self.scale_rewards, correct_threshold=a.correct_threshold,
+                                       valid=(mask_g != 0).any(-1))
             metrics["edge/seq_uncertainty_mean"] = u.mean().item()
         elif est == "prog_grpo":
             adv = _adv.prog_grpo_advantages(base, logp_g, mask_g, rewards, group_size=G, alpha=a.prog_alpha,
@@ -545,9 +559,12 @@ class EdgeGRPOTrainer(GRPOTrainer):
             if "tool_mask" in target:
                 mask = mask * target["tool_mask"]
             p = _adv.seq_mean_entropy(entropies, mask).clamp_min(0)  # gradient flows through 1 / P_i
-            scale = target["edge_eda_group_mean"] / (p + self.args.eda_eps)
+            group_mean = target["edge_eda_group_mean"]
+            # as eda_advantages: a group with mean 0 keeps scale 1, a row without tokens keeps scale 1
+            scale = torch.where(group_mean > 0, group_mean / (p + self.args.eda_eps), torch.ones_like(p))
             if self.args.eda_clamp is not None:
                 scale = scale.clamp(*self.args.eda_clamp)
+            scale = torch.where((mask != 0).any(-1), scale, torch.ones_like(scale))
             target["advantages"] = target["edge_base_advantages"].to(scale.dtype) * scale
         return logps, entropies, aux
 
@@ -605,7 +622,8 @@ class EdgeGRPOTrainer(GRPOTrainer):
             corrected = apply_gec(
                 prompt_ids, completion_ids, incorrect,
                 [_field(r, a.gec_answer_column) for r in inputs], [_field(r, a.gec_solution_column) for r in inputs],
-                tokenizer=tok, eos_id=eos_id, generate=self._gec_generate, generator=self._gec_generator, cfg=cfg,
+                tokenizer=tok, eos_id=eos_id, stop_ids=list(self.eos_token_ids), generate=self._gec_generate,
+                generator=self._gec_generator, cfg=cfg,
             )
         except GECError as exc:
             raise ValueError(

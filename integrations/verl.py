@@ -311,7 +311,7 @@ def _make_estimator(name: str):
             elif name == "edge_eda":
                 ent = _side("entropys", entropys, side, mask.shape, name).float()
                 adv = _adv.eda_advantages(base, _adv.seq_mean_entropy(ent, mask), group_ids=gid,
-                                          eps=opts["eda_eps"], clamp=opts["eda_clamp"])
+                                          eps=opts["eda_eps"], clamp=opts["eda_clamp"], valid=(mask != 0).any(-1))
             elif name == "edge_egpo":
                 if opts["egpo_uncertainty"] == "nll":
                     u = _adv.nll_uncertainty(_side("old_log_probs", old_log_probs, side, mask.shape, name).float(),
@@ -324,7 +324,8 @@ def _make_estimator(name: str):
                 adv = _adv.egpo_advantages(scores, u, group_ids=gid, w_min=opts["egpo_w_min"],
                                            w_max=opts["egpo_w_max"], mode=opts["egpo_mode"],
                                            renorm=bool(opts["egpo_renorm"]), nsr_value=opts["egpo_nsr_value"],
-                                           eps=opts["egpo_eps"], scale=opts["scale"], correct_threshold=thr)
+                                           eps=opts["egpo_eps"], scale=opts["scale"], correct_threshold=thr,
+                                           valid=(mask != 0).any(-1))
             elif name == "edge_prog_grpo":
                 logp = _side("old_log_probs", old_log_probs, side, mask.shape, name).float()
                 adv = _adv.prog_grpo_advantages(base, logp, mask, scores, group_ids=gid, alpha=opts["prog_alpha"],

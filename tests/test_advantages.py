@@ -22,6 +22,7 @@ from edge_kernels.advantages import (
     egpo_advantages,
     ep_grpo_token_advantages,
     group_advantage_variance,
+    group_mean,
     grpo_advantages,
     masked_mean,
     nll_uncertainty,
@@ -333,6 +334,28 @@ def test_eda_gradient_through_entropy_with_detached_mean():
     jac = torch.autograd.functional.jacobian(lambda x: eda_advantages(a64, x, group_size=2), p64)
     means = torch.tensor([1.3, 1.3, 1.45, 1.45], dtype=F64)
     close(jac, torch.diag(-a64 * means / (p64 + 1e-6) ** 2), atol=1e-9)
+
+
+def test_rows_without_tokens_are_left_out_of_the_group_means():
+    # group of 4, row 3 has no response token (P = U = 0, says nothing): valid = [T, T, T, F]
+    a, p = torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, 2.0, 3.0, 0.0])
+    valid = torch.tensor([True, True, True, False])
+    # without valid: mean_g P = 6/4 = 1.5 -> scale [1.5, 0.75, 0.5, 1.5e6]; with: mean over 3 rows = 2
+    # -> scale [2, 1, 2/3] and 1 for row 3
+    close(eda_advantages(a, p, group_size=4, valid=valid), [2.0, -1.0, 0.666667, -1.0])
+    close(eda_advantages(a, p, group_size=4), [1.5, -0.75, 0.5, -1.5e6], rtol=1e-5)
+    # with a clamp whose floor is above 1, the empty row still keeps exactly 1
+    close(eda_advantages(a, p, group_size=4, valid=valid, clamp=(1.2, 1.8)), [1.8, -1.2, 1.2, -1.0])
+    close(group_mean(p, group_size=4, valid=valid), [2.0, 2.0, 2.0, 2.0])
+    close(group_mean(p, group_size=2, valid=valid), [1.5, 1.5, 3.0, 3.0])
+    # EGPO: r = [1, 0, 1, 0], U = [1, 4, 1, 0] with row 3 empty: mean_g U over rows 0-2 = 2
+    # -> w = [2, 0.5, 2] and 1 for row 3; asymmetric: [2, 0.5, 2, 1] times A = [.866, -.866, .866, -.866]
+    r, u = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 1.0, 0.0])
+    close(egpo_advantages(r, u, group_size=4, valid=valid), [1.732048, -0.433012, 1.732048, -0.866024])
+    with pytest.raises(TypeError, match="valid must be a bool"):
+        eda_advantages(a, p, group_size=4, valid=valid.float())
+    with pytest.raises(ValueError, match=r"valid must have shape \[B\]"):
+        eda_advantages(a, p, group_size=4, valid=valid[:3])
 
 
 def test_egpo_hand_example():

@@ -441,7 +441,7 @@ class Trainer:
             u = adv.nll_uncertainty(old_logp, mask)
             return adv.egpo_advantages(rewards, u, group_size=G, w_min=c.egpo_w_min, w_max=c.egpo_w_max,
                                        mode=c.egpo_mode, nsr_value=c.egpo_nsr_value, eps=eps,
-                                       correct_threshold=thr), "off"
+                                       correct_threshold=thr, valid=mask.any(-1)), "off"
         base = adv.grpo_advantages(rewards, group_size=G, scale="none" if est == "dr_grpo" else "group", eps=eps)
         if est in ("grpo", "dr_grpo"):
             return base, "off"
@@ -450,7 +450,7 @@ class Trainer:
                 return base, "current"
             p = adv.seq_mean_entropy(entropy, mask)
             clamp = tuple(c.eda_clamp) if c.eda_clamp else None
-            return adv.eda_advantages(base, p, group_size=G, eps=eps, clamp=clamp), "off"
+            return adv.eda_advantages(base, p, group_size=G, eps=eps, clamp=clamp, valid=mask.any(-1)), "off"
         if est == "prog_grpo":
             return adv.prog_grpo_advantages(base, old_logp, mask, rewards, group_size=G, alpha=c.prog_alpha,
                                             low_frac=c.prog_low_frac, correct_threshold=thr), "off"

@@ -30,6 +30,7 @@ from edge_kernels.integrations.trl import (  # noqa: E402
     ESTIMATORS,
     EdgeGRPOConfig,
     EdgeGRPOTrainer,
+    _unwrap_parallel,
     install_edge_lm_head,
 )
 
@@ -282,6 +283,82 @@ def test_advantages_match_reference(estimator, model_dir, tokenizer, tmp_path):
         ref = A.ep_grpo_token_advantages(base, ent, mask, rewards, group_size=G, correct_threshold=thr)
     assert out["advantages"].shape == ref.shape
     torch.testing.assert_close(out["advantages"], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["eda", "egpo"])
+def test_fully_masked_completions_stay_out_of_the_group_means(estimator, model_dir, tokenizer, tmp_path):
+    # mask_truncated_completions (or GEC with gec_mask_injected) can leave a completion with no token: its
+    # P = U = 0 must not drag the group mean down (which halved the other rows' EDA advantages)
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator=estimator, use_edge_kernels=True,
+                           egpo_uncertainty="entropy")
+    trainer.model.train()
+    batch = {k: v for k, v in _fixed_batch(tokenizer).items() if k != "advantages"}
+    batch["completion_mask"][2:] = 0  # rows 2 and 3 truncated away
+    trainer._edge_rewards_per_func = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    out = trainer._edge_advantages(batch)
+    mask = batch["completion_mask"].bool()
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    am = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        _, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, mask.shape[1],
+                                                                compute_entropy=True)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    p = A.seq_mean_entropy(ent, mask)
+    if estimator == "eda":
+        # only rows 0 and 1 form the mean: s_i = mean(P_0, P_1) / (P_i + eps); rows 2, 3 keep scale 1
+        base = A.grpo_advantages(rewards, group_size=G, eps=1e-6)
+        m01 = (p[0] + p[1]) / 2
+        expected = base * torch.stack([m01 / (p[0] + 1e-6), m01 / (p[1] + 1e-6), torch.tensor(1.0),
+                                       torch.tensor(1.0)])
+    else:
+        expected = A.egpo_advantages(rewards, p, group_size=G, correct_threshold=trainer.args.correct_threshold,
+                                     valid=mask.any(-1))
+    torch.testing.assert_close(out["advantages"], expected, atol=1e-5, rtol=1e-5)
+    assert out["advantages"].abs().max() < 10  # no 1 / eps blow-up on the empty rows
+
+
+def test_gec_strips_every_stop_token_before_correcting(model_dir, tokenizer, tmp_path):
+    # a chat model stops on several tokens (generation_config.eos_token_id is a list): a completion that ended
+    # on any of them must lose it before the injected text is appended, not keep it mid-completion
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 5]
+    trainer = EdgeGRPOTrainer(model=model, reward_funcs=REWARDS,
+                              args=make_config(tmp_path, gec_enable=True, gec_regenerate_prob=0.0,
+                                               gec_inject_prob=1.0, gec_replace_prob=0.0),
+                              train_dataset=make_dataset(), processing_class=tokenizer)
+    assert 5 in trainer.eos_token_ids
+    trainer.model.train()
+    rows = [dict(r) for r in make_dataset()][:1] * 4
+    trainer._edge_batch_inputs = rows
+    prompts = [r["prompt"] for r in rows]
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    completion_ids = [[10, 11, 12, 5]] * 2 + [[10, 11, 12, tokenizer.eos_token_id]] * 2  # stopped on either
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    out = trainer._gec_correct(prompts, prompt_ids, completion_ids, None, completions, None, {}, None, [])
+    injected = tokenizer.encode(trainer._gec_config().injection.replace("ANSWER", "2"), add_special_tokens=False)
+    for ids in out[1]:
+        assert ids == [10, 11, 12] + injected + [tokenizer.eos_token_id]  # the stop token is gone
+
+
+def test_reference_model_head_goes_inside_parallel_wrappers(model_dir):
+    # TRL wraps the reference model (FSDP1, DeepSpeed, DDP) before our head is installed: the head must go on
+    # the model inside, or the wrapper's forward (which unshards the weights) would be bypassed
+    from transformers import AutoModelForCausalLM
+
+    inner = AutoModelForCausalLM.from_pretrained(model_dir)
+
+    class FullyShardedDataParallel(torch.nn.Module):  # the name is what the unwrapping looks at
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    class DeepSpeedEngine(FullyShardedDataParallel):
+        pass
+
+    assert _unwrap_parallel(DeepSpeedEngine(FullyShardedDataParallel(inner))) is inner
+    assert _unwrap_parallel(inner) is inner
 
 
 def test_eda_current_entropy_source_has_the_entropy_gradient(model_dir, tokenizer, tmp_path):
