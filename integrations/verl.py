@@ -155,7 +155,12 @@ def _make_policy_loss(is_level: str, dual_clip: bool):
         loss, m = _policy_loss(log_prob, old_log_prob, adv, mask, clip_low=low, clip_high=high, dual_clip=c,
                                is_level=is_level, agg=agg, max_len=None if lsf is None else int(lsf))
         with torch.no_grad():
-            ppo_kl = ((old_log_prob - log_prob).detach() * mask).sum() / mask.sum().clamp(min=1)
+            if rollout_is_weights is not None:  # clip fractions of the advantages themselves, as verl reports
+                _, m = _policy_loss(log_prob.detach(), old_log_prob, advantages.expand_as(log_prob), mask,
+                                    clip_low=low, clip_high=high, dual_clip=c, is_level=is_level, agg=agg)
+            # verl clamps the token log-ratio to +-20 before its ppo_kl metric
+            log_ratio = (log_prob - old_log_prob).detach().clamp(-20.0, 20.0)
+            ppo_kl = (-log_ratio * mask).sum() / mask.sum().clamp(min=1)
             metrics = {
                 "actor/pg_clipfrac": float(m["clip_frac_low"] + m["clip_frac_high"]),
                 "actor/ppo_kl": float(ppo_kl),
@@ -272,7 +277,12 @@ def _group_ids(index, batch: int, device) -> torch.Tensor:
     index = np.asarray(index)
     if index.shape != (batch,):
         raise ValueError(f"index has shape {index.shape}, expected ({batch},)")
-    _, inverse = np.unique(index.astype(str), return_inverse=True)
+    uids, inverse, counts = np.unique(index.astype(str), return_inverse=True, return_counts=True)
+    if counts.min() < 2:
+        raise ValueError(
+            f"edge estimators are group-relative, but group {str(uids[counts.argmin()])!r} has a single response "
+            "(actor_rollout_ref.rollout.n must be >= 2); verl's own 'grpo' would train on the raw score there"
+        )
     return torch.as_tensor(inverse, dtype=torch.int64, device=device)
 
 
@@ -371,10 +381,31 @@ def _is_ours(fn) -> bool:
 # trainer hooks that keep old log-probs and entropies
 
 
+def _refuse_multi_output_sessions(estimator, keys) -> None:
+    """verl's v1 trainer keys rows ``{uid}_{session}_{index}``; an agent loop that returns several outputs per
+    session gets, for ``grpo`` only, its group statistics from each session's final output (broadcast to the
+    others). The edge estimators would count every output as a group member: refuse rather than skew."""
+    seen = set()
+    for key in keys:
+        fields = str(key).rsplit("_", 2)
+        if len(fields) != 3:
+            return  # not the v1 key format: nothing to check
+        session = (fields[0], fields[1])
+        if session in seen:
+            raise NotImplementedError(
+                f"{estimator}: the agent loop returned several outputs for session {fields[0]}_{fields[1]}; the edge "
+                "estimators support one output per session (verl's final-output selection applies to 'grpo' only)"
+            )
+        seen.add(session)
+
+
 def _wrap_v1_compute_advantage(orig):
     @functools.wraps(orig)
     def _compute_advantage(self, batch, metrics):
-        needs = needed_side_inputs(self.config.algorithm.adv_estimator, self.config.algorithm)
+        est = self.config.algorithm.adv_estimator
+        if str(est) in ESTIMATORS:
+            _refuse_multi_output_sessions(est, batch.keys)
+        needs = needed_side_inputs(est, self.config.algorithm)
         if not needs:
             return orig(self, batch, metrics)
         tq = sys.modules[orig.__module__].tq
@@ -499,6 +530,7 @@ def edge_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels
             "edge_kernels does not support a vocabulary-parallel LM head (Megatron tensor parallelism > 1); "
             "unset EDGE_KERNELS_VERL_FUSED_KERNELS or use tensor_model_parallel_size=1"
         )
+    _announce_fused_kernel()
     h = hidden.reshape(-1, hidden.shape[-1])
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
@@ -507,7 +539,17 @@ def edge_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels
     return logp, ent
 
 
+@functools.lru_cache(maxsize=None)
+def _announce_fused_kernel() -> None:
+    """Say once per process that verl's fused path runs our kernel: engines that never call verl's fused path
+    (veomni, automodel, use_fused_kernels=False) leave EDGE_KERNELS_VERL_FUSED_KERNELS without effect, and the
+    absence of this line is how a user can tell."""
+    logger.warning("edge_kernels: verl's fused LM-head path runs edge_kernels.linear_logprob_entropy "
+                   "(impl=%s)", _kernel_impl())
+
+
 def _edge_fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+    _announce_fused_kernel()
     h = hidden_states if hidden_states.dtype == vocab_weights.dtype else hidden_states.to(vocab_weights.dtype)
     return linear_logprob_entropy(h, vocab_weights, input_ids.to(torch.int64), temperature=float(temperature),
                                   impl=_kernel_impl())

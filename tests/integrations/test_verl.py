@@ -129,6 +129,7 @@ def _loss_inputs(seed=0, B=6, T=9):
     new = (old + 0.4 * torch.randn(B, T, generator=g)).requires_grad_(True)
     adv = torch.randn(B, generator=g)[:, None].expand(B, T) * mask
     w = torch.rand(B, T, generator=g) * 2
+    w[:, ::3] = 0.0  # verl's rollout-correction masking mode zeroes out-of-range weights
     return old, new, adv.contiguous(), mask, w
 
 
@@ -152,6 +153,17 @@ def test_policy_loss_matches_verl(mode, agg, gbi, weights):
         torch.testing.assert_close(g_ours, g_verl, rtol=1e-6, atol=1e-7)
     for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
         assert m_ours[key] == pytest.approx(m_verl[key], rel=1e-6, abs=1e-7), key
+
+
+def test_ppo_kl_metric_clamps_the_log_ratio_like_verl():
+    old, new, adv, mask, _ = _loss_inputs()
+    old = old.clone()
+    old[0, 0] = -60.0  # a token the old policy all but ruled out: log-ratio ~ +58
+    cfg = actor_config(0.2, 0.28)
+    _, m_ours = ev.edge_vanilla_policy_loss(old, new, adv, mask, "token-mean", cfg)
+    _, m_verl = core_algos.get_policy_loss_fn("vanilla")(old_log_prob=old, log_prob=new, advantages=adv,
+                                                         response_mask=mask, loss_agg_mode="token-mean", config=cfg)
+    assert m_ours["actor/ppo_kl"] == pytest.approx(m_verl["actor/ppo_kl"], rel=1e-6)
 
 
 def test_policy_loss_refuses_missing_global_info():
@@ -224,6 +236,15 @@ def test_edge_grpo_matches_verl_grpo_and_dr_grpo():
             __import__("omegaconf").OmegaConf.create({"norm_adv_by_std_in_grpo": False}), index=uid)
         theirs, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, uid, norm_adv_by_std_in_grpo=norm)
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_estimators_refuse_single_response_groups():
+    rewards, mask, uid, *_ = _verl_batch()
+    uid = uid.copy()
+    uid[0] = "alone"
+    with pytest.raises(ValueError, match="'alone' has a single response"):
+        core_algos.get_adv_estimator_fn("edge_grpo")(token_level_rewards=rewards, response_mask=mask, config=_cfg(),
+                                                     index=uid)
 
 
 def test_estimator_options_and_errors():
@@ -335,6 +356,23 @@ def test_v1_trainer_compute_advantage_keeps_side_inputs(name, monkeypatch):
     if name == "edge_eda":  # without the hook verl's trainer cannot give the estimator the entropies
         with pytest.raises(ValueError, match="entrop"):
             trainer_base.PPOTrainer._compute_advantage.__wrapped__(trainer, _KVBatchMeta(batch), {})
+
+
+def test_v1_trainer_refuses_multi_output_agent_sessions(monkeypatch):
+    # v1 keys rows {uid}_{session}_{index}; several outputs of one session would each count as a group member
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.v1 import trainer_base
+
+    trainer_cls = type("Trainer", (trainer_base.PPOTrainer,), {"on_sample_end": lambda *a, **k: None,
+                                                                "on_step_end": lambda *a, **k: None})
+    trainer = object.__new__(trainer_cls)
+    trainer.config = OmegaConf.create({"algorithm": {"adv_estimator": "edge_grpo", "edge": {}}})
+    meta = _KVBatchMeta(4)
+    meta.keys = ["u1_0_0", "u1_0_1", "u1_1_0", "u1_2_0"]
+    monkeypatch.setattr(trainer_base, "tq", _InMemoryTransferQueue({}, 4))
+    with pytest.raises(NotImplementedError, match="several outputs for session u1_0"):
+        trainer._compute_advantage(meta, {})
+    ev._refuse_multi_output_sessions("edge_grpo", ["u1_0_0", "u1_1_0", "u2_0_0"])  # one output each: fine
 
 
 def test_legacy_trainer_keeps_entropies_that_fit_pops():
