@@ -39,6 +39,25 @@ def softmax_stats_finalize(m, s, b):
 
 
 @triton.jit
+def load_row_grads(TGT, LSE, ENT, G_LOGP, G_ENT, offs, row_mask, HAS_GRAD_ENTROPY: tl.constexpr):
+    """Per-row inputs of the backward: ``(target, lse, entropy, g_logp, g_entropy, active)``; ``active`` is
+    False for rows whose upstream gradients are both 0 (their logits gradient is exactly 0, so callers may skip
+    them). Without an entropy gradient, ``entropy``/``g_entropy`` are placeholders that ``grad_logits`` ignores."""
+    tgt = tl.load(TGT + offs, mask=row_mask, other=-1)
+    lse = tl.load(LSE + offs, mask=row_mask, other=0.0)
+    g_logp = tl.load(G_LOGP + offs, mask=row_mask, other=0.0)
+    if HAS_GRAD_ENTROPY:
+        ent = tl.load(ENT + offs, mask=row_mask, other=0.0)
+        g_ent = tl.load(G_ENT + offs, mask=row_mask, other=0.0)
+        active = (g_logp != 0) | (g_ent != 0)
+    else:
+        ent = lse
+        g_ent = g_logp
+        active = g_logp != 0
+    return tgt, lse, ent, g_logp, g_ent, active
+
+
+@triton.jit
 def grad_logits(z, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY: tl.constexpr):
     """Gradient w.r.t. raw logits of a scaled fp32 tile ``z [R, C]``; row vectors are ``[R]``."""
     p = tl.exp(z - lse[:, None])

@@ -32,6 +32,7 @@ from ._triton_common import (
     cdiv,
     grad_logits,
     interpreting,
+    load_row_grads,
     next_pow2,
     num_sms,
     on_device,
@@ -124,17 +125,8 @@ def _linear_grad_logits_kernel(
     h_rows = H + offs_n.to(tl.int64)[:, None] * stride_hn
     w_cols = W + offs_v.to(tl.int64)[None, :] * stride_wv
 
-    tgt = tl.load(TGT + offs_n, mask=n_mask, other=-1)
-    lse = tl.load(LSE + offs_n, mask=n_mask, other=0.0)
-    g_logp = tl.load(G_LOGP + offs_n, mask=n_mask, other=0.0)
-    if HAS_GRAD_ENTROPY:
-        ent = tl.load(ENT + offs_n, mask=n_mask, other=0.0)
-        g_ent = tl.load(G_ENT + offs_n, mask=n_mask, other=0.0)
-        active = (g_logp != 0) | (g_ent != 0)
-    else:
-        ent = lse
-        g_ent = g_logp
-        active = g_logp != 0
+    tgt, lse, ent, g_logp, g_ent, active = load_row_grads(TGT, LSE, ENT, G_LOGP, G_ENT, offs_n, n_mask,
+                                                          HAS_GRAD_ENTROPY)
     # rows with zero upstream gradient (ignored targets, masked-out loss tokens, padding) contribute exactly 0:
     # a block of only such rows skips the recomputation and writes zeros
     any_active = tl.max(active.to(tl.int32), 0) > 0

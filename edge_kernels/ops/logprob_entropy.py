@@ -22,6 +22,7 @@ from ._triton_common import (
     cdiv,
     grad_logits,
     interpreting,
+    load_row_grads,
     next_pow2,
     on_device,
     softmax_stats_finalize,
@@ -79,17 +80,8 @@ def _logits_grad_kernel(
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     r_mask = offs_r < N
-    tgt = tl.load(TGT + offs_r, mask=r_mask, other=-1)
-    lse = tl.load(LSE + offs_r, mask=r_mask, other=0.0)
-    g_logp = tl.load(G_LOGP + offs_r, mask=r_mask, other=0.0)
-    if HAS_GRAD_ENTROPY:
-        ent = tl.load(ENT + offs_r, mask=r_mask, other=0.0)
-        g_ent = tl.load(G_ENT + offs_r, mask=r_mask, other=0.0)
-        active = (g_logp != 0) | (g_ent != 0)
-    else:
-        ent = lse
-        g_ent = g_logp
-        active = g_logp != 0
+    tgt, lse, ent, g_logp, g_ent, active = load_row_grads(TGT, LSE, ENT, G_LOGP, G_ENT, offs_r, r_mask,
+                                                          HAS_GRAD_ENTROPY)
     # rows with zero upstream gradient (ignored, padding, loss-masked) get exact zeros without reading logits
     row_active = r_mask & active
     mask = row_active[:, None] & (offs_v < V)[None, :]
