@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .common import (
+    PEAK_COLUMN,
     Results,
     Skip,
     TimingConfig,
@@ -37,6 +38,7 @@ from .common import (
     oracle_logits,
     shape_tag,
     short_reason,
+    table_columns,
 )
 
 # TRL's default vocabulary chunk for ChunkedLogProbFunction (``_CHUNKED_LOGPROB_CHUNK_SIZE`` in
@@ -408,29 +410,12 @@ def _logits_builder(impl: Impl, mode: str, logits, targets, g_logp, g_ent):
 # ----------------------------------------------------------------------------------------------------------
 # linear op tables
 
-LINEAR_COLUMNS = [
-    {"key": "impl", "title": "impl"},
-    {"key": "ms", "title": "ms"},
-    {"key": "spread", "title": "p20-p80 ms"},
-    {"key": "tflops", "title": "model TFLOP/s"},
-    {"key": "x_mm", "title": "x mm"},
-    {"key": "peak_gib", "title": "peak GiB", "fmt": "gib"},
-    {"key": "err_logp", "title": "max err logp", "fmt": "err"},
-    {"key": "err_entropy", "title": "max err H", "fmt": "err"},
-    {"key": "note", "title": "note"},
-]
-
-LOGITS_COLUMNS = [
-    {"key": "impl", "title": "impl"},
-    {"key": "ms", "title": "ms"},
-    {"key": "spread", "title": "p20-p80 ms"},
-    {"key": "tbps", "title": "TB/s"},
-    {"key": "x_copy", "title": "x copy"},
-    {"key": "peak_gib", "title": "peak GiB", "fmt": "gib"},
-    {"key": "err_logp", "title": "max err logp", "fmt": "err"},
-    {"key": "err_entropy", "title": "max err H", "fmt": "err"},
-    {"key": "note", "title": "note"},
-]
+_ERROR_COLUMNS = ({"key": "err_logp", "title": "max err logp", "fmt": "err"},
+                  {"key": "err_entropy", "title": "max err H", "fmt": "err"})
+LINEAR_COLUMNS = table_columns({"key": "tflops", "title": "model TFLOP/s"}, {"key": "x_mm", "title": "x mm"},
+                               PEAK_COLUMN, *_ERROR_COLUMNS)
+LOGITS_COLUMNS = table_columns({"key": "tbps", "title": "TB/s"}, {"key": "x_copy", "title": "x copy"},
+                               PEAK_COLUMN, *_ERROR_COLUMNS)
 
 
 def linear_shapes(cfg: BenchConfig):

@@ -20,6 +20,7 @@ import torch
 
 from .bench_logprob_entropy import BenchConfig, Impl, _compiled, _log_row, log
 from .common import (
+    PEAK_COLUMN,
     Results,
     Skip,
     dtype_name,
@@ -31,20 +32,13 @@ from .common import (
     oracle_linear,
     shape_tag,
     short_reason,
+    table_columns,
 )
 
 EPS_LOW = EPS_HIGH = 0.2
 
-POLICY_COLUMNS = [
-    {"key": "impl", "title": "impl"},
-    {"key": "ms", "title": "ms"},
-    {"key": "spread", "title": "p20-p80 ms"},
-    {"key": "tflops", "title": "model TFLOP/s"},
-    {"key": "x_mm", "title": "x mm"},
-    {"key": "peak_gib", "title": "peak GiB", "fmt": "gib"},
-    {"key": "err_loss", "title": "abs err loss", "fmt": "err"},
-    {"key": "note", "title": "note"},
-]
+POLICY_COLUMNS = table_columns({"key": "tflops", "title": "model TFLOP/s"}, {"key": "x_mm", "title": "x mm"},
+                               PEAK_COLUMN, {"key": "err_loss", "title": "abs err loss", "fmt": "err"})
 
 
 def clipped_token_mean(logp, old_logp, adv_tok, mask):

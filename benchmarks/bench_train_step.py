@@ -34,21 +34,14 @@ import torch
 
 from .bench_logprob_entropy import BenchConfig, _log_row, log
 from .bench_policy_loss import EPS_HIGH, EPS_LOW, clipped_token_mean
-from .common import Results, Skip, dtype_name, free_memory, measure_row, oracle_linear, shape_tag, short_reason
+from .common import (PEAK_COLUMN, Results, Skip, dtype_name, free_memory, measure_row, oracle_linear, shape_tag,
+                     short_reason, table_columns)
 
 # |loss - fp64 reference loss| every row must stay within (the quick test asserts the fp32 one)
 LOSS_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
-TRAIN_STEP_COLUMNS = [
-    {"key": "impl", "title": "impl"},
-    {"key": "ms", "title": "ms / step"},
-    {"key": "spread", "title": "p20-p80 ms"},
-    {"key": "tok_s", "title": "tokens/s"},
-    {"key": "peak_gib", "title": "peak GiB", "fmt": "gib"},
-    {"key": "loss", "title": "loss"},
-    {"key": "err_loss", "title": "abs err loss", "fmt": "err"},
-    {"key": "note", "title": "note"},
-]
+TRAIN_STEP_COLUMNS = table_columns({"key": "tok_s", "title": "tokens/s"}, PEAK_COLUMN, {"key": "loss", "title": "loss"},
+                                   {"key": "err_loss", "title": "abs err loss", "fmt": "err"}, ms_title="ms / step")
 
 
 def shapes(quick: bool) -> Dict[str, Any]:

@@ -422,6 +422,16 @@ def copy_bandwidth(device: torch.device, timing: TimingConfig, nbytes: Optional[
 # formatting
 
 
+def table_columns(*measures: Dict[str, Any], ms_title: str = "ms") -> List[Dict[str, Any]]:
+    """A results table's columns: impl, median ms and spread, then ``measures`` (rates, ratios, memory, errors),
+    then the note."""
+    return [{"key": "impl", "title": "impl"}, {"key": "ms", "title": ms_title},
+            {"key": "spread", "title": "p20-p80 ms"}, *measures, {"key": "note", "title": "note"}]
+
+
+PEAK_COLUMN = {"key": "peak_gib", "title": "peak GiB", "fmt": "gib"}
+
+
 def fmt_num(x: Optional[float], digits: int = 3) -> str:
     if x is None:
         return "-"

@@ -95,6 +95,11 @@ void* current_stream(const at::Device& device) {
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
 }
 
+void check_inv_temp(double inv_temp) {
+  TORCH_CHECK(inv_temp > 0.0 && std::isfinite(static_cast<float>(inv_temp)),
+              "edge_kernels: inv_temp must be > 0 and finite in float32, got ", inv_temp);
+}
+
 void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "edge_kernels: launching ", what, " failed: ", ek::error_string(err));
 }
@@ -106,8 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_fwd_cuda(
   const ek::DType dtype = logits_dtype(x, "logits");
   const RowGeom g = row_geometry(x, "logits");
   check_rows(targets, "targets", g.n, x.device(), at::kLong);
-  TORCH_CHECK(inv_temp > 0.0 && std::isfinite(static_cast<float>(inv_temp)),
-              "edge_kernels: inv_temp must be > 0 and finite in float32, got ", inv_temp);
+  check_inv_temp(inv_temp);
 
   const c10::DeviceGuard guard(x.device());
   const auto opts = x.options().dtype(at::kFloat);
@@ -160,8 +164,7 @@ void logprob_entropy_bwd_cuda(
     TORCH_CHECK(entropy.has_value() && entropy->defined(), "edge_kernels: grad_entropy needs entropy");
     check_rows(*entropy, "entropy", g.n, x.device(), at::kFloat);
   }
-  TORCH_CHECK(inv_temp > 0.0 && std::isfinite(static_cast<float>(inv_temp)),
-              "edge_kernels: inv_temp must be > 0 and finite in float32, got ", inv_temp);
+  check_inv_temp(inv_temp);
   if (g.n == 0) return;
 
   const c10::DeviceGuard guard(x.device());

@@ -100,9 +100,24 @@ struct Vec<float> {
   }
 };
 
-template <>
-struct Vec<__nv_bfloat16> {
+// The 16-bit types: 8 lanes, two per 32-bit word; Half2 supplies the per-word unpack2 / pack2.
+template <typename Half2>
+struct Vec16 {
   static constexpr int N = 8;
+  __device__ static __forceinline__ void unpack(const uint4& r, float (&f)[N]) {
+    Half2::unpack2(r.x, f[0], f[1]);
+    Half2::unpack2(r.y, f[2], f[3]);
+    Half2::unpack2(r.z, f[4], f[5]);
+    Half2::unpack2(r.w, f[6], f[7]);
+  }
+  __device__ static __forceinline__ uint4 pack(const float (&f)[N]) {
+    return make_uint4(Half2::pack2(f[0], f[1]), Half2::pack2(f[2], f[3]), Half2::pack2(f[4], f[5]),
+                      Half2::pack2(f[6], f[7]));
+  }
+};
+
+template <>
+struct Vec<__nv_bfloat16> : Vec16<Vec<__nv_bfloat16>> {
   __device__ static __forceinline__ float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
   __device__ static __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
   __device__ static __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
@@ -115,20 +130,10 @@ struct Vec<__nv_bfloat16> {
     memcpy(&w, &h, sizeof(w));
     return w;
   }
-  __device__ static __forceinline__ void unpack(const uint4& r, float (&f)[N]) {
-    unpack2(r.x, f[0], f[1]);
-    unpack2(r.y, f[2], f[3]);
-    unpack2(r.z, f[4], f[5]);
-    unpack2(r.w, f[6], f[7]);
-  }
-  __device__ static __forceinline__ uint4 pack(const float (&f)[N]) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
-  }
 };
 
 template <>
-struct Vec<__half> {
-  static constexpr int N = 8;
+struct Vec<__half> : Vec16<Vec<__half>> {
   __device__ static __forceinline__ float load1(const __half* p) { return __half2float(*p); }
   __device__ static __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
   __device__ static __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
@@ -143,15 +148,6 @@ struct Vec<__half> {
     uint32_t w;
     memcpy(&w, &h, sizeof(w));
     return w;
-  }
-  __device__ static __forceinline__ void unpack(const uint4& r, float (&f)[N]) {
-    unpack2(r.x, f[0], f[1]);
-    unpack2(r.y, f[2], f[3]);
-    unpack2(r.z, f[4], f[5]);
-    unpack2(r.w, f[6], f[7]);
-  }
-  __device__ static __forceinline__ uint4 pack(const float (&f)[N]) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
   }
 };
 

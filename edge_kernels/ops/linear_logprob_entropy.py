@@ -228,8 +228,6 @@ def _mixed_mm_support(device: torch.device) -> str:
     """How this torch build multiplies 16-bit CUDA matrices into fp32, probed once per device:
     ``"addmm"`` (``addmm(fp32 acc, a, b, out_dtype=fp32)`` accumulates in the GEMM epilogue, no temporary),
     ``"mm"`` (``mm(a, b, out_dtype=fp32)`` then an add), or ``"none"`` (round the product to 16 bits once)."""
-    if torch.cuda.is_current_stream_capturing():  # no probing (it syncs) inside a CUDA graph capture
-        return "capturing"
     a = torch.ones((16, 16), device=device, dtype=torch.bfloat16)
     acc = torch.ones((16, 16), device=device, dtype=torch.float32)
     try:
@@ -253,10 +251,8 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     elif not a.is_cuda:  # interpreter runs on CPU tensors
         acc.addmm_(a.float(), b.float())
     else:
-        how = _mixed_mm_support(a.device)
-        if how == "capturing":
-            _mixed_mm_support.cache_clear()  # probe on the next eager call
-            how = "mm"
+        # the probe syncs, which a CUDA graph capture forbids: captured calls take the path every torch >= 2.8 has
+        how = "mm" if torch.cuda.is_current_stream_capturing() else _mixed_mm_support(a.device)
         if how == "addmm":  # newer torch: beta=1 accumulation into the fp32 accumulator, one read + one write
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         elif how == "mm":  # torch >= 2.8: fp32 product, never rounded, then added (an N x D temporary)
