@@ -8,6 +8,7 @@ from .advantages import (
     egpo_advantages,
     ep_grpo_token_advantages,
     group_advantage_variance,
+    group_mean,
     grpo_advantages,
     masked_mean,
     nll_uncertainty,
@@ -38,5 +39,6 @@ __all__ = [
     "nll_uncertainty",
     "masked_mean",
     "group_advantage_variance",
+    "group_mean",
     "zero_advantage_group_fraction",
 ]
