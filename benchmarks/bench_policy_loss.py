@@ -2,7 +2,7 @@
 
 Rows: ours, naive (``[N, V]`` logits in the input dtype + the same clipped-surrogate loss), ``torch.compile`` of
 the naive code, and Liger's ``LigerFusedLinearGRPOLoss`` when importable. The loss compared is the default
-of shared/algorithms.md section 6: token-level ratio, clip 0.2/0.2, no KL, no entropy bonus, "token-mean"
+of docs/algorithms.md section 6: token-level ratio, clip 0.2/0.2, no KL, no entropy bonus, "token-mean"
 aggregation over the response mask. While ``edge_kernels.losses`` or the function is missing, the section only
 says so.
 

@@ -4,7 +4,7 @@ peak memory and the loss, against the same step with materialized logits and thr
 A step is ``zero_grad`` + loss + ``backward`` + ``AdamW.step`` on one fixed synthetic batch: ``B`` sequences of
 ``T`` tokens (a ``T // 4``-token prompt, then a completion of random length, right-padded), per-sequence
 advantages, and old log-probs ``= fp64 log-probs of the model + N(0, 0.1^2)`` (so some ratios are clipped).
-The loss is the default of shared/algorithms.md section 6: token-level ratio, clip 0.2/0.2, no KL, no entropy
+The loss is the default of docs/algorithms.md section 6: token-level ratio, clip 0.2/0.2, no KL, no entropy
 bonus, token-mean over the response mask (TRL: ``loss_type="bnpo"``, ``beta=0``).
 
 Rows:

@@ -1,6 +1,6 @@
 """Group-relative advantages and their entropy-aware variants, in pure, vectorized PyTorch.
 
-Owns every advantage formula of ``../shared/algorithms.md`` sections 1, 2, 4 and 5 (GRPO / Dr.GRPO base
+Owns every advantage formula of ``docs/algorithms.md`` sections 1, 2, 4 and 5 (GRPO / Dr.GRPO base
 advantages, EDGE-GRPO's Entropy-Driven Advantage, EGPO's calibrated weights with NSR, and this library's
 readings of ProGRPO and EP-GRPO), the small per-sequence reductions they consume (masked mean, sequence mean
 entropy, NLL uncertainty) and the two advantage metrics of section 6 (intra-group advantage variance, fraction
@@ -28,6 +28,7 @@ __all__ = [
     "group_mean",
     "nll_uncertainty",
     "grpo_advantages",
+    "eda_scale",
     "eda_advantages",
     "egpo_advantages",
     "prog_grpo_advantages",
@@ -261,7 +262,7 @@ def group_mean(values: Tensor, *, group_size: Optional[int] = None, group_ids: O
 def masked_mean(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """``sum(x * m) / max(1, sum(m))`` along ``dim`` (the notation's masked mean).
 
-    Spec: ../shared/algorithms.md, notation. ``mask`` has ``x``'s shape and may be bool, integer or float
+    Spec: docs/algorithms.md, notation. ``mask`` has ``x``'s shape and may be bool, integer or float
     (float masks weight the entries). Values at positions where ``mask == 0`` never affect the result, even
     when they are NaN or Inf (e.g. ``-inf`` log-probs of padding). A row with an all-zero mask gives 0.
     """
@@ -278,7 +279,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
 def seq_mean_entropy(token_entropy: Tensor, mask: Tensor) -> Tensor:
     """``P_i = mean_t[H_{i,t}]``: per-sequence masked mean entropy ``[B]`` from ``token_entropy [B, T]``.
 
-    Spec: ../shared/algorithms.md section 2. Differentiable (for EDA's "current" entropy mode).
+    Spec: docs/algorithms.md section 2. Differentiable (for EDA's "current" entropy mode).
     """
     h, _ = _token_pair("token_entropy", token_entropy, mask)
     return masked_mean(h, mask)
@@ -287,7 +288,7 @@ def seq_mean_entropy(token_entropy: Tensor, mask: Tensor) -> Tensor:
 def nll_uncertainty(old_logp: Tensor, mask: Tensor) -> Tensor:
     """EGPO's uncertainty proxy ``U_i = mean_t[-l^old_{i,t}]`` ``[B]`` from ``old_logp [B, T]``.
 
-    Spec: ../shared/algorithms.md section 4.
+    Spec: docs/algorithms.md section 4.
     """
     logp, _ = _token_pair("old_logp", old_logp, mask)
     return masked_mean(-logp, mask)
@@ -318,7 +319,7 @@ def grpo_advantages(rewards: Tensor, *, group_size: Optional[int] = None, group_
                     scale: str = "group", eps: float = 1e-6) -> Tensor:
     """GRPO / Dr.GRPO advantages ``A [B]`` from scalar rewards ``[B]``.
 
-    Spec: ../shared/algorithms.md section 1. ``A_i = (r_i - mean_g r) / (std_g r + eps)``:
+    Spec: docs/algorithms.md section 1. ``A_i = (r_i - mean_g r) / (std_g r + eps)``:
 
     * ``scale="group"``: ``std_g`` is the unbiased std of the row's group;
     * ``scale="batch"``: the unbiased std of the whole batch (the mean stays the group's);
@@ -337,38 +338,58 @@ def grpo_advantages(rewards: Tensor, *, group_size: Optional[int] = None, group_
 # section 2: EDGE-GRPO's Entropy-Driven Advantage
 
 
+def _check_clamp(clamp) -> Optional[Tuple[float, float]]:
+    if clamp is None:
+        return None
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise TypeError(f"clamp must be a (s_min, s_max) pair or None, got {clamp!r}")
+    lo, hi = _number("clamp[0]", clamp[0]), _number("clamp[1]", clamp[1])
+    if not 0 <= lo <= hi:
+        raise ValueError(f"clamp must satisfy 0 <= s_min <= s_max, got {tuple(clamp)!r}")
+    return lo, hi
+
+
+def eda_scale(seq_entropy: Tensor, *, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
+              eps: float = 1e-6, clamp: Optional[Tuple[float, float]] = None,
+              valid: Optional[Tensor] = None) -> Tensor:
+    """EDGE-GRPO's Entropy-Driven Advantage scale ``s_i = sg[mean_g(P)] / (P_i + eps)`` ``[B]``.
+
+    Spec: docs/algorithms.md section 2. The one place the scale is formed: :func:`eda_advantages`, the fused
+    loss (``eda="current"``) and every adapter call it. ``seq_entropy`` is ``P [B]`` (see
+    :func:`seq_mean_entropy`); gradient flows through ``1 / (P_i + eps)`` when it requires grad (the "current"
+    entropy source), while ``mean_g(P)`` is always taken from ``seq_entropy.detach()``. ``clamp=(s_min, s_max)``
+    clamps the scale (off by default; a common variant uses ``(0.5, 2)``).
+
+    A group whose ``P`` are all 0 gets scale 1. ``valid`` (bool ``[B]``, e.g. ``mask.any(-1)``): rows with at
+    least one response token; the others (a completion truncated away or fully masked, whose ``P = 0`` says
+    nothing) are left out of ``mean_g(P)`` and keep exactly 1, whatever the clamp. Default: every row counts.
+    """
+    p = _per_sequence("seq_entropy", seq_entropy)
+    eps = _eps(eps, positive=True)
+    bounds = _check_clamp(clamp)
+    g = _resolve_groups("seq_entropy", p.shape[0], p.device, group_size, group_ids)
+    valid = _valid_rows(valid, p.shape[0], p.device)
+    s = _relative_scale(p, g, eps, valid)
+    if bounds is not None:
+        s = s.clamp(*bounds)
+        if valid is not None:
+            s = torch.where(valid, s, torch.ones_like(s))
+    return s
+
+
 def eda_advantages(advantages: Tensor, seq_entropy: Tensor, *, group_size: Optional[int] = None,
                    group_ids: Optional[Tensor] = None, eps: float = 1e-6,
                    clamp: Optional[Tuple[float, float]] = None, valid: Optional[Tensor] = None) -> Tensor:
-    """EDGE-GRPO's Entropy-Driven Advantage: ``A^_i = A_i * mean_g(P) / (P_i + eps)``.
+    """EDGE-GRPO's Entropy-Driven Advantage: ``A^_i = A_i * s_i`` with ``s`` = :func:`eda_scale`.
 
-    Spec: ../shared/algorithms.md section 2. ``advantages`` is ``[B]`` or token-level ``[B, T]`` (the scale
-    broadcasts over ``T``); ``seq_entropy`` is ``P [B]`` (see :func:`seq_mean_entropy`). ``clamp=(s_min,
-    s_max)`` clamps the scale ``mean_g(P) / (P_i + eps)`` (off by default; a common variant uses ``(0.5, 2)``).
-
-    Gradient flows through ``1 / (P_i + eps)`` when ``seq_entropy`` requires grad (the "current" entropy
-    source); ``mean_g(P)`` is always computed from ``seq_entropy.detach()``. For the "old" source pass a
-    detached ``P``. EDA only rescales: a group whose advantages are all 0 stays 0.
-
-    ``valid`` (bool ``[B]``, e.g. ``mask.any(-1)``): rows with at least one response token. The others (a
-    completion truncated away or fully masked, whose ``P = 0`` says nothing) are left out of ``mean_g(P)`` and
-    keep scale 1. Default: every row counts.
+    Spec: docs/algorithms.md section 2. ``advantages`` is ``[B]`` or token-level ``[B, T]`` (the scale
+    broadcasts over ``T``). For the "old" entropy source pass a detached ``P``; with a ``P`` that requires grad
+    the gradient flows through ``1 / P_i`` (the "current" source). EDA only rescales: a group whose advantages
+    are all 0 stays 0.
     """
     a = _advantage_input(advantages)
-    p = _per_sequence("seq_entropy", seq_entropy, a.shape[0])
-    eps = _eps(eps, positive=True)
-    g = _resolve_groups("advantages", a.shape[0], a.device, group_size, group_ids)
-    valid = _valid_rows(valid, a.shape[0], a.device)
-    s = _relative_scale(p, g, eps, valid)
-    if clamp is not None:
-        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
-            raise TypeError(f"clamp must be a (s_min, s_max) pair or None, got {clamp!r}")
-        lo, hi = _number("clamp[0]", clamp[0]), _number("clamp[1]", clamp[1])
-        if not 0 <= lo <= hi:
-            raise ValueError(f"clamp must satisfy 0 <= s_min <= s_max, got {tuple(clamp)!r}")
-        s = s.clamp(lo, hi)
-        if valid is not None:  # rows without tokens keep exactly 1, whatever the clamp
-            s = torch.where(valid, s, torch.ones_like(s))
+    _per_sequence("seq_entropy", seq_entropy, a.shape[0])
+    s = eda_scale(seq_entropy, group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp, valid=valid)
     return a * (s if a.dim() == 1 else s[:, None])
 
 
@@ -407,7 +428,7 @@ def egpo_advantages(rewards: Tensor, seq_uncertainty: Tensor, *, group_size: Opt
                     valid: Optional[Tensor] = None) -> Tensor:
     """EGPO calibrated advantages ``A~_i = A_i * w_i`` ``[B]`` with negative-sample reinforcement (NSR).
 
-    Spec: ../shared/algorithms.md section 4.
+    Spec: docs/algorithms.md section 4.
 
     * Base ``A`` = :func:`grpo_advantages` with ``scale``. A row is correct when ``r_i > correct_threshold``.
       Entirely-incorrect groups get ``A_i = nsr_value`` (< 0); entirely-correct groups keep their base
@@ -463,7 +484,7 @@ def prog_grpo_advantages(advantages: Tensor, token_logp: Tensor, mask: Tensor, r
                          correct_threshold: float = 0.0) -> Tensor:
     """ProGRPO's Advantage Re-weighting: ``A~_i = A_i + alpha * (b_g - c(o_i|q))``.
 
-    Spec: ../shared/algorithms.md section 5. This is this library's reading of a paper without code.
+    Spec: docs/algorithms.md section 5. This is this library's reading of a paper without code.
 
     ``c(o|q) = exp(mean of log p over T_low(o))`` with ``T_low(o)`` the ``ceil(low_frac * |o|)`` (at least
     one) unmasked positions of ``token_logp [B, T]`` (old policy) with the lowest log-prob. Baseline ``b``:
@@ -534,7 +555,7 @@ def ep_grpo_token_advantages(advantages: Tensor, token_entropy: Tensor, mask: Te
                              eps: float = 1e-6, correct_threshold: float = 0.0) -> Tensor:
     """EP-GRPO token-level advantages ``[B, T]``: entropy gate plus a progress-aligned signal.
 
-    Spec: ../shared/algorithms.md section 5. This is this library's interpretation of a paper without code.
+    Spec: docs/algorithms.md section 5. This is this library's interpretation of a paper without code.
 
     * Groups whose rewards vary: ``A_{i,t} = A_i * clip(H_{i,t} / mean_t[H_i], g_min, g_max)`` (a row whose
       mean entropy is 0 gets gate 1; the ratio's denominator carries ``+ eps``). ``advantages`` is ``[B]`` or
@@ -587,7 +608,7 @@ def group_advantage_variance(advantages: Tensor, *, group_size: Optional[int] = 
                              group_ids: Optional[Tensor] = None) -> Tensor:
     """Mean over groups of the within-group variance of per-sequence advantages ``[B]`` -> 0-d tensor.
 
-    Spec: ../shared/algorithms.md section 6 ("intra-group advantage variance", the quantity behind EDGE-GRPO's
+    Spec: docs/algorithms.md section 6 ("intra-group advantage variance", the quantity behind EDGE-GRPO's
     Figure 5). Uses the population variance (divide by the group size), so a group of one row contributes 0.
     EDGE-GRPO's official trainer logs the batch-wide unbiased variance instead (``adv_batch_var`` in
     :func:`edge_kernels.policy_loss`'s metrics); the two differ by how the groups' means spread. Only ``[B]`` is
@@ -602,7 +623,7 @@ def zero_advantage_group_fraction(advantages: Tensor, *, group_size: Optional[in
                                   group_ids: Optional[Tensor] = None, atol: float = 1e-8) -> Tensor:
     """Fraction of groups whose advantages ``[B]`` are all within ``atol`` of 0 -> 0-d tensor.
 
-    Spec: ../shared/algorithms.md section 6. Only ``[B]`` is accepted.
+    Spec: docs/algorithms.md section 6. Only ``[B]`` is accepted.
     """
     a, g = _metric_input(advantages, group_size, group_ids)
     atol = _number("atol", atol)

@@ -1,6 +1,6 @@
 """Policy losses: the clipped GRPO/PPO objective on per-token log-probs, and its fused hidden-states-in front.
 
-The math is ``../shared/algorithms.md`` section 6 (section 2 for ``eda="current"``). Everything works on
+The math is ``docs/algorithms.md`` section 6 (section 2 for ``eda="current"``). Everything works on
 ``[B, T]`` tensors (``B`` responses, ``T`` response positions) with a response mask ``m`` (1 on tokens that
 count; any non-negative float weights are accepted and act as token weights).
 

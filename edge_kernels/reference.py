@@ -6,7 +6,7 @@ vocabulary is walked in chunks of ``chunk_size`` columns and softmax statistics 
 online. Logits are formed in fp32 (inputs upcast before the matmul), so this path is at least as exact as the
 Triton kernels and serves as their fallback.
 
-The math (``../shared/algorithms.md``, notation section), with ``z = logits / T`` and ``p = softmax(z)``:
+The math (``docs/algorithms.md``, notation section), with ``z = logits / T`` and ``p = softmax(z)``:
 
 * ``lse = logsumexp(z)``, ``logp = z[target] - lse``, ``H = -sum_v p_v log p_v = lse - sum_v p_v z_v``.
 * Streaming statistics per row: ``m`` (running max), ``s = sum exp(z - m)``,

@@ -254,7 +254,7 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
 class EdgeGRPOConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` plus the entropy-aware estimators, GEC and the fused kernel switch.
 
-    Formulas and defaults: ``algorithms.md`` (EDA section 2, GEC section 3, EGPO section 4, ProGRPO / EP-GRPO
+    Formulas and defaults: ``docs/algorithms.md`` (EDA section 2, GEC section 3, EGPO section 4, ProGRPO / EP-GRPO
     section 5, the latter two being this library's reading of papers without code).
     """
 

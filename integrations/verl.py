@@ -13,7 +13,7 @@ Importing this module (which ``import verl`` does by itself once edge-kernels is
     estimator), see :mod:`edge_kernels.losses`.
 
 * advantage estimators (``algorithm.adv_estimator=...``): ``edge_grpo``, ``edge_eda``, ``edge_egpo``,
-  ``edge_prog_grpo``, ``edge_ep_grpo`` (``algorithms.md`` sections 1, 2, 4, 5). Their options live under
+  ``edge_prog_grpo``, ``edge_ep_grpo`` (``docs/algorithms.md`` sections 1, 2, 4, 5). Their options live under
   ``algorithm.edge`` (``+algorithm.edge.eda_clamp=[0.5,2.0]``, see :data:`EDGE_OPTIONS`); an unknown key raises.
 
 verl's ``compute_advantage`` passes estimators only the rewards, the response mask and the group ids: the old

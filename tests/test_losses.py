@@ -1,4 +1,4 @@
-"""Tests of edge_kernels.losses (../shared/algorithms.md section 6, section 2 for EDA "current").
+"""Tests of edge_kernels.losses (docs/algorithms.md section 6, section 2 for EDA "current").
 
 The oracle here is deliberately plain: a float64 loop over rows and tokens that spells out the per-token loss
 and each aggregation. Tolerances: the library computes in fp32 (as in training) on fp32 inputs, the oracle in

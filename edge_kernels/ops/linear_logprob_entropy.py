@@ -357,7 +357,7 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
 
     Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles. With ``p = softmax(logits)``:
-    ``logp = log p[target]`` and ``entropy = -sum_v p_v log p_v`` (``../shared/algorithms.md``, notation).
+    ``logp = log p[target]`` and ``entropy = -sum_v p_v log p_v`` (``docs/algorithms.md``, notation).
 
     Args:
         hidden: ``[..., D]`` float32/float16/bfloat16.

@@ -208,7 +208,7 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
 
     ``z = logits / temperature``; ``logp = log_softmax(z)[target]``, ``entropy = -sum_v p_v log p_v``
-    (``../shared/algorithms.md``, notation), computed in fp32 whatever the logits' dtype. ``-inf`` logits are
+    (``docs/algorithms.md``, notation), computed in fp32 whatever the logits' dtype. ``-inf`` logits are
     masked vocabulary entries (probability 0, no entropy contribution); NaN or ``+inf`` logits give NaN.
 
     Args:

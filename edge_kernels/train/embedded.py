@@ -5,7 +5,7 @@
   ``solution``). Train and eval splits are disjoint by problem text and drawn from one seeded generator.
 * **Tokenizer** - a byte-level BPE trained with the ``tokenizers`` library on the task's text (digits split
   one per token, as Qwen2's tokenizer does), wrapped as a ``PreTrainedTokenizerFast`` whose chat template
-  renders the Qwen2.5-Math prompt of ``shared/algorithms.md`` section 7 in ChatML.
+  renders the Qwen2.5-Math prompt of ``docs/algorithms.md`` section 7 in ChatML.
 * **Model** - a small randomly initialised ``Qwen2ForCausalLM`` (the real models' architecture), built from a
   ``Qwen2Config``. A short supervised warm-up on the reference solutions (done by the loop) makes rewards
   non-zero before RL starts.

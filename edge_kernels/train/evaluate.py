@@ -1,4 +1,4 @@
-"""pass@1 on held-out problems (``shared/algorithms.md`` section 7).
+"""pass@1 on held-out problems (``docs/algorithms.md`` section 7).
 
 One sample per problem (greedy when the temperature is 0), the Qwen2.5-Math prompt through the tokenizer's
 chat template, the reward of section 7; the overall score is total correct / total problems.

@@ -1,4 +1,4 @@
-"""Guided Error Correction (EDGE-GRPO, ``shared/algorithms.md`` section 3).
+"""Guided Error Correction (EDGE-GRPO, ``docs/algorithms.md`` section 3).
 
 For each incorrect response, independently, a seeded generator picks one branch:
 

@@ -1,4 +1,4 @@
-"""Rewards (``shared/algorithms.md`` section 7): math-verify on the last brace-matched ``\\boxed{}``.
+"""Rewards (``docs/algorithms.md`` section 7): math-verify on the last brace-matched ``\\boxed{}``.
 
 * :func:`last_boxed` finds the last ``\\boxed{...}`` of a response and returns its content, braces matched
   (so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``).

@@ -363,7 +363,7 @@ def test_reference_model_head_goes_inside_parallel_wrappers(model_dir):
 
 def test_eda_current_entropy_source_has_the_entropy_gradient(model_dir, tokenizer, tmp_path):
     """At the sampling weights the current entropy equals the scoring pass's, so the loss is the 'old' one;
-    the gradient differs by the 1/P_i term (algorithms.md section 2, 'current')."""
+    the gradient differs by the 1/P_i term (docs/algorithms.md section 2, 'current')."""
     trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="eda", eda_entropy_source="current",
                            use_edge_kernels=True)
     trainer.model.train()

@@ -1,4 +1,4 @@
-"""Guided Error Correction (shared/algorithms.md section 3) with a seeded generator: every branch."""
+"""Guided Error Correction (docs/algorithms.md section 3) with a seeded generator: every branch."""
 
 import pytest
 import torch

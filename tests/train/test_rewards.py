@@ -1,4 +1,4 @@
-"""Rewards (shared/algorithms.md section 7): the last brace-matched \\boxed{}, compared by math-verify."""
+"""Rewards (docs/algorithms.md section 7): the last brace-matched \\boxed{}, compared by math-verify."""
 
 import pytest
 
