@@ -277,27 +277,10 @@ def policy_loss(
         ValueError: a bad shape, an unknown mode string, ``clip_low``/``clip_high`` < 0, ``dual_clip <= 1``,
             ``top_entropy_quantile`` outside ``(0, 1]``, NaN advantages, or a missing ``entropy``/``ref_logp``.
     """
-    _check_tensor("logp", logp, floating=True)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, q = _check_policy_inputs(
+        logp, old_logp, advantages, mask, entropy, ref_logp, group_ids, clip_low, clip_high, dual_clip, is_level,
+        kl_coef, kl_type, entropy_coef, top_entropy_quantile, agg, max_len)
     shape = (logp.shape[0], logp.shape[1])
-    _check_bt("old_logp", old_logp, shape)
-    _check_bt("ref_logp", ref_logp, shape)
-    _check_bt("entropy", entropy, shape)
-    _check_bt("mask", mask, shape, floating=False)
-    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, q = _validate_loss_options(
-        clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef, top_entropy_quantile, agg,
-        max_len)
-    _check_advantages(advantages, shape)
-    if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError("kl_coef != 0 needs ref_logp")
-    if entropy_coef != 0.0 and entropy is None:
-        raise ValueError("entropy_coef != 0 needs entropy")
-    if q < 1.0 and entropy is None:
-        raise ValueError("top_entropy_quantile < 1 needs entropy")
-    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, entropy=entropy,
-                      ref_logp=ref_logp, group_ids=group_ids)
-
     dtype = torch.promote_types(logp.dtype, torch.float32)
     m = mask.to(dtype)
     valid = m != 0
@@ -308,86 +291,116 @@ def policy_loss(
     adv = adv[:, None].expand(shape) if adv.dim() == 1 else adv
     adv = torch.where(valid, adv, zero)
 
-    # importance ratio; masked positions are replaced before any exp()
-    log_ratio = torch.where(valid, l - l_old, zero)
-    if is_level == "sequence":
-        seq_log_ratio = (log_ratio * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)  # the spec's masked mean
-        seq_log_ratio = seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        ratio = torch.exp(seq_log_ratio)[:, None].expand(shape)
-    else:
-        ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-
-    # clipped surrogate (verl's form: max of the two negated objectives), then dual clip on A < 0
-    surr = -adv * ratio
-    surr_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(surr, surr_clipped)
-    pg_clip = per_token
-    if dual_clip is not None:
-        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
-
-    kl = None
-    if ref_logp is not None:
-        kl = _kl(torch.where(valid, l - ref_logp.detach().to(dtype), zero), kl_type)
-        if kl_coef != 0.0:
-            per_token = per_token + kl_coef * kl
-    ent = None
-    if entropy is not None:
-        ent = torch.where(valid, entropy.to(dtype), zero)
-        if entropy_coef != 0.0:
-            per_token = per_token - entropy_coef * ent
-
-    loss_mask = m
-    keep = None
-    if q < 1.0:
-        keep = _entropy_quantile_keep(ent.detach(), valid, q)
-        loss_mask = m * keep.to(dtype)
-
+    log_ratio, ratio = _importance_ratio(l, l_old, m, valid, is_level)
+    per_token, pg_clip = _clipped_surrogate(adv, ratio, clip_low, clip_high, dual_clip)
+    kl = None if ref_logp is None else _kl(torch.where(valid, l - ref_logp.detach().to(dtype), zero), kl_type)
+    ent = None if entropy is None else torch.where(valid, entropy.to(dtype), zero)
+    if kl_coef != 0.0:
+        per_token = per_token + kl_coef * kl
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * ent
+    keep = _entropy_quantile_keep(ent.detach(), valid, q) if q < 1.0 else None
+    loss_mask = m if keep is None else m * keep.to(dtype)
     loss = aggregate(per_token, loss_mask, agg, max_len)
 
     with torch.no_grad():
-        n_tok = m.sum()
-
-        def mmean(x: Tensor) -> Tensor:
-            return _safe_div((x.to(dtype) * m).sum(), n_tok)
-
-        lr_tok = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        a = adv.detach()
-        r = ratio.detach()
-        metrics: Dict[str, Tensor] = {
-            "ratio_mean": mmean(r),
-            "clip_frac_low": mmean((a < 0) & (r < 1.0 - clip_low)),
-            "clip_frac_high": mmean((a > 0) & (r > 1.0 + clip_high)),
-            "approx_kl": mmean(torch.expm1(lr_tok) - lr_tok),
-        }
-        if dual_clip is not None:
-            metrics["clip_frac_dual"] = mmean((a < 0) & (pg_clip.detach() > -a * dual_clip))
-        if kl is not None:
-            metrics["kl_ref"] = mmean(kl.detach())
-        if ent is not None:
-            metrics["entropy_mean"] = mmean(ent.detach())
-        if keep is not None:
-            metrics["keep_frac"] = _safe_div(loss_mask.sum(), n_tok)
-        adv_mean = mmean(a)
-        metrics["adv_mean"] = adv_mean
-        metrics["adv_std"] = torch.sqrt(_safe_div(((a - adv_mean) ** 2 * m).sum(), n_tok - 1).clamp(min=0))
+        metrics = _loss_metrics(m, log_ratio, ratio, adv, pg_clip, kl, ent, loss_mask if keep is not None else None,
+                                clip_low, clip_high, dual_clip)
         if advantages.dim() == 1 and (group_size is not None or group_ids is not None):
             metrics.update(_group_metrics(advantages, group_size, group_ids))
     return loss, metrics
 
 
+def _check_policy_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, group_ids, clip_low, clip_high,
+                         dual_clip, is_level, kl_coef, kl_type, entropy_coef, top_entropy_quantile, agg, max_len):
+    """Shapes, devices and options of :func:`policy_loss`; returns the checked numbers."""
+    _check_tensor("logp", logp, floating=True)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
+    shape = (logp.shape[0], logp.shape[1])
+    _check_bt("old_logp", old_logp, shape)
+    _check_bt("ref_logp", ref_logp, shape)
+    _check_bt("entropy", entropy, shape)
+    _check_bt("mask", mask, shape, floating=False)
+    checked = _validate_loss_options(clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
+                                     top_entropy_quantile, agg, max_len)
+    _check_advantages(advantages, shape)
+    kl_coef, entropy_coef, q = checked[3], checked[4], checked[5]
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("kl_coef != 0 needs ref_logp")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    if q < 1.0 and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 needs entropy")
+    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, entropy=entropy,
+                      ref_logp=ref_logp, group_ids=group_ids)
+    return checked
+
+
+def _importance_ratio(l: Tensor, l_old: Tensor, m: Tensor, valid: Tensor, is_level: str) -> Tuple[Tensor, Tensor]:
+    """``(log_ratio, rho)`` ``[B, T]``: token level, or GSPO's sequence ratio (gradient through the masked mean).
+    Masked positions are replaced by 0 before any ``exp``; the log-ratio is clamped to ``[-20, 20]``."""
+    log_ratio = torch.where(valid, l - l_old, torch.zeros_like(l))
+    if is_level == "sequence":
+        seq_log_ratio = (log_ratio * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)  # the spec's masked mean
+        seq_log_ratio = seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return log_ratio, torch.exp(seq_log_ratio)[:, None].expand(l.shape)
+    return log_ratio, torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def _clipped_surrogate(adv: Tensor, ratio: Tensor, clip_low: float, clip_high: float,
+                       dual_clip: Optional[float]) -> Tuple[Tensor, Tensor]:
+    """verl's form, the max of the two negated objectives, then the dual clip on ``A < 0``; returns the loss
+    and the clipped loss before the dual clip (for its metric)."""
+    surr = -adv * ratio
+    surr_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg_clip = torch.maximum(surr, surr_clipped)
+    if dual_clip is None:
+        return pg_clip, pg_clip
+    return torch.where(adv < 0, torch.minimum(pg_clip, -adv * dual_clip), pg_clip), pg_clip
+
+
+def _loss_metrics(m: Tensor, log_ratio: Tensor, ratio: Tensor, adv: Tensor, pg_clip: Tensor, kl: Optional[Tensor],
+                  ent: Optional[Tensor], kept_mask: Optional[Tensor], clip_low: float, clip_high: float,
+                  dual_clip: Optional[float]) -> Dict[str, Tensor]:
+    """The metrics of :func:`policy_loss`, averaged over the masked tokens (no host sync)."""
+    n_tok = m.sum()
+
+    def mmean(x: Tensor) -> Tensor:
+        return _safe_div((x.to(m.dtype) * m).sum(), n_tok)
+
+    lr_tok = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    a, r = adv.detach(), ratio.detach()
+    metrics: Dict[str, Tensor] = {
+        "ratio_mean": mmean(r),
+        "clip_frac_low": mmean((a < 0) & (r < 1.0 - clip_low)),
+        "clip_frac_high": mmean((a > 0) & (r > 1.0 + clip_high)),
+        "approx_kl": mmean(torch.expm1(lr_tok) - lr_tok),
+    }
+    if dual_clip is not None:
+        metrics["clip_frac_dual"] = mmean((a < 0) & (pg_clip.detach() > -a * dual_clip))
+    if kl is not None:
+        metrics["kl_ref"] = mmean(kl.detach())
+    if ent is not None:
+        metrics["entropy_mean"] = mmean(ent.detach())
+    if kept_mask is not None:
+        metrics["keep_frac"] = _safe_div(kept_mask.sum(), n_tok)
+    adv_mean = mmean(a)
+    metrics["adv_mean"] = adv_mean
+    metrics["adv_std"] = torch.sqrt(_safe_div(((a - adv_mean) ** 2 * m).sum(), n_tok - 1).clamp(min=0))
+    return metrics
+
+
 def _eda_current(advantages: Tensor, entropy: Tensor, mask: Tensor, group_size, group_ids, eps: float,
                  clamp) -> Tuple[Tensor, Tensor]:
-    """Section 2 with ``entropy_source="current"``: ``P_i = mean_t[H]`` with gradient, and
-    ``A^_i = A_i * s_i``, ``s_i = sg[mean_g P] / (P_i + eps)`` (optionally clamped), via
-    :func:`edge_kernels.advantages.eda_advantages`. Returns ``(A^ [B], s [B])``."""
-    from .advantages import eda_advantages, seq_mean_entropy
+    """docs/algorithms.md section 2, ``entropy_source="current"``: ``A^_i = A_i * s_i`` with ``s`` =
+    :func:`edge_kernels.advantages.eda_scale` of ``P_i = mean_t[H]`` of the policy being updated (gradient
+    through ``1 / P_i``, group mean detached). Returns ``(A^ [B], s [B])``."""
+    from .advantages import eda_scale, seq_mean_entropy
 
     p = seq_mean_entropy(entropy, mask)
-    # one call yields both A^ and the scale: eda_advantages broadcasts the scale over a token axis
-    both = eda_advantages(torch.stack([advantages.to(p.dtype), torch.ones_like(p)], dim=1), p,
-                          group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp,
-                          valid=(mask != 0).any(-1))
-    return both[:, 0], both[:, 1]
+    s = eda_scale(p, group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp, valid=(mask != 0).any(-1))
+    return advantages.to(p.dtype) * s, s
 
 
 def fused_linear_policy_loss(
@@ -422,8 +435,9 @@ def fused_linear_policy_loss(
     """Policy loss from hidden states and the LM head, without ``[B, T, V]`` logits (section 6; section 2 for EDA).
 
     Log-probs and full-vocabulary entropies come from :func:`edge_kernels.linear_logprob_entropy` at
-    ``temperature``; masked positions get ``ignore_index`` targets, so they cost no gradient work and their
-    targets may be anything (padding). The entropy is always computed (free in the forward, and reported as
+    ``temperature``; masked positions get ``ignore_index`` targets, so their targets may be anything (padding)
+    and their gradient is 0 (the Triton kernel skips a 128-row block whose rows are all masked; the cuBLAS
+    matmuls and the PyTorch path still run over every row). The entropy is always computed (free in the forward, and reported as
     ``entropy_mean``) but enters the graph only where its gradient is needed (``entropy_coef != 0`` or
     ``eda="current"``); otherwise a detached copy is used and the backward does no entropy-gradient work.
 
@@ -450,26 +464,9 @@ def fused_linear_policy_loss(
         advantages); with EDA also ``eda_scale_mean``, the mean over rows of the (clamped) scale
         ``sg[mean_g P] / (P_i + eps)``.
     """
-    _check_tensor("hidden", hidden, floating=True)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
-    shape = (hidden.shape[0], hidden.shape[1])
-    _check_bt("targets", targets, shape, floating=False)
-    _check_bt("mask", mask, shape, floating=False)
-    _check_choice("eda", eda, EDA_MODES)
-    _validate_loss_options(clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
-                           top_entropy_quantile, agg, max_len)
-    _check_bt("old_logp", old_logp, shape)
-    _check_bt("ref_logp", ref_logp, shape)
-    _check_advantages(advantages, shape, check_nan=False)  # policy_loss checks for NaN (EDA propagates it)
-    if eda == "current":
-        if advantages.dim() != 1:
-            raise ValueError(f"eda='current' needs per-sequence advantages [B], got {tuple(advantages.shape)}")
-        if group_size is None and group_ids is None:
-            raise ValueError("eda='current' needs group_size or group_ids")
-
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, eda, group_size, group_ids,
+                        clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
+                        top_entropy_quantile, agg, max_len)
     tgt = targets.to(torch.int64)
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
     logp, entropy = linear_logprob_entropy(hidden, weight, tgt, bias=bias, temperature=temperature,
@@ -489,3 +486,28 @@ def fused_linear_policy_loss(
     if eda_scale is not None:
         metrics["eda_scale_mean"] = eda_scale.detach().mean()
     return loss, metrics
+
+
+def _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, eda, group_size, group_ids,
+                        clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
+                        top_entropy_quantile, agg, max_len) -> None:
+    """Shapes and options of :func:`fused_linear_policy_loss` (before the kernel runs)."""
+    _check_tensor("hidden", hidden, floating=True)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
+    shape = (hidden.shape[0], hidden.shape[1])
+    _check_bt("targets", targets, shape, floating=False)
+    _check_bt("mask", mask, shape, floating=False)
+    _check_choice("eda", eda, EDA_MODES)
+    _validate_loss_options(clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
+                           top_entropy_quantile, agg, max_len)
+    _check_bt("old_logp", old_logp, shape)
+    _check_bt("ref_logp", ref_logp, shape)
+    _check_advantages(advantages, shape, check_nan=False)  # policy_loss checks for NaN (EDA propagates it)
+    if eda == "current":
+        if advantages.dim() != 1:
+            raise ValueError(f"eda='current' needs per-sequence advantages [B], got {tuple(advantages.shape)}")
+        if group_size is None and group_ids is None:
+            raise ValueError("eda='current' needs group_size or group_ids")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
