@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -139,13 +139,3 @@ def score(model, packed: Packed, *, temperature: float, micro_batch: int = 0, im
     finally:
         model.train(was_training)
     return torch.cat(logps), torch.cat(ents)
-
-
-def sft_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, device=None
-              ) -> Packed:
-    """A supervised batch: prompt + reference tokens, every reference token counted."""
-    return pack(prompts, targets, pad_id, device=device)
-
-
-def tokens_per_row(mask: Tensor) -> List[int]:
-    return mask.sum(-1).tolist()

@@ -27,7 +27,7 @@ subcommand:
 
 def _user_errors():
     from .data import DataError
-    from .gec import GECError
+    from edge_kernels.gec import GECError
     from .loop import TrainError
     from .model import ModelError
 

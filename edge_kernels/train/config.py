@@ -14,15 +14,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-ESTIMATORS = ("grpo", "dr_grpo", "eda", "egpo", "prog_grpo", "ep_grpo")
+from edge_kernels import estimators as _est_mod
+from edge_kernels import gec as _gec_mod
+from edge_kernels.advantages import EGPO_MODES, SCALES
+from edge_kernels.estimators import EDA_SOURCES, EGPO_UNCERTAINTIES, ESTIMATORS
+
 ROLLOUTS = ("hf", "vllm")
 AGGS = ("auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 
-DEFAULT_REFLECTION = " Wait! Something is wrong here."
-DEFAULT_INJECTION = ("\nWait! Something is wrong here. After verification, the correct answer is "
-                     "\\boxed{ANSWER}.")
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -37,6 +38,16 @@ def _f(default, help: str, choices: Optional[Sequence[str]] = None, group: str =
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _est(name: str, choices: Optional[Sequence[str]] = None):
+    """An estimator option: its default and help come from :class:`edge_kernels.estimators.EstimatorOptions`."""
+    return _f(getattr(_est_mod.DEFAULTS, name), _est_mod.option_help(name), choices, group="advantages")
+
+
+def _gec(name: str):
+    """A GEC option: its default and help come from :class:`edge_kernels.gec.GECConfig`."""
+    return _f(getattr(_gec_mod.DEFAULTS, name[len(_gec_mod.PREFIX):]), _gec_mod.option_help(name), group="gec")
 
 
 @dataclass
@@ -96,31 +107,42 @@ class TrainConfig:
     rollout_batch_size: int = _f(64, "sequences per generate() call", group="rollout")
     eval_temperature: float = _f(0.0, "eval sampling temperature (0: greedy)", group="rollout")
     vllm_gpu_memory_utilization: float = _f(0.3, "vLLM's share of GPU memory (colocated)", group="rollout")
-    # ---- advantages
-    estimator: str = _f("eda", "advantage estimator", choices=ESTIMATORS, group="advantages")
-    adv_eps: float = _f(1e-6, "eps of the advantage formulas", group="advantages")
-    eda_entropy_source: str = _f("old", "EDA entropy: old (scoring pass, detached) or current (gradient "
-                                        "through 1/P)", choices=("old", "current"), group="advantages")
-    eda_clamp: Optional[List[float]] = _f(None, "clamp EDA's scale to [s_min, s_max] (e.g. 0.5 2)",
-                                          group="advantages")
-    egpo_w_min: float = _f(0.5, "EGPO w_min", group="advantages")
-    egpo_w_max: float = _f(2.0, "EGPO w_max", group="advantages")
-    egpo_mode: str = _f("asymmetric", "EGPO clamp mode", choices=("asymmetric", "symmetric", "lock_one"),
+    # ---- advantages (names, defaults and help: edge_kernels.estimators.EstimatorOptions)
+    estimator: str = _f("eda", "advantage estimator (dr_grpo: grpo with adv_scale none)", choices=ESTIMATORS,
                         group="advantages")
-    egpo_nsr_value: float = _f(-1.0, "EGPO NSR advantage of entirely-incorrect groups", group="advantages")
-    prog_alpha: float = _f(0.3, "ProGRPO alpha", group="advantages")
-    prog_low_frac: float = _f(0.2, "ProGRPO fraction of lowest-log-prob tokens", group="advantages")
-    ep_lambda: float = _f(0.1, "EP-GRPO lambda of the progress-aligned signal", group="advantages")
-    # ---- GEC
+    adv_scale: str = _est("adv_scale", choices=SCALES)
+    adv_eps: float = _est("adv_eps")
+    correct_threshold: Optional[float] = _f(None, "a response is correct when its reward is > this (EGPO, "
+                                                  "ProGRPO, EP-GRPO; auto: --format-reward, so 'correct' means "
+                                                  "above the format part)", group="advantages")
+    eda_entropy_source: str = _est("eda_entropy_source", choices=EDA_SOURCES)
+    eda_eps: float = _est("eda_eps")
+    eda_clamp: Optional[List[float]] = _est("eda_clamp")
+    egpo_uncertainty: str = _est("egpo_uncertainty", choices=EGPO_UNCERTAINTIES)
+    egpo_w_min: float = _est("egpo_w_min")
+    egpo_w_max: float = _est("egpo_w_max")
+    egpo_mode: str = _est("egpo_mode", choices=EGPO_MODES)
+    egpo_renorm: bool = _est("egpo_renorm")
+    egpo_nsr_value: float = _est("egpo_nsr_value")
+    egpo_eps: float = _est("egpo_eps")
+    prog_alpha: float = _est("prog_alpha")
+    prog_low_frac: float = _est("prog_low_frac")
+    prog_baseline: str = _est("prog_baseline", choices=("group", "prompt"))
+    ep_g_min: float = _est("ep_g_min")
+    ep_g_max: float = _est("ep_g_max")
+    ep_num_buckets: int = _est("ep_num_buckets")
+    ep_lambda: float = _est("ep_lambda")
+    ep_eps: float = _est("ep_eps")
+    # ---- GEC (names, defaults and help: edge_kernels.gec.GECConfig)
     gec: bool = _f(True, "Guided Error Correction of incorrect responses (EDGE-GRPO)", group="gec")
-    gec_p_regenerate: float = _f(0.5, "P(prompt-and-regenerate) for an incorrect response", group="gec")
-    gec_p_inject: float = _f(0.25, "P(answer injection)", group="gec")
-    gec_p_reference: float = _f(0.25, "P(reference replacement)", group="gec")
-    gec_reflection: str = _f(DEFAULT_REFLECTION, "reflection prompt appended before regeneration", group="gec")
-    gec_injection: str = _f(DEFAULT_INJECTION, "answer-injection text (ANSWER is replaced)", group="gec")
+    gec_p_regenerate: float = _gec("gec_p_regenerate")
+    gec_p_inject: float = _gec("gec_p_inject")
+    gec_p_reference: float = _gec("gec_p_reference")
+    gec_reflection: str = _gec("gec_reflection")
+    gec_injection: str = _gec("gec_injection")
     gec_max_new_tokens: Optional[int] = _f(None, "new-token limit of regeneration (auto: 32 embedded, 256)",
                                            group="gec")
-    gec_mask_injected: bool = _f(False, "mask injected / reference tokens out of the loss", group="gec")
+    gec_mask_injected: bool = _gec("gec_mask_injected")
     # ---- reward
     format_reward: float = _f(0.0, "weight of the optional format reward (1 if a \\boxed{} exists)",
                               group="reward")
@@ -130,7 +152,6 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)", group="optim")
     clip_low: float = _f(0.2, "PPO clip eps_low", group="optim")
     clip_high: float = _f(0.2, "PPO clip eps_high (DAPO clip-higher: 0.28)", group="optim")
-    kl_coef: float = _f(0.0, "KL-to-reference coefficient (needs a reference model copy)", group="optim")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient", group="optim")
     loss_agg: str = _f("auto", "loss aggregation (auto: seq-mean-token-sum-norm for dr_grpo, else "
                                "token-mean)", choices=AGGS, group="optim")
@@ -307,7 +328,7 @@ def validate(cfg: TrainConfig) -> None:
         positive(name)
     for name in ("max_steps", "cpu_threads", "warmup_steps", "eval_every", "micro_batch_size", "max_eval_problems",
                  "eval_temperature",
-                 "kl_coef", "max_grad_norm", "format_reward"):
+                 "max_grad_norm", "format_reward"):
         v = getattr(cfg, name)
         if v is not None and v < 0:
             raise ConfigError(f"{name} must be >= 0, got {v}")
@@ -316,19 +337,17 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
     if not 0 < cfg.top_p <= 1:
         raise ConfigError(f"top_p must lie in (0, 1], got {cfg.top_p}")
-    probs = (cfg.gec_p_regenerate, cfg.gec_p_inject, cfg.gec_p_reference)
-    if any(p < 0 for p in probs) or sum(probs) > 1 + 1e-9:
-        raise ConfigError(f"GEC probabilities must be >= 0 and sum to at most 1, got {probs}")
-    if "ANSWER" not in cfg.gec_injection:
-        raise ConfigError("gec_injection must contain the placeholder ANSWER")
+    estimator_options(cfg)
+    if cfg.prog_baseline != "group":
+        raise ConfigError("prog_baseline must be 'group' in edge-train: its scoring pass scores response tokens "
+                          "only, and the 'prompt' baseline needs the prompts' log-probs")
+    try:
+        gec_options(cfg)
+    except _gec_mod.GECError as e:
+        raise ConfigError(str(e)) from None
     if cfg.micro_batch_size and cfg.micro_batch_size % cfg.group_size:
         raise ConfigError(f"micro_batch_size ({cfg.micro_batch_size}) must be a multiple of group_size "
                           f"({cfg.group_size}): groups are never split")
-    if cfg.kl_coef > 0:
-        raise ConfigError("kl_coef > 0 is not supported by edge-train yet (no reference model copy is kept); "
-                          "use verl for KL-regularised runs")
-    if cfg.eval_data is not None and cfg.data is None and cfg.model is None:
-        pass  # the embedded task with an extra eval file is fine
     if cfg.dtype == "float16":
         raise ConfigError("--dtype float16 cannot train: without loss scaling fp16 gradients under/overflow and "
                           "AdamW's eps (1e-8) underflows, so the first step turns the weights into NaN; use "
@@ -338,6 +357,21 @@ def validate(cfg: TrainConfig) -> None:
                           "--param-dtype float32")
     if cfg.impl not in ("auto", "triton", "torch", "cuda"):
         raise ConfigError(f"impl must be auto, triton, torch or cuda; got {cfg.impl!r}")
+
+
+def estimator_options(cfg: TrainConfig) -> _est_mod.EstimatorOptions:
+    """The estimator options of ``cfg`` (checked against ``cfg.estimator``); ``correct_threshold`` defaults to
+    ``format_reward`` (a reward is accuracy + format_reward * format)."""
+    thr = cfg.format_reward if cfg.correct_threshold is None else cfg.correct_threshold
+    try:
+        return _est_mod.options_from(cfg, correct_threshold=thr).check_for(cfg.estimator)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def gec_options(cfg: TrainConfig) -> _gec_mod.GECConfig:
+    """The GEC options of ``cfg`` (``gec_max_new_tokens`` unresolved counts as the library default)."""
+    return _gec_mod.gec_config_from(cfg, max_new_tokens=cfg.gec_max_new_tokens or _gec_mod.DEFAULTS.max_new_tokens)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

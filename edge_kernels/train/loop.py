@@ -25,21 +25,40 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from edge_kernels.estimators import Estimate, advantage_stats, compute_advantages, sequence_advantages
+from edge_kernels.gec import apply_gec, branch_counts
+from edge_kernels import losses as _losses
+
 from . import checkpoint as ckpt
 from .batch import decoder_and_head, head_inputs, pack, response_hidden, score
-from .config import TrainConfig, resolve, save_yaml
+from .config import TrainConfig, estimator_options, gec_options, resolve, save_yaml
 from .data import DataError, Problem, PromptSampler, encode_prompts, load_problems, write_problems
 from .evaluate import EvalResult, evaluate
-from .gec import GECConfig, apply_gec, branch_counts
 from .rewards import score_responses
 
 
 class TrainError(RuntimeError):
     """A run that cannot go on, with what to do about it (reported without a traceback)."""
+
+
+class Rollout(NamedTuple):
+    """One step's responses: per row (``group_size`` consecutive rows per problem) the problem, its prompt,
+    the response tokens, which tokens GEC injected, the rewards after GEC, and before it (``rewards0``,
+    ``correct0``); ``gec_counts`` = (regenerated, injected, replaced)."""
+
+    problem_ids: List[int]
+    problems: List[Problem]
+    prompts: List[List[int]]
+    responses: List[List[int]]
+    injected: Optional[List[List[bool]]]
+    rewards: List[float]
+    rewards0: List[float]
+    correct0: List[bool]
+    gec_counts: Tuple[int, int, int]
 
 
 METRIC_FIELDS = ("step", "reward_mean", "accuracy", "entropy_mean", "adv_var", "zero_adv_frac", "loss",
@@ -109,6 +128,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, log: Optional[Callable[[str], None]] = None):
         self.cfg = resolve(cfg)
+        self.estimator_options = estimator_options(self.cfg)
+        self.gec_config = gec_options(self.cfg)
         self._log = log
         self.embedded = self.cfg.model is None
         self.out = os.path.abspath(self.cfg.output)
@@ -129,11 +150,6 @@ class Trainer:
         else:
             print(msg, flush=True)
 
-    def _gec_config(self) -> GECConfig:
-        c = self.cfg
-        return GECConfig(p_regenerate=c.gec_p_regenerate, p_inject=c.gec_p_inject, p_reference=c.gec_p_reference,
-                         reflection=c.gec_reflection, injection=c.gec_injection,
-                         max_new_tokens=c.gec_max_new_tokens, mask_injected=c.gec_mask_injected)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -427,159 +443,150 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ RL step
 
-    def _advantages(self, rewards, old_logp, entropy, mask):
-        """``(advantages [B] or [B, T], eda_mode)`` for the configured estimator (``eda_mode="current"``: EDA is
-        applied inside the loss, with the entropy of the policy being updated). EP-GRPO's advantages are
-        token-level; the per-step metrics reduce them to their per-row masked mean."""
-        from edge_kernels import advantages as adv
+    def _advantages(self, rewards, old_logp, entropy, mask) -> Estimate:
+        """The configured estimator on the scoring pass's outputs (groups: contiguous blocks of ``group_size``
+        rows). With ``eda_entropy_source="current"`` the loss rescales :attr:`Estimate.base` itself."""
+        c = self.cfg
+        return compute_advantages(c.estimator, rewards, mask, group_size=c.group_size, old_logp=old_logp,
+                                  entropy=entropy, options=self.estimator_options)
 
+    def _rollout(self, idx: List[int]) -> Rollout:
+        """Sample ``group_size`` responses per problem and score them (before GEC)."""
         c, G = self.cfg, self.cfg.group_size
-        est = c.estimator
-        eps = c.adv_eps
-        thr = c.format_reward  # reward = accuracy + format_reward * format: "correct" means above the format part
-        if est == "egpo":
-            u = adv.nll_uncertainty(old_logp, mask)
-            return adv.egpo_advantages(rewards, u, group_size=G, w_min=c.egpo_w_min, w_max=c.egpo_w_max,
-                                       mode=c.egpo_mode, nsr_value=c.egpo_nsr_value, eps=eps,
-                                       correct_threshold=thr, valid=mask.any(-1)), "off"
-        base = adv.grpo_advantages(rewards, group_size=G, scale="none" if est == "dr_grpo" else "group", eps=eps)
-        if est in ("grpo", "dr_grpo"):
-            return base, "off"
-        if est == "eda":
-            if c.eda_entropy_source == "current":
-                return base, "current"
-            p = adv.seq_mean_entropy(entropy, mask)
-            clamp = tuple(c.eda_clamp) if c.eda_clamp else None
-            return adv.eda_advantages(base, p, group_size=G, eps=eps, clamp=clamp, valid=mask.any(-1)), "off"
-        if est == "prog_grpo":
-            return adv.prog_grpo_advantages(base, old_logp, mask, rewards, group_size=G, alpha=c.prog_alpha,
-                                            low_frac=c.prog_low_frac, correct_threshold=thr), "off"
-        if est == "ep_grpo":
-            return adv.ep_grpo_token_advantages(base, entropy, mask, rewards, group_size=G, lam=c.ep_lambda,
-                                                correct_threshold=thr), "off"
-        raise ValueError(f"unknown estimator {est!r}")  # pragma: no cover - validated by the config
-
-    def rl_step(self) -> Dict[str, Any]:
-        from edge_kernels import advantages as adv
-        from edge_kernels.losses import fused_linear_policy_loss
-
-        c, G = self.cfg, self.cfg.group_size
-        step = self.step + 1
-        t0 = time.time()
-        torch.manual_seed(_mix(c.seed, step))
-        gec_gen = torch.Generator().manual_seed(_mix(c.seed, step, 1))
-
-        idx = self.sampler.next(c.prompts_per_step)
         problems = [self.train_problems[i] for i in idx for _ in range(G)]
         prompts = [self.train_prompts[i] for i in idx for _ in range(G)]
         with oom_guard("rollout"):
             responses = self.engine.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                              top_p=c.top_p, desc="rollout")
-        answers = [p.answer for p in problems]
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards0, correct0 = score_responses(texts, answers, c.format_reward)
+        rewards, correct = score_responses(texts, [p.answer for p in problems], c.format_reward)
+        return Rollout([i for i in idx for _ in range(G)], problems, prompts, responses, None, rewards, rewards,
+                       correct, (0, 0, 0))
+
+    def _correct(self, ro: Rollout, step: int) -> Rollout:
+        """GEC on the incorrect responses (generator seeded from ``(seed, step)``), then every response is
+        re-scored."""
+        c = self.cfg
+        gen = torch.Generator().manual_seed(_mix(c.seed, step, 1))
+        answers = [p.answer for p in ro.problems]
+        with oom_guard("rollout"):
+            fixed = apply_gec(ro.prompts, ro.responses, [not x for x in ro.correct0], answers,
+                              [p.solution for p in ro.problems], tokenizer=self.tokenizer, eos_id=self.eos_id,
+                              stop_ids=self.stop_ids, generate=self.engine.generate, generator=gen,
+                              cfg=self.gec_config, temperature=c.temperature, top_p=c.top_p,
+                              problem_ids=ro.problem_ids)
+        responses = [f.tokens for f in fixed]
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rewards, _ = score_responses(texts, answers, c.format_reward)
+        return ro._replace(responses=responses, injected=[f.injected for f in fixed], rewards=rewards,
+                           gec_counts=branch_counts(fixed))
+
+    def _update(self, packed, loss_mask, old_logp, est: Estimate) -> Tuple[float, Dict[str, float], float]:
+        """``ppo_epochs`` optimizer steps with the fused loss, micro-batched by whole groups; returns the loss,
+        the loss metrics (weighted like the loss) and the gradient norm."""
+        c = self.cfg
+        _, weight, bias = decoder_and_head(self.model)
+        self.model.train()
+        B, T = packed.targets.shape
+        mb = c.micro_batch_size or B
+        n_tok = loss_mask.sum().clamp(min=1)
+        o = self.estimator_options
+        loss_kw = dict(temperature=c.temperature, eda="current" if est.rescale_in_loss else "off",
+                       group_size=c.group_size, eda_eps=o.eda_eps, eda_clamp=o.eda_clamp, impl=c.impl,
+                       clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef, agg=c.loss_agg,
+                       max_len=max(self.response_horizon(), T))  # fixed Dr.GRPO denominator
+        advantages = est.base if est.rescale_in_loss else est.advantages
+        total, acc, grad_norm = 0.0, {}, float("nan")
+        for _ in range(c.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            for s in range(0, B, mb):
+                sl = slice(s, s + mb)
+                part = packed.select(sl)
+                h, w_, b_ = head_inputs(response_hidden(self.model, part, self.autocast_dtype), weight, bias,
+                                        self.autocast_dtype)
+                loss, m = _losses.fused_linear_policy_loss(h, w_, part.targets, advantages[sl], loss_mask[sl],
+                                                           bias=b_, old_logp=old_logp[sl], **loss_kw)
+                w = (loss_mask[sl].sum() / n_tok).item() if c.loss_agg == "token-mean" else part.rows / B
+                (loss * w).backward()
+                total += loss.item() * w / c.ppo_epochs
+                for k, v in m.items():
+                    acc[k] = acc.get(k, 0.0) + float(v) * w / c.ppo_epochs
+            grad_norm = self._clip_and_step()
+        return total, acc, grad_norm
+
+    def _clip_and_step(self) -> float:
+        """Clip the gradient (``max_grad_norm``), take the optimizer step, return the gradient norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        self.optimizer.step()
+        return grad_norm
+
+    def rl_step(self) -> Dict[str, Any]:
+        """One RL step (see the module docstring); returns its metrics line."""
+        c = self.cfg
+        step = self.step + 1
+        t0 = time.time()
+        torch.manual_seed(_mix(c.seed, step))
+        ro = self._rollout(self.sampler.next(c.prompts_per_step))
         t_rollout = time.time() - t0
-
-        injected = None
-        n_regen = n_inj = n_ref = 0
-        rewards = rewards0
         if c.gec:
-            with oom_guard("rollout"):
-                fixed = apply_gec(prompts, responses, [not x for x in correct0], answers,
-                                  [p.solution for p in problems], tokenizer=self.tokenizer, eos_id=self.eos_id,
-                                  stop_ids=self.stop_ids, generate=self.engine.generate, generator=gec_gen,
-                                  cfg=self._gec_config(),
-                                  temperature=c.temperature, top_p=c.top_p,
-                                  problem_ids=[i for i in idx for _ in range(G)])
-            responses = [f.tokens for f in fixed]
-            injected = [f.injected for f in fixed]
-            n_regen, n_inj, n_ref = branch_counts(fixed)
-            texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            rewards, _ = score_responses(texts, answers, c.format_reward)  # re-score every response
+            ro = self._correct(ro, step)
 
-        packed = pack(prompts, responses, self.pad_id, injected=injected, device=self.device)
+        packed = pack(ro.prompts, ro.responses, self.pad_id, injected=ro.injected, device=self.device)
         loss_mask = packed.mask & ~packed.injected if c.gec_mask_injected else packed.mask
         with oom_guard("scoring"):
             old_logp, entropy = score(self.model, packed, temperature=c.temperature, micro_batch=c.micro_batch_size,
                                       impl=c.impl, autocast_dtype=self.autocast_dtype)
-        r = torch.tensor(rewards, dtype=torch.float32, device=self.device)
-        advantages, eda_mode = self._advantages(r, old_logp, entropy, loss_mask)
-        seq_adv = advantages if advantages.dim() == 1 else adv.masked_mean(advantages, loss_mask)
+        r = torch.tensor(ro.rewards, dtype=torch.float32, device=self.device)
+        est = self._advantages(r, old_logp, entropy, loss_mask)
 
-        # update
         t1 = time.time()
-        _, weight, bias = decoder_and_head(self.model)
-        self.model.train()
-        B, T = packed.targets.shape
-        horizon = self.response_horizon()  # fixed Dr.GRPO denominator (an injected solution may exceed it)
-        mb = c.micro_batch_size or B
-        n_tok = loss_mask.sum().clamp(min=1)
-        total_loss = 0.0
-        metrics_acc: Dict[str, float] = {}
-        grad_norm = float("nan")
         with oom_guard("update"):
-            for _ in range(c.ppo_epochs):
-                self.optimizer.zero_grad(set_to_none=True)
-                for s in range(0, B, mb):
-                    sl = slice(s, s + mb)
-                    part = packed.select(sl)
-                    h, w_, b_ = head_inputs(response_hidden(self.model, part, self.autocast_dtype), weight, bias,
-                                            self.autocast_dtype)
-                    loss, m = fused_linear_policy_loss(
-                        h, w_, part.targets, advantages[sl], loss_mask[sl], bias=b_,
-                        temperature=c.temperature, old_logp=old_logp[sl], eda=eda_mode, group_size=G,
-                        eda_eps=c.adv_eps, eda_clamp=tuple(c.eda_clamp) if c.eda_clamp else None, impl=c.impl,
-                        clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef, agg=c.loss_agg,
-                        max_len=max(horizon, T))
-                    if c.loss_agg == "token-mean":
-                        w = (loss_mask[sl].sum() / n_tok).item()
-                    else:
-                        w = part.rows / B
-                    (loss * w).backward()
-                    total_loss += loss.item() * w / c.ppo_epochs
-                    for k, v in m.items():
-                        metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v) * w / c.ppo_epochs
-                params = [p for p in self.model.parameters() if p.grad is not None]
-                if c.max_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
-                else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-                self.optimizer.step()
+            loss, loss_metrics, grad_norm = self._update(packed, loss_mask, old_logp, est)
         self.engine.sync_weights(self.model)
         t_update = time.time() - t1
+        self.step = step
+        return self._record(step, ro, packed, loss_mask, entropy, est, loss, loss_metrics, grad_norm,
+                            (round(t_rollout, 4), round(t_update, 4)))
 
-        if eda_mode == "current":  # the EDA-rescaled advantages live inside the loss; use its metrics
-            adv_var = metrics_acc.get("adv_group_var", float("nan"))
-            zero_frac = metrics_acc.get("zero_adv_group_frac", float("nan"))
+    def _record(self, step, ro: Rollout, packed, loss_mask, entropy, est: Estimate, loss, m, grad_norm,
+                times) -> Dict[str, Any]:
+        """The metrics line of a step. With EDA ``"current"`` the rescaled advantages live inside the loss, so
+        their statistics come from the loss's metrics."""
+        if est.rescale_in_loss:
+            adv_var = m.get("adv_group_var", float("nan"))
+            zero_frac = m.get("zero_adv_group_frac", float("nan"))
         else:
-            adv_var = float(adv.group_advantage_variance(seq_adv.detach(), group_size=G))
-            zero_frac = float(adv.zero_advantage_group_fraction(seq_adv.detach(), group_size=G))
+            stats = advantage_stats(est.advantages, loss_mask, group_size=self.cfg.group_size)
+            adv_var, zero_frac = float(stats["adv_group_var"]), float(stats["zero_adv_group_frac"])
         lm = loss_mask.to(entropy.dtype)
-        rec = {
+        n_regen, n_inj, n_ref = ro.gec_counts
+        return {
             "step": step,
-            "reward_mean": sum(rewards) / len(rewards),
-            "accuracy": sum(correct0) / len(correct0),
-            "reward_mean_rollout": sum(rewards0) / len(rewards0),
+            "reward_mean": sum(ro.rewards) / len(ro.rewards),
+            "accuracy": sum(ro.correct0) / len(ro.correct0),
+            "reward_mean_rollout": sum(ro.rewards0) / len(ro.rewards0),
             "entropy_mean": float((entropy * lm).sum() / lm.sum().clamp(min=1)),
             "adv_var": adv_var,
             "zero_adv_frac": zero_frac,
-            "adv_abs_mean": float(seq_adv.abs().mean()),
-            "loss": total_loss,
+            "adv_abs_mean": float(sequence_advantages(est.advantages, loss_mask).abs().mean()),
+            "loss": loss,
             "gec_applied": n_regen + n_inj + n_ref,
             "gec_regenerate": n_regen,
             "gec_inject": n_inj,
             "gec_reference": n_ref,
             "response_len_mean": float(packed.mask.sum(-1).float().mean()),
-            "clip_frac": metrics_acc.get("clip_frac_low", 0.0) + metrics_acc.get("clip_frac_high", 0.0),
-            "approx_kl": metrics_acc.get("approx_kl", 0.0),
+            "clip_frac": m.get("clip_frac_low", 0.0) + m.get("clip_frac_high", 0.0),
+            "approx_kl": m.get("approx_kl", 0.0),
             "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch": self.sampler.epoch,
-            "rollout_time_s": round(t_rollout, 4),
-            "update_time_s": round(t_update, 4),
+            "rollout_time_s": times[0],
+            "update_time_s": times[1],
         }
-        self.step = step
-        return rec
 
     # ------------------------------------------------------------------------------------------ run
 

@@ -66,12 +66,21 @@ def test_bad_yaml(tmp_path, yaml_text, message):
     (["--gec-p-regenerate", "0.9"], "sum to at most 1"),
     (["--micro-batch-size", "6", "--group-size", "4"], "multiple of group_size"),
     (["--top-p", "0"], "top_p"),
-    (["--kl-coef", "0.1"], "kl_coef"),
+    (["--egpo-w-min", "0"], "w_min must be > 0"),
+    (["--estimator", "egpo", "--eda-entropy-source", "current"], "applies to the 'eda' estimator only"),
+    (["--prog-baseline", "prompt"], "prog_baseline must be 'group' in edge-train"),
     (["--gec-injection", "no placeholder"], "ANSWER"),
 ])
 def test_bad_values(flags, message):
     with pytest.raises(ConfigError, match=message):
         build_config(parse(flags))
+
+
+def test_kl_coef_is_not_an_option(capsys):
+    # edge-train keeps no reference model: there is no KL option to refuse
+    with pytest.raises(SystemExit):
+        parse(["--kl-coef", "0.1"])
+    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_missing_config_file(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edge_kernels.train.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches
+from edge_kernels.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches
 
 EOS = 0
 

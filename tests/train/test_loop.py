@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from edge_kernels.train.config import ESTIMATORS, TrainConfig
+from edge_kernels.estimators import ESTIMATORS
+from edge_kernels.train.config import TrainConfig
 from edge_kernels.train.loop import METRIC_FIELDS, TrainError, Trainer
 from train_helpers import TINY, run_cli, tiny_flags
 
@@ -32,8 +33,9 @@ def test_advantages_per_estimator_on_one_batch(tmp_path, estimator):
     entropy = torch.rand(B, T, generator=g) * 2 + 0.1
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 3:] = False
-    adv, eda_mode = tr._advantages(rewards, old_logp, entropy, mask)
-    assert eda_mode == "off"
+    est = tr._advantages(rewards, old_logp, entropy, mask)
+    adv = est.advantages
+    assert not est.rescale_in_loss
     assert adv.shape == ((B, T) if estimator == "ep_grpo" else (B,))
     assert torch.isfinite(adv).all()
     from edge_kernels import advantages as A
@@ -54,9 +56,9 @@ def test_advantages_per_estimator_on_one_batch(tmp_path, estimator):
 
 def test_eda_current_mode(tmp_path):
     tr = make_trainer(tmp_path, eda_entropy_source="current", warmup_steps=0)
-    _, mode = tr._advantages(torch.tensor([1., 0., 0., 1.] * 2), torch.zeros(8, 3), torch.ones(8, 3),
-                             torch.ones(8, 3, dtype=torch.bool))
-    assert mode == "current"
+    est = tr._advantages(torch.tensor([1., 0., 0., 1.] * 2), torch.zeros(8, 3), torch.ones(8, 3),
+                         torch.ones(8, 3, dtype=torch.bool))
+    assert est.rescale_in_loss
     rec = tr.rl_step()
     assert all(rec[k] == rec[k] for k in ("loss", "adv_var", "zero_adv_frac"))  # not NaN
 

@@ -1,4 +1,9 @@
-"""Guided Error Correction (EDGE-GRPO, ``docs/algorithms.md`` section 3).
+"""Guided Error Correction (EDGE-GRPO, docs/algorithms.md section 3), shared by edge-train and the TRL adapter.
+
+Owns GEC's options (one set of names, defaults and one validation: :class:`GECConfig`, whose fields are the
+``gec_``-prefixed options of edge-train's flags/YAML and of ``EdgeGRPOConfig``, see :func:`gec_config_from`),
+the branch draw and the rewriting of the token sequences. Error messages name those options, never an engine's
+flags.
 
 For each incorrect response, independently, a seeded generator picks one branch:
 
@@ -7,7 +12,7 @@ For each incorrect response, independently, a seeded generator picks one branch:
 * ``inject`` (p = 0.25): append the answer-injection text with the ground-truth answer in ``\\boxed{}``;
 * ``reference`` (p = 0.25): replace the response with the dataset's reference solution;
 
-or, when the probabilities sum to less than 1, leaves it as it is (``none``). The loop then re-scores every
+or, when the probabilities sum to less than 1, leaves it as it is (``none``). The caller then re-scores every
 response, recomputes rewards and advantages, and recomputes the old log-probs of all text (injected included)
 with a scoring pass. Text the policy did not sample (the reflection prompt, the injected sentence, a
 reference solution) is flagged per token so ``mask_injected`` can keep it out of the loss; by default it is
@@ -16,33 +21,69 @@ trained on like sampled text, as in the paper's code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 BRANCHES = ("regenerate", "inject", "reference", "none")
+PREFIX = "gec_"
+
+DEFAULT_REFLECTION = " Wait! Something is wrong here."
+DEFAULT_INJECTION = ("\nWait! Something is wrong here. After verification, the correct answer is "
+                     "\\boxed{ANSWER}.")
 
 
 class GECError(ValueError):
-    """A problem that GEC cannot correct (no answer / no reference solution)."""
+    """A problem that GEC cannot correct (no answer / no reference solution), or a bad GEC option."""
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class GECConfig:
-    p_regenerate: float = 0.5
-    p_inject: float = 0.25
-    p_reference: float = 0.25
-    reflection: str = " Wait! Something is wrong here."
-    injection: str = ("\nWait! Something is wrong here. After verification, the correct answer is "
-                      "\\boxed{ANSWER}.")
-    max_new_tokens: int = 256
-    mask_injected: bool = False
+    """GEC's options; as configuration options they carry the prefix ``gec_`` (``p_inject`` -> ``gec_p_inject``)."""
+
+    p_regenerate: float = _opt(0.5, "P(prompt-and-regenerate) for an incorrect response")
+    p_inject: float = _opt(0.25, "P(answer injection)")
+    p_reference: float = _opt(0.25, "P(reference-solution replacement)")
+    reflection: str = _opt(DEFAULT_REFLECTION, "reflection prompt appended before the policy continues")
+    injection: str = _opt(DEFAULT_INJECTION, "answer-injection text (ANSWER is replaced by the ground truth)")
+    max_new_tokens: int = _opt(256, "new-token limit of prompt-and-regenerate")
+    mask_injected: bool = _opt(False, "mask injected text and reference solutions out of the loss (default: "
+                                      "trained on like sampled text)")
 
     def __post_init__(self):
         probs = (self.p_regenerate, self.p_inject, self.p_reference)
+        if any(isinstance(p, bool) or not isinstance(p, (int, float)) for p in probs):
+            raise GECError(f"gec_p_regenerate, gec_p_inject and gec_p_reference must be numbers, got {probs}")
         if any(p < 0 for p in probs) or sum(probs) > 1 + 1e-9:
-            raise ValueError(f"GEC probabilities must be >= 0 and sum to at most 1, got {probs}")
+            raise GECError("gec_p_regenerate, gec_p_inject and gec_p_reference must be >= 0 and sum to at most 1, "
+                           f"got {probs}")
         if "ANSWER" not in self.injection:
-            raise ValueError("the GEC injection text must contain the placeholder ANSWER")
+            raise GECError("gec_injection must contain the placeholder ANSWER")
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise GECError(f"gec_max_new_tokens must be an int >= 1, got {n!r}")
+
+
+OPTION_NAMES = tuple(PREFIX + f.name for f in dataclasses.fields(GECConfig))
+DEFAULTS = GECConfig()
+
+
+def option_help(name: str) -> str:
+    """Help text of the option ``name`` (``gec_``-prefixed), shared by edge-train's flags and TRL's fields."""
+    return GECConfig.__dataclass_fields__[name[len(PREFIX):]].metadata["help"]
+
+
+def gec_config_from(source: Any, **overrides) -> GECConfig:
+    """:class:`GECConfig` from an object or mapping holding (some of) the ``gec_``-prefixed options."""
+    get = source.get if isinstance(source, Mapping) else (lambda k, d: getattr(source, k, d))
+    missing = object()
+    values = {k[len(PREFIX):]: v for k in OPTION_NAMES if (v := get(k, missing)) is not missing}
+    values.update(overrides)
+    return GECConfig(**values)
 
 
 def choose_branches(incorrect: Sequence[bool], generator, cfg: GECConfig) -> List[Optional[str]]:
@@ -128,7 +169,7 @@ def apply_gec(
             ans = answers[i]
             if ans is None or not str(ans).strip():
                 raise GECError(f"GEC answer injection needs the ground-truth answer of {who(i)}; it has none "
-                               "(pass --no-gec or --gec-p-inject 0)")
+                               "(set gec_p_inject to 0, or turn GEC off)")
             text = cfg.injection.replace("ANSWER", str(ans))
             extra = tokenizer.encode(text, add_special_tokens=False) + [eos_id]
             b = body(resp)
@@ -137,7 +178,7 @@ def apply_gec(
             sol = solutions[i]
             if sol is None or not str(sol).strip():
                 raise GECError(f"GEC reference replacement needs the reference solution of {who(i)}; it has none "
-                               "(map it with --solution-field, or pass --gec-p-reference 0 or --no-gec)")
+                               "(map the dataset's solution field, set gec_p_reference to 0, or turn GEC off)")
             toks = tokenizer.encode(sol, add_special_tokens=False) + [eos_id]
             out[i] = Corrected(toks, [True] * len(toks), branch)
         else:  # pragma: no cover
