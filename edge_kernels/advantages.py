@@ -410,15 +410,16 @@ def _egpo_weights(u: Tensor, correct: Tensor, g: _Groups, mode: str, w_min: floa
     return w
 
 
-def _check_weight_bounds(mode: str, w_min: float, w_max: float) -> None:
+def _check_weight_bounds(mode: str, w_min: float, w_max: float, prefix: str = "") -> None:
+    lo, hi = f"{prefix}w_min", f"{prefix}w_max"  # the names the caller knows them by
     if mode != "lock_one" and w_min <= 0:
-        raise ValueError(f"w_min must be > 0, got {w_min}")
+        raise ValueError(f"{lo} must be > 0, got {w_min}")
     if mode == "symmetric" and w_min > w_max:
-        raise ValueError(f"w_min ({w_min}) must be <= w_max ({w_max}) for mode='symmetric'")
+        raise ValueError(f"{lo} ({w_min}) must be <= {hi} ({w_max}) for mode='symmetric'")
     if mode == "asymmetric" and w_min > 1:
-        raise ValueError(f"w_min must be <= 1 for mode='asymmetric', got {w_min}")
+        raise ValueError(f"{lo} must be <= 1 for mode='asymmetric', got {w_min}")
     if mode != "symmetric" and w_max < 1:
-        raise ValueError(f"w_max must be >= 1 for mode={mode!r}, got {w_max}")
+        raise ValueError(f"{hi} must be >= 1 for mode={mode!r}, got {w_max}")
 
 
 def egpo_advantages(rewards: Tensor, seq_uncertainty: Tensor, *, group_size: Optional[int] = None,

@@ -84,7 +84,7 @@ class EstimatorOptions:
         clamp = adv._check_clamp(self.eda_clamp) if self.eda_clamp is not None else None
         object.__setattr__(self, "eda_clamp", clamp)
         w_min, w_max = adv._number("egpo_w_min", self.egpo_w_min), adv._number("egpo_w_max", self.egpo_w_max)
-        adv._check_weight_bounds(self.egpo_mode, w_min, w_max)
+        adv._check_weight_bounds(self.egpo_mode, w_min, w_max, prefix="egpo_")
         if adv._number("egpo_nsr_value", self.egpo_nsr_value) >= 0:
             raise ValueError(f"egpo_nsr_value must be < 0, got {self.egpo_nsr_value}")
         if not 0 < adv._number("prog_low_frac", self.prog_low_frac) <= 1:

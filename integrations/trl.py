@@ -6,7 +6,7 @@ The one-line change for a TRL user::
 
 Everything ``GRPOConfig`` offers keeps its meaning (loss types, clip-higher, KL, sequence-level importance
 sampling, entropy masking and bonus, vLLM, PEFT, ...); the new fields are below. With the defaults
-(``advantage_estimator="grpo"``, ``use_edge_kernels=False``, ``gec_enable=False``) the trainer *is* TRL's.
+(``advantage_estimator="grpo"``, ``use_edge_kernels=False``, ``gec=False``) the trainer *is* TRL's.
 
 Supported TRL versions: ``>=1.15,<1.17`` (tested: 1.16.0). TRL 1.15 made every log-prob pass go through a fused
 LM head patched onto the model (``trl.trainer.utils.add_fused_lm_head``, called as
@@ -64,9 +64,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 
 from packaging.version import Version
 
-from edge_kernels import advantages as _adv
+from edge_kernels.advantages import eda_scale, seq_mean_entropy
+from edge_kernels.estimators import DEFAULTS as _EST_DEFAULTS
+from edge_kernels.estimators import (EstimatorOptions, advantage_stats, compute_advantages, needed_inputs,
+                                     option_help, options_from, sequence_advantages)
+from edge_kernels.gec import DEFAULTS as _GEC_DEFAULTS
+from edge_kernels.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches, gec_config_from
+from edge_kernels.gec import option_help as gec_option_help
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
-from edge_kernels.train.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches
 
 SUPPORTED_TRL = (Version("1.15.0"), Version("1.17.0"))  # [min, max)
 TESTED_TRL = "1.16.0"
@@ -108,9 +113,6 @@ __all__ = [
 ]
 
 ESTIMATORS = ("grpo", "eda", "egpo", "prog_grpo", "ep_grpo")
-_EDA_SOURCES = ("old", "current")
-_EGPO_UNCERTAINTY = ("nll", "entropy")
-_EGPO_MODES = ("asymmetric", "symmetric", "lock_one")
 # Inputs of the policy forward that TRL keeps in the batch for multimodal models (see GRPOTrainer._compute_loss).
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -250,6 +252,16 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
 # config
 
 
+def _est_field(name: str):
+    """An estimator option of :class:`edge_kernels.estimators.EstimatorOptions` (its default and help)."""
+    return field(default=getattr(_EST_DEFAULTS, name), metadata={"help": option_help(name)})
+
+
+def _gec_field(name: str):
+    """A GEC option of :class:`edge_kernels.gec.GECConfig` (its default and help)."""
+    return field(default=getattr(_GEC_DEFAULTS, name[len("gec_"):]), metadata={"help": gec_option_help(name)})
+
+
 @dataclass
 class EdgeGRPOConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` plus the entropy-aware estimators, GEC and the fused kernel switch.
@@ -261,47 +273,35 @@ class EdgeGRPOConfig(GRPOConfig):
     advantage_estimator: str = field(default="grpo", metadata={
         "help": "'grpo' (TRL's own advantages, untouched), 'eda' (EDGE-GRPO entropy-driven advantage), 'egpo' "
                 "(EGPO calibration + NSR), 'prog_grpo' (ProGRPO re-weighting) or 'ep_grpo' (EP-GRPO token-level)."})
-    advantage_eps: float = field(default=1e-6, metadata={
-        "help": "eps of the GRPO std normalisation inside the edge estimators (TRL's 'grpo' keeps its 1e-4)."})
-    correct_threshold: float = field(default=0.0, metadata={
-        "help": "A completion is correct when its (weighted) reward is > this (EGPO, ProGRPO, EP-GRPO)."})
-    eda_entropy_source: str = field(default="old", metadata={
-        "help": "'old': P_i from the scoring pass (detached); 'current': from the policy being updated, with "
-                "gradient through 1/P_i (the group mean comes from the scoring pass, detached)."})
-    eda_clamp: Optional[list[float]] = field(default=None, metadata={
-        "help": "Optional [s_min, s_max] clamp of the EDA scale mean_g(P)/P_i (off by default)."})
-    eda_eps: float = field(default=1e-6, metadata={"help": "eps in mean_g(P) / (P_i + eps)."})
-    egpo_uncertainty: str = field(default="nll", metadata={
-        "help": "'nll': U_i = mean_t[-log p_old]; 'entropy': U_i = mean_t[H] of the scoring pass."})
-    egpo_w_min: float = field(default=0.5, metadata={"help": "EGPO lower weight bound (authors' runs: 0.8)."})
-    egpo_w_max: float = field(default=2.0, metadata={"help": "EGPO upper weight bound."})
-    egpo_mode: str = field(default="asymmetric", metadata={"help": "'asymmetric', 'symmetric' or 'lock_one'."})
-    egpo_renorm: bool = field(default=False, metadata={"help": "Divide the weights by their group mean."})
-    egpo_nsr_value: float = field(default=-1.0, metadata={
-        "help": "Base advantage (< 0) of every row of an entirely incorrect group (negative-sample reinforcement)."})
-    egpo_eps: float = field(default=1e-6, metadata={"help": "eps in mean_g(U) / (U_i + eps)."})
-    prog_alpha: float = field(default=0.3, metadata={"help": "ProGRPO re-weighting strength alpha."})
-    prog_low_frac: float = field(default=0.2, metadata={"help": "ProGRPO: fraction of lowest-log-prob tokens."})
-    prog_baseline: str = field(default="group", metadata={
-        "help": "ProGRPO baseline; only 'group' is available in TRL (it does not score prompt tokens)."})
-    ep_g_min: float = field(default=0.5, metadata={"help": "EP-GRPO entropy gate lower bound."})
-    ep_g_max: float = field(default=2.0, metadata={"help": "EP-GRPO entropy gate upper bound."})
-    ep_num_buckets: int = field(default=10, metadata={"help": "EP-GRPO progress buckets K."})
-    ep_lambda: float = field(default=0.1, metadata={"help": "EP-GRPO progress-signal scale lambda."})
-    ep_eps: float = field(default=1e-6, metadata={"help": "EP-GRPO eps."})
-    gec_enable: bool = field(default=False, metadata={
+    adv_eps: float = _est_field("adv_eps")
+    correct_threshold: float = _est_field("correct_threshold")
+    eda_entropy_source: str = _est_field("eda_entropy_source")
+    eda_clamp: Optional[list[float]] = _est_field("eda_clamp")
+    eda_eps: float = _est_field("eda_eps")
+    egpo_uncertainty: str = _est_field("egpo_uncertainty")
+    egpo_w_min: float = _est_field("egpo_w_min")
+    egpo_w_max: float = _est_field("egpo_w_max")
+    egpo_mode: str = _est_field("egpo_mode")
+    egpo_renorm: bool = _est_field("egpo_renorm")
+    egpo_nsr_value: float = _est_field("egpo_nsr_value")
+    egpo_eps: float = _est_field("egpo_eps")
+    prog_alpha: float = _est_field("prog_alpha")
+    prog_low_frac: float = _est_field("prog_low_frac")
+    prog_baseline: str = _est_field("prog_baseline")
+    ep_g_min: float = _est_field("ep_g_min")
+    ep_g_max: float = _est_field("ep_g_max")
+    ep_num_buckets: int = _est_field("ep_num_buckets")
+    ep_lambda: float = _est_field("ep_lambda")
+    ep_eps: float = _est_field("ep_eps")
+    gec: bool = field(default=False, metadata={
         "help": "EDGE-GRPO Guided Error Correction on incorrect completions (training only)."})
-    gec_regenerate_prob: float = field(default=0.5, metadata={"help": "P(prompt-and-regenerate)."})
-    gec_inject_prob: float = field(default=0.25, metadata={"help": "P(answer injection)."})
-    gec_replace_prob: float = field(default=0.25, metadata={"help": "P(reference-solution replacement)."})
-    gec_reflection_prompt: str = field(default=" Wait! Something is wrong here.", metadata={
-        "help": "Appended to an incorrect completion before the policy continues it."})
-    gec_injection_template: str = field(default=(
-        "\nWait! Something is wrong here. After verification, the correct answer is \\boxed{ANSWER}."),
-        metadata={"help": "Appended by answer injection; 'ANSWER' is replaced by the ground-truth answer."})
-    gec_max_new_tokens: int = field(default=256, metadata={"help": "New-token limit of prompt-and-regenerate."})
-    gec_mask_injected: bool = field(default=False, metadata={
-        "help": "Mask injected text and reference solutions out of the loss (default: trained on like sampled text)."})
+    gec_p_regenerate: float = _gec_field("gec_p_regenerate")
+    gec_p_inject: float = _gec_field("gec_p_inject")
+    gec_p_reference: float = _gec_field("gec_p_reference")
+    gec_reflection: str = _gec_field("gec_reflection")
+    gec_injection: str = _gec_field("gec_injection")
+    gec_max_new_tokens: int = _gec_field("gec_max_new_tokens")
+    gec_mask_injected: bool = _gec_field("gec_mask_injected")
     gec_correct_reward: float = field(default=1.0, metadata={
         "help": "A completion whose weighted reward is below this is incorrect and gets corrected."})
     gec_answer_column: str = field(default="answer", metadata={"help": "Dataset column with the final answer."})
@@ -317,31 +317,22 @@ class EdgeGRPOConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         _choice("advantage_estimator", self.advantage_estimator, ESTIMATORS)
-        _choice("eda_entropy_source", self.eda_entropy_source, _EDA_SOURCES)
-        _choice("egpo_uncertainty", self.egpo_uncertainty, _EGPO_UNCERTAINTY)
-        _choice("egpo_mode", self.egpo_mode, _EGPO_MODES)
         _choice("edge_kernels_impl", self.edge_kernels_impl, ("auto", "triton", "torch"))
         if self.prog_baseline != "group":
             raise ValueError(
                 f"prog_baseline={self.prog_baseline!r} is not available in the TRL adapter: the 'prompt' baseline "
                 "needs the prompt tokens' log-probs, which TRL never computes. Use prog_baseline='group'."
             )
-        if self.eda_entropy_source == "current" and self.advantage_estimator != "eda":
-            raise ValueError("eda_entropy_source='current' applies to advantage_estimator='eda' only, got "
-                             f"advantage_estimator={self.advantage_estimator!r}")
-        if self.eda_clamp is not None:
-            if len(self.eda_clamp) != 2 or not 0 <= self.eda_clamp[0] <= self.eda_clamp[1]:
-                raise ValueError(f"eda_clamp must be [s_min, s_max] with 0 <= s_min <= s_max, got {self.eda_clamp}")
-            self.eda_clamp = [float(x) for x in self.eda_clamp]
-        probs = (self.gec_regenerate_prob, self.gec_inject_prob, self.gec_replace_prob)
-        if any(p < 0 for p in probs) or sum(probs) > 1 + 1e-9:
-            raise ValueError(f"the GEC probabilities must be >= 0 and sum to <= 1, got {probs}")
-        if self.gec_max_new_tokens < 1:
-            raise ValueError(f"gec_max_new_tokens must be >= 1, got {self.gec_max_new_tokens}")
-        if "ANSWER" not in self.gec_injection_template:
-            raise ValueError("gec_injection_template must contain the placeholder ANSWER")
+        options = self.estimator_options()  # the one validation of every estimator option
+        self.eda_clamp = None if options.eda_clamp is None else list(options.eda_clamp)
+        gec_config_from(self)  # the one validation of every GEC option
         if self.edge_kernels_chunk_size is not None and self.edge_kernels_chunk_size < 1:
             raise ValueError(f"edge_kernels_chunk_size must be >= 1, got {self.edge_kernels_chunk_size}")
+
+    def estimator_options(self) -> EstimatorOptions:
+        """The estimator options (names as in edge-train and verl); the GRPO scale is TRL's ``scale_rewards``."""
+        scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        return options_from(self, adv_scale=scale).check_for(self.advantage_estimator)
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -406,8 +397,18 @@ class EdgeGRPOTrainer(GRPOTrainer):
                 "use_edge_kernels=True does not compute the MoE router auxiliary loss; set "
                 "router_aux_loss_coef=0.0 or use_edge_kernels=False"
             )
-        if a.gec_enable and getattr(self, "_is_vlm", False):
-            raise ValueError("gec_enable=True is not supported with a vision-language processor (text-only "
+        if a.eda_entropy_source == "current":
+            G = self.num_generations
+            if a.steps_per_generation != 1 or a.per_device_train_batch_size % G:
+                raise ValueError(
+                    "eda_entropy_source='current' takes the group mean of P from the policy being updated, so each "
+                    "loss micro-batch must hold whole groups: set steps_per_generation=1 (TRL shuffles the "
+                    "generation batch across its steps) and per_device_train_batch_size to a multiple of "
+                    f"num_generations={G} (got steps_per_generation={a.steps_per_generation}, "
+                    f"per_device_train_batch_size={a.per_device_train_batch_size})"
+                )
+        if a.gec and getattr(self, "_is_vlm", False):
+            raise ValueError("gec=True is not supported with a vision-language processor (text-only "
                              "corrections)")
 
     # ------------------------------------------------------------------------------------------------------
@@ -447,99 +448,75 @@ class EdgeGRPOTrainer(GRPOTrainer):
         x = self.accelerator.pad_across_processes(x, dim=1, pad_index=pad_value)
         return self.accelerator.gather(x)
 
-    def _edge_advantages(self, output: dict) -> dict:
-        a = self.args
-        mode = "train" if self.model.training else "eval"
-        est = a.advantage_estimator
-        device = output["completion_ids"].device
-        G = self.num_generations if mode == "train" else self.num_generations_eval
+    def _edge_rewards(self, device) -> torch.Tensor:
+        """One scalar reward per gathered completion: TRL's reward functions, weighted and summed."""
         rpf = self._edge_rewards_per_func
         if rpf is None:  # pragma: no cover - TRL always scores
             raise RuntimeError("edge estimators: TRL did not call _calculate_rewards")
         unscorable = torch.isnan(rpf).all(dim=1)
         if bool(unscorable.any()):
             raise ValueError(
-                f"advantage_estimator={est!r}: every reward function returned None for {int(unscorable.sum())} "
-                "completion(s); the edge estimators need a reward for every completion (TRL's 'grpo' drops them)"
+                f"advantage_estimator={self.args.advantage_estimator!r}: every reward function returned None for "
+                f"{int(unscorable.sum())} completion(s); the edge estimators need a reward for every completion "
+                "(TRL's 'grpo' drops them)"
             )
-        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1).float().to(device)
+        return (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1).float().to(device)
 
+    def _edge_token_inputs(self, output: dict, mode: str, options: EstimatorOptions):
+        """The gathered response mask, old log-probs and (when the estimator reads them) entropies ``[B, T]``."""
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        B, T = mask.shape
-        need_entropy = est in ("eda", "ep_grpo") or (est == "egpo" and a.egpo_uncertainty == "entropy")
         logp = output.get("old_per_token_logps")
         ent = None
-        if need_entropy or logp is None:
+        if "entropy" in needed_inputs(self.args.advantage_estimator, options) or logp is None:
             logp_s, ent = self._edge_scoring_pass(output, mode)
             logp = logp_s if logp is None else logp
         mask_g = self._gather_tokens(mask.float()).bool()
-        logp_g = self._gather_tokens(logp.float())
         ent_g = self._gather_tokens(ent) if ent is not None else None
+        return mask_g, self._gather_tokens(logp.float()), ent_g
+
+    def _edge_advantages(self, output: dict) -> dict:
+        """Replace TRL's advantages by the estimator's (:func:`edge_kernels.estimators.compute_advantages` on the
+        whole gathered generation batch, groups of ``num_generations`` consecutive rows)."""
+        a = self.args
+        mode = "train" if self.model.training else "eval"
+        device = output["completion_ids"].device
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        options = a.estimator_options()
+        rewards = self._edge_rewards(device)
+        mask_g, logp_g, ent_g = self._edge_token_inputs(output, mode, options)
         if mask_g.shape[0] != rewards.shape[0]:  # pragma: no cover
             raise RuntimeError(f"edge estimators: {mask_g.shape[0]} gathered rows but {rewards.shape[0]} rewards")
+        est = compute_advantages(a.advantage_estimator, rewards, mask_g, group_size=G, old_logp=logp_g,
+                                 entropy=ent_g, options=options)
+        B, T = output["completion_mask"].shape
+        rows = slice(self.accelerator.process_index * B, (self.accelerator.process_index + 1) * B)
+        if est.rescale_in_loss and mode == "train":  # the loss rescales with the current policy's entropy
+            output["edge_base_advantages"] = est.base[rows]
+            output["edge_group_ids"] = torch.arange(rewards.shape[0], device=device)[rows] // G
+        self._edge_log(est, mask_g, G, mode)
+        local = est.advantages[rows]
+        output["advantages"] = (local[:, :T] if local.dim() == 2 else local).to(device)
+        return output
 
-        base = _adv.grpo_advantages(rewards, group_size=G, scale=self.scale_rewards, eps=a.advantage_eps)
-        metrics = {}
-        if est == "eda":
-            p = _adv.seq_mean_entropy(ent_g, mask_g)
-            valid = (mask_g != 0).any(-1)  # completions with no token left are left out of the group means
-            clamp = None if a.eda_clamp is None else tuple(a.eda_clamp)
-            adv = _adv.eda_advantages(base, p, group_size=G, eps=a.eda_eps, clamp=clamp, valid=valid)
-            group_mean = _adv.group_mean(p.clamp_min(0), group_size=G, valid=valid)
-            scale = _adv.eda_advantages(torch.ones_like(p), p, group_size=G, eps=a.eda_eps, clamp=clamp,
-                                        valid=valid)
-            metrics["edge/eda_scale_mean"] = scale.mean().item()
-            metrics["edge/seq_entropy_mean"] = p.mean().item()
-            if a.eda_entropy_source == "current":
-                pi = self.accelerator.process_index
-                rows = slice(pi * B, (pi + 1) * B)
-                output["edge_base_advantages"] = base[rows]
-                output["edge_eda_group_mean"] = group_mean[rows]
-        elif est == "egpo":
-            u = (_adv.nll_uncertainty(logp_g, mask_g) if a.egpo_uncertainty == "nll"
-                 else _adv.seq_mean_entropy(ent_g, mask_g))
-            adv = _adv.egpo_advantages(rewards, u, group_size=G, w_min=a.egpo_w_min, w_max=a.egpo_w_max,
-                                       mode=a.egpo_mode, renorm=a.egpo_renorm, nsr_value=a.egpo_nsr_value,
-                                       eps=a.egpo_eps, scale=self.scale_rewards, correct_threshold=a.correct_threshold,
-                                       valid=(mask_g != 0).any(-1))
-            metrics["edge/seq_uncertainty_mean"] = u.mean().item()
-        elif est == "prog_grpo":
-            adv = _adv.prog_grpo_advantages(base, logp_g, mask_g, rewards, group_size=G, alpha=a.prog_alpha,
-                                            low_frac=a.prog_low_frac, baseline="group",
-                                            correct_threshold=a.correct_threshold)
-        elif est == "ep_grpo":
-            adv = _adv.ep_grpo_token_advantages(base, ent_g, mask_g, rewards, group_size=G, g_min=a.ep_g_min,
-                                                g_max=a.ep_g_max, num_buckets=a.ep_num_buckets, lam=a.ep_lambda,
-                                                eps=a.ep_eps, correct_threshold=a.correct_threshold)
-        else:  # pragma: no cover - validated in the config
-            raise ValueError(est)
-
-        seq_adv = adv if adv.dim() == 1 else _adv.masked_mean(adv, mask_g)
-        metrics["edge/adv_group_var"] = _adv.group_advantage_variance(seq_adv, group_size=G).item()
-        metrics["edge/zero_adv_group_frac"] = _adv.zero_advantage_group_fraction(seq_adv, group_size=G).item()
+    def _edge_log(self, est, mask, G: int, mode: str) -> None:
+        """The estimator's metrics, and the advantages actually trained on in the completions table."""
+        metrics = {**est.stats, **advantage_stats(est.advantages, mask, group_size=G)}
         for k, v in metrics.items():
-            self._metrics[mode][k].append(v)
-        # the completions table shows the advantages actually trained on
+            self._metrics[mode][f"edge/{k}"].append(float(v))
+        seq_adv = sequence_advantages(est.advantages, mask)
         logged = self._logs.get("advantages") if isinstance(self._logs, dict) else None
         if logged is not None:
             for _ in range(min(len(logged), seq_adv.shape[0])):
                 logged.pop()
             logged.extend(seq_adv.tolist())
 
-        pi = self.accelerator.process_index
-        local = adv[pi * B:(pi + 1) * B]
-        if local.dim() == 2:
-            local = local[:, :T]
-        output["advantages"] = local.to(device)
-        return output
-
     # ------------------------------------------------------------------------------------------------------
-    # EDA with the current policy's entropy
+    # EDA with the current policy's entropy (docs/algorithms.md section 2)
 
     def _compute_loss(self, model, inputs):
-        if self.args.eda_entropy_source == "current" and "edge_base_advantages" in inputs:
+        if "edge_base_advantages" in inputs:
             inputs = dict(inputs)  # the buffered batch is reused across iterations: never mutate it
             self._edge_eda_loss_inputs = inputs
             try:
@@ -555,34 +532,36 @@ class EdgeGRPOTrainer(GRPOTrainer):
         compute_entropy = kwargs.get("compute_entropy", args[1] if len(args) > 1 else False)
         if target is not None and compute_entropy:
             self._edge_eda_loss_inputs = None  # the loss's own pass only
-            mask = target["completion_mask"]
-            if "tool_mask" in target:
-                mask = mask * target["tool_mask"]
-            p = _adv.seq_mean_entropy(entropies, mask).clamp_min(0)  # gradient flows through 1 / P_i
-            group_mean = target["edge_eda_group_mean"]
-            # as eda_advantages: a group with mean 0 keeps scale 1, a row without tokens keeps scale 1
-            scale = torch.where(group_mean > 0, group_mean / (p + self.args.eda_eps), torch.ones_like(p))
-            if self.args.eda_clamp is not None:
-                scale = scale.clamp(*self.args.eda_clamp)
-            scale = torch.where((mask != 0).any(-1), scale, torch.ones_like(scale))
-            target["advantages"] = target["edge_base_advantages"].to(scale.dtype) * scale
+            target["advantages"] = self._edge_eda_current(target, entropies)
         return logps, entropies, aux
+
+    def _edge_eda_current(self, target: dict, entropies: torch.Tensor) -> torch.Tensor:
+        """``A_i * eda_scale(P)`` with ``P`` the masked mean entropy of the policy being updated (gradient
+        through ``1 / P_i``, group mean detached): the micro-batch holds whole groups (see ``_edge_validate``)."""
+        mask = target["completion_mask"]
+        if "tool_mask" in target:
+            mask = mask * target["tool_mask"]
+        ids = target["edge_group_ids"]
+        sizes = torch.bincount(ids - ids.min())
+        if bool((sizes[sizes > 0] != self.num_generations).any()):
+            raise RuntimeError("eda_entropy_source='current': a loss micro-batch holds part of a group; "
+                               "see EdgeGRPOTrainer._edge_validate")
+        o = self.args.estimator_options()
+        p = seq_mean_entropy(entropies, mask)
+        scale = eda_scale(p, group_ids=ids, eps=o.eda_eps, clamp=o.eda_clamp, valid=(mask != 0).any(-1))
+        return target["edge_base_advantages"].to(scale.dtype) * scale
 
     # ------------------------------------------------------------------------------------------------------
     # GEC
 
     def _generate(self, prompts):
         result = super()._generate(prompts)
-        if not (self.args.gec_enable and self.model.training):
+        if not (self.args.gec and self.model.training):
             return result
         return self._gec_correct(prompts, *result)
 
     def _gec_config(self) -> GECConfig:
-        a = self.args
-        return GECConfig(p_regenerate=a.gec_regenerate_prob, p_inject=a.gec_inject_prob,
-                         p_reference=a.gec_replace_prob, reflection=a.gec_reflection_prompt,
-                         injection=a.gec_injection_template, max_new_tokens=a.gec_max_new_tokens,
-                         mask_injected=a.gec_mask_injected)
+        return gec_config_from(self.args)
 
     def _gec_correct(self, prompts, prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields,
                      images, tool_images):
@@ -626,10 +605,8 @@ class EdgeGRPOTrainer(GRPOTrainer):
                 generator=self._gec_generator, cfg=cfg,
             )
         except GECError as exc:
-            raise ValueError(
-                f"GEC: {exc}. In the TRL adapter: fill the {a.gec_answer_column!r} / {a.gec_solution_column!r} "
-                "columns, or set gec_inject_prob / gec_replace_prob to 0."
-            ) from exc
+            raise ValueError(f"{exc}; the dataset columns are {a.gec_answer_column!r} / {a.gec_solution_column!r} "
+                             "(gec_answer_column / gec_solution_column)") from exc
         if n_regen == 0 and any_regen > 0:
             self._gec_generate([list(prompt_ids[0])], max_new_tokens=cfg.max_new_tokens)  # collective partner
 
@@ -709,7 +686,7 @@ def _check_arguments(config: EdgeGRPOConfig, params: dict) -> None:
             "lm_head.weight outside the module, where ZeRO-3 has partitioned it. Use ZeRO-2/FSDP, or "
             "use_edge_kernels=False (TRL's fused head re-gathers the head)."
         )
-    if a.gec_enable:
+    if a.gec:
         reasons = []
         if a.use_vllm:
             reasons.append("use_vllm=True (prompt-and-regenerate runs the training model's generate, and the vLLM "
@@ -721,16 +698,16 @@ def _check_arguments(config: EdgeGRPOConfig, params: dict) -> None:
         if is_deepspeed_zero3_enabled() and not a.ds3_gather_for_generation:
             reasons.append("DeepSpeed ZeRO-3 with ds3_gather_for_generation=False")
         if reasons:
-            raise ValueError("gec_enable=True is not supported with " + "; ".join(reasons))
+            raise ValueError("gec=True is not supported with " + "; ".join(reasons))
 
 
 def _check_dataset_columns(config: EdgeGRPOConfig, dataset) -> None:
-    if not config.gec_enable:
+    if not config.gec:
         return
     needed = []
-    if config.gec_inject_prob > 0:
+    if config.gec_p_inject > 0:
         needed.append(config.gec_answer_column)
-    if config.gec_replace_prob > 0:
+    if config.gec_p_reference > 0:
         needed.append(config.gec_solution_column)
     datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
     for ds in datasets:
@@ -740,7 +717,7 @@ def _check_dataset_columns(config: EdgeGRPOConfig, dataset) -> None:
         missing = [c for c in needed if c not in columns]
         if missing:
             raise ValueError(
-                f"gec_enable=True needs the dataset column(s) {missing} (answer injection needs "
+                f"gec=True needs the dataset column(s) {missing} (answer injection needs "
                 f"{config.gec_answer_column!r} with the final answer, reference replacement needs "
                 f"{config.gec_solution_column!r} with a reference solution); the dataset has {list(columns)}. "
                 "Rename your columns, set gec_answer_column / gec_solution_column, or set the matching "

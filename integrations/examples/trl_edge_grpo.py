@@ -101,7 +101,7 @@ def main(argv=None):
         save_strategy="no",
         # edge-kernels options
         advantage_estimator=args.estimator,
-        gec_enable=args.gec,
+        gec=args.gec,
         use_edge_kernels=args.use_edge_kernels,
     )
     options.update(overrides)

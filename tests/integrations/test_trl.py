@@ -131,7 +131,7 @@ def make_trainer(model_dir, tokenizer, tmp_path, dataset=None, **overrides) -> E
 @pytest.mark.parametrize("gec", [False, True], ids=["gec_off", "gec_on"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_two_training_steps(estimator, gec, model_dir, tokenizer, tmp_path):
-    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator=estimator, gec_enable=gec,
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator=estimator, gec=gec,
                            use_edge_kernels=True)
     before = trainer.model.lm_head.weight.detach().clone()
     trainer.train()
@@ -325,8 +325,8 @@ def test_gec_strips_every_stop_token_before_correcting(model_dir, tokenizer, tmp
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 5]
     trainer = EdgeGRPOTrainer(model=model, reward_funcs=REWARDS,
-                              args=make_config(tmp_path, gec_enable=True, gec_regenerate_prob=0.0,
-                                               gec_inject_prob=1.0, gec_replace_prob=0.0),
+                              args=make_config(tmp_path, gec=True, gec_p_regenerate=0.0,
+                                               gec_p_inject=1.0, gec_p_reference=0.0),
                               train_dataset=make_dataset(), processing_class=tokenizer)
     assert 5 in trainer.eos_token_ids
     trainer.model.train()
@@ -370,7 +370,7 @@ def test_eda_current_entropy_source_has_the_entropy_gradient(model_dir, tokenize
     trainer.current_gradient_accumulation_steps = 1
     rows = [dict(r) for r in make_dataset() for _ in range(G)][:G * 2]
     out = trainer._generate_and_score_completions(rows)
-    assert {"edge_base_advantages", "edge_eda_group_mean"} <= out.keys()
+    assert {"edge_base_advantages", "edge_group_ids"} <= out.keys()
     old_mode = {k: v for k, v in out.items() if not k.startswith("edge_")}  # TRL's path, A^ from the old pass
     losses, grads = [], []
     for batch in (out, old_mode):
@@ -389,8 +389,8 @@ def test_eda_current_entropy_source_has_the_entropy_gradient(model_dir, tokenize
 
 
 def test_gec_answer_injection_rescored_and_masked(model_dir, tokenizer, tmp_path):
-    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="grpo", gec_enable=True,
-                           gec_regenerate_prob=0.0, gec_inject_prob=1.0, gec_replace_prob=0.0,
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="grpo", gec=True,
+                           gec_p_regenerate=0.0, gec_p_inject=1.0, gec_p_reference=0.0,
                            gec_mask_injected=True)
     trainer.model.train()
     rows = [dict(r) for r in make_dataset() for _ in range(G)][:G]
@@ -412,8 +412,8 @@ def test_gec_answer_injection_rescored_and_masked(model_dir, tokenizer, tmp_path
 
 
 def test_gec_replacement_and_regeneration(model_dir, tokenizer, tmp_path):
-    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="eda", gec_enable=True,
-                           gec_regenerate_prob=0.5, gec_inject_prob=0.0, gec_replace_prob=0.5, gec_seed=1)
+    trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="eda", gec=True,
+                           gec_p_regenerate=0.5, gec_p_inject=0.0, gec_p_reference=0.5, gec_seed=1)
     trainer.model.train()
     rows = [dict(r) for r in make_dataset() for _ in range(G)][:G * 2]
     out = trainer._generate_and_score_completions(rows)
@@ -427,12 +427,12 @@ def test_gec_replacement_and_regeneration(model_dir, tokenizer, tmp_path):
 
 def test_gec_requires_answer_and_solution_columns(model_dir, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"needs the dataset column\(s\) \['answer', 'solution'\]"):
-        make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(False, False), gec_enable=True)
+        make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(False, False), gec=True)
     with pytest.raises(ValueError, match=r"\['solution'\]"):
-        make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(True, False), gec_enable=True)
+        make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(True, False), gec=True)
     # without injection / replacement no column is needed
-    make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(False, False), gec_enable=True,
-                 gec_regenerate_prob=1.0, gec_inject_prob=0.0, gec_replace_prob=0.0)
+    make_trainer(model_dir, tokenizer, tmp_path, dataset=make_dataset(False, False), gec=True,
+                 gec_p_regenerate=1.0, gec_p_inject=0.0, gec_p_reference=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,13 +454,18 @@ def test_refusals(model_dir, tokenizer, tmp_path):
         make_config(tmp_path, advantage_estimator="egpo", eda_entropy_source="current")
     with pytest.raises(ValueError, match="advantage_estimator"):
         make_config(tmp_path, advantage_estimator="ppo")
-    with pytest.raises(ValueError, match="GEC probabilities"):
-        make_config(tmp_path, gec_regenerate_prob=0.6, gec_inject_prob=0.6)
+    with pytest.raises(ValueError, match="egpo_w_min must be > 0"):
+        make_config(tmp_path, advantage_estimator="egpo", egpo_w_min=0.0)
+    with pytest.raises(ValueError, match="must hold whole groups"):  # TRL shuffles groups across its steps
+        make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator="eda", eda_entropy_source="current",
+                     steps_per_generation=2)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        make_config(tmp_path, gec_p_regenerate=0.6, gec_p_inject=0.6)
     with pytest.raises(ValueError, match="use_vllm=True"):
-        make_trainer(model_dir, tokenizer, tmp_path, gec_enable=True, use_vllm=True)
+        make_trainer(model_dir, tokenizer, tmp_path, gec=True, use_vllm=True)
     with pytest.raises(ValueError, match="rollout_func"):
         EdgeGRPOTrainer(model=model_dir, reward_funcs=REWARDS, processing_class=tokenizer, train_dataset=make_dataset(),
-                        args=make_config(tmp_path, gec_enable=True), rollout_func=lambda prompts, trainer: {})
+                        args=make_config(tmp_path, gec=True), rollout_func=lambda prompts, trainer: {})
 
 
 def test_unscorable_completion_is_refused(model_dir, tokenizer, tmp_path):

@@ -66,7 +66,7 @@ def test_bad_yaml(tmp_path, yaml_text, message):
     (["--gec-p-regenerate", "0.9"], "sum to at most 1"),
     (["--micro-batch-size", "6", "--group-size", "4"], "multiple of group_size"),
     (["--top-p", "0"], "top_p"),
-    (["--egpo-w-min", "0"], "w_min must be > 0"),
+    (["--egpo-w-min", "0"], "egpo_w_min must be > 0"),
     (["--estimator", "egpo", "--eda-entropy-source", "current"], "applies to the 'eda' estimator only"),
     (["--prog-baseline", "prompt"], "prog_baseline must be 'group' in edge-train"),
     (["--gec-injection", "no placeholder"], "ANSWER"),
