@@ -40,6 +40,7 @@ Tested with verl 0.9.1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.abc
 import logging
@@ -51,7 +52,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from edge_kernels import advantages as _adv
+from edge_kernels.estimators import DEFAULTS as _EST_DEFAULTS
+from edge_kernels.estimators import compute_advantages, needed_inputs, options_from
 from edge_kernels.losses import policy_loss as _policy_loss
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
 
@@ -61,31 +63,10 @@ SUPPORTED_VERL = "0.9.1"
 POLICY_LOSSES = ("edge_vanilla", "edge_gspo")
 ESTIMATORS = ("edge_grpo", "edge_eda", "edge_egpo", "edge_prog_grpo", "edge_ep_grpo")
 
-#: ``algorithm.edge.*`` keys and defaults. ``scale`` defaults to verl's ``norm_adv_by_std_in_grpo`` ("group" when
-#: True, "none" = Dr.GRPO when False).
-EDGE_OPTIONS = {
-    "eps": 1e-6,
-    "scale": None,
-    "correct_threshold": 0.0,
-    "eda_entropy_source": "old",
-    "eda_clamp": None,
-    "eda_eps": 1e-6,
-    "egpo_uncertainty": "nll",
-    "egpo_w_min": 0.5,
-    "egpo_w_max": 2.0,
-    "egpo_mode": "asymmetric",
-    "egpo_renorm": False,
-    "egpo_nsr_value": -1.0,
-    "egpo_eps": 1e-6,
-    "prog_alpha": 0.3,
-    "prog_low_frac": 0.2,
-    "prog_baseline": "group",
-    "ep_g_min": 0.5,
-    "ep_g_max": 2.0,
-    "ep_num_buckets": 10,
-    "ep_lambda": 0.1,
-    "ep_eps": 1e-6,
-}
+#: ``algorithm.edge.*`` keys and defaults: the estimator options of :class:`edge_kernels.estimators.EstimatorOptions`
+#: (the same names as edge-train's flags and ``EdgeGRPOConfig``), except that ``adv_scale`` defaults to verl's
+#: ``norm_adv_by_std_in_grpo`` ("group" when True, "none" = Dr.GRPO when False).
+EDGE_OPTIONS = {**dataclasses.asdict(_EST_DEFAULTS), "adv_scale": None}
 
 __all__ = [
     "POLICY_LOSSES",
@@ -184,22 +165,15 @@ edge_gspo_policy_loss = _make_policy_loss("sequence", dual_clip=False)
 _SIDE_LOCK = threading.Lock()
 _PENDING: Optional[dict] = None
 
-_NEEDS = {
-    "edge_grpo": (),
-    "edge_eda": ("entropys",),
-    "edge_egpo": ("old_log_probs",),  # ("entropys",) with egpo_uncertainty="entropy"
-    "edge_prog_grpo": ("old_log_probs",),
-    "edge_ep_grpo": ("entropys",),
-}
+_SIDE_NAMES = {"old_logp": "old_log_probs", "entropy": "entropys"}  # ours -> verl's batch keys
 
 
 def needed_side_inputs(adv_estimator, config=None) -> tuple:
     """Which of ``old_log_probs`` / ``entropys`` the estimator needs (``()`` for any non-edge estimator)."""
-    name = getattr(adv_estimator, "value", adv_estimator)
-    needs = _NEEDS.get(str(name), ())
-    if name == "edge_egpo" and _options(config)["egpo_uncertainty"] == "entropy":
-        needs = ("entropys",)
-    return needs
+    name = str(getattr(adv_estimator, "value", adv_estimator))
+    if name not in ESTIMATORS:
+        return ()
+    return tuple(sorted(_SIDE_NAMES[k] for k in needed_inputs(name[len("edge_"):], _options(config))))
 
 
 def stash_side_inputs(**tensors) -> None:
@@ -239,7 +213,8 @@ def _take_side_inputs() -> dict:
 # advantage estimators
 
 
-def _options(config) -> dict:
+def _options(config):
+    """:class:`edge_kernels.estimators.EstimatorOptions` from ``algorithm.edge`` (an unknown key raises)."""
     edge = None
     if config is not None:
         edge = config.get("edge", None) if hasattr(config, "get") else getattr(config, "edge", None)
@@ -256,9 +231,9 @@ def _options(config) -> dict:
         if unknown:
             raise ValueError(f"unknown algorithm.edge option(s) {unknown}; known: {sorted(EDGE_OPTIONS)}")
         opts.update(edge)
-    if opts["scale"] is None:
+    if opts["adv_scale"] is None:
         norm = config.get("norm_adv_by_std_in_grpo", True) if hasattr(config, "get") else True
-        opts["scale"] = "group" if norm else "none"
+        opts["adv_scale"] = "group" if norm else "none"
     if opts["eda_entropy_source"] != "old":
         raise ValueError(
             "algorithm.edge.eda_entropy_source must be 'old' in verl: the entropy of the policy being updated is "
@@ -266,9 +241,10 @@ def _options(config) -> dict:
         )
     if opts["prog_baseline"] != "group":
         raise ValueError("algorithm.edge.prog_baseline must be 'group' in verl: verl computes no prompt log-probs")
-    if opts["eda_clamp"] is not None:
-        opts["eda_clamp"] = tuple(float(x) for x in opts["eda_clamp"])
-    return opts
+    try:
+        return options_from(opts)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"algorithm.edge: {e}") from None
 
 
 def _group_ids(index, batch: int, device) -> torch.Tensor:
@@ -313,40 +289,11 @@ def _make_estimator(name: str):
         mask = response_mask.bool()
         scores = token_level_rewards.sum(dim=-1).float()
         gid = _group_ids(index, scores.shape[0], scores.device)
-        thr = opts["correct_threshold"]
+        inputs = {k: _side(_SIDE_NAMES[k], {"old_logp": old_log_probs, "entropy": entropys}[k], side, mask.shape,
+                           name).float() for k in needed_inputs(name[len("edge_"):], opts)}
         with torch.no_grad():
-            base = _adv.grpo_advantages(scores, group_ids=gid, scale=opts["scale"], eps=opts["eps"])
-            if name == "edge_grpo":
-                adv = base
-            elif name == "edge_eda":
-                ent = _side("entropys", entropys, side, mask.shape, name).float()
-                adv = _adv.eda_advantages(base, _adv.seq_mean_entropy(ent, mask), group_ids=gid,
-                                          eps=opts["eda_eps"], clamp=opts["eda_clamp"], valid=(mask != 0).any(-1))
-            elif name == "edge_egpo":
-                if opts["egpo_uncertainty"] == "nll":
-                    u = _adv.nll_uncertainty(_side("old_log_probs", old_log_probs, side, mask.shape, name).float(),
-                                             mask)
-                elif opts["egpo_uncertainty"] == "entropy":
-                    u = _adv.seq_mean_entropy(_side("entropys", entropys, side, mask.shape, name).float(), mask)
-                else:
-                    raise ValueError(f"algorithm.edge.egpo_uncertainty must be 'nll' or 'entropy', got "
-                                     f"{opts['egpo_uncertainty']!r}")
-                adv = _adv.egpo_advantages(scores, u, group_ids=gid, w_min=opts["egpo_w_min"],
-                                           w_max=opts["egpo_w_max"], mode=opts["egpo_mode"],
-                                           renorm=bool(opts["egpo_renorm"]), nsr_value=opts["egpo_nsr_value"],
-                                           eps=opts["egpo_eps"], scale=opts["scale"], correct_threshold=thr,
-                                           valid=(mask != 0).any(-1))
-            elif name == "edge_prog_grpo":
-                logp = _side("old_log_probs", old_log_probs, side, mask.shape, name).float()
-                adv = _adv.prog_grpo_advantages(base, logp, mask, scores, group_ids=gid, alpha=opts["prog_alpha"],
-                                                low_frac=opts["prog_low_frac"], baseline="group",
-                                                correct_threshold=thr)
-            else:  # edge_ep_grpo
-                ent = _side("entropys", entropys, side, mask.shape, name).float()
-                adv = _adv.ep_grpo_token_advantages(base, ent, mask, scores, group_ids=gid, g_min=opts["ep_g_min"],
-                                                    g_max=opts["ep_g_max"], num_buckets=int(opts["ep_num_buckets"]),
-                                                    lam=opts["ep_lambda"], eps=opts["ep_eps"],
-                                                    correct_threshold=thr)
+            adv = compute_advantages(name[len("edge_"):], scores, mask, group_ids=gid, options=opts,
+                                     **inputs).advantages
         adv = adv[:, None] if adv.dim() == 1 else adv
         adv = (adv * response_mask).to(token_level_rewards.dtype)
         return adv, adv

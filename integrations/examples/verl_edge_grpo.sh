@@ -32,7 +32,7 @@ python3 -m verl.trainer.main_ppo \
     algorithm.norm_adv_by_std_in_grpo=True \
     algorithm.use_kl_in_reward=False \
     +algorithm.edge.eda_clamp=null \
-    +algorithm.edge.eps=1e-6 \
+    +algorithm.edge.adv_eps=1e-6 \
     data.train_files="$TRAIN" \
     data.val_files="$VAL" \
     data.train_batch_size=128 \

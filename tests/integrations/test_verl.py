@@ -537,7 +537,7 @@ def test_example_launch_composes_with_verls_config():
     assert core_algos.get_adv_estimator_fn(cfg.algorithm.adv_estimator) is ev._ESTIMATOR_FNS["edge_eda"]
     assert core_algos.get_policy_loss_fn(cfg.actor_rollout_ref.actor.policy_loss.loss_mode) is \
         ev.edge_vanilla_policy_loss
-    assert ev._options(cfg.algorithm)["eps"] == 1e-6 and ev.needed_side_inputs("edge_eda", cfg.algorithm) == (
+    assert ev._options(cfg.algorithm).adv_eps == 1e-6 and ev.needed_side_inputs("edge_eda", cfg.algorithm) == (
         "entropys",)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert actor.clip_ratio_high == 0.28
