@@ -499,3 +499,130 @@ def test_example_script_smoke(tmp_path):
                             "--output-dir", str(tmp_path / "run")])
     assert trainer.state.global_step == 2
     assert getattr(trainer.model, "_edge_kernels_lm_head", False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one estimator layer: the same batch through edge-train, the TRL adapter and the verl estimator
+
+
+# Non-default values of every option each estimator reads, under the one set of names of all three front ends.
+_CONSISTENCY_OPTIONS = {
+    "eda": dict(eda_clamp=[0.7, 1.5], eda_eps=1e-5),
+    "egpo": dict(egpo_uncertainty="entropy", egpo_w_min=0.8, egpo_w_max=1.5, egpo_mode="symmetric",
+                 egpo_renorm=True, egpo_nsr_value=-0.5, egpo_eps=1e-5),
+    "prog_grpo": dict(prog_alpha=0.5, prog_low_frac=0.3),
+    "ep_grpo": dict(ep_g_min=0.6, ep_g_max=1.8, ep_num_buckets=3, ep_lambda=0.2, ep_eps=1e-5),
+}
+
+
+def _consistency_batch():
+    g = torch.Generator().manual_seed(7)
+    B, T, D, V = 2 * G, 6, 8, 11
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0])  # group 2 entirely incorrect
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0
+    mask[6, 2:] = 0
+    hidden = torch.randn(B, T, D, generator=g)
+    weight = torch.randn(V, D, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    from edge_kernels import linear_logprob_entropy
+
+    logp, ent = linear_logprob_entropy(hidden, weight, targets, return_entropy=True, impl="torch")
+    return rewards, mask, hidden, weight, targets, logp, ent
+
+
+def _moved(weight):
+    """The LM head after some updates: the policy being updated is no longer the one that scored the batch, so
+    EDA "current" (P and its group mean from this policy) differs from "old"."""
+    return weight * torch.linspace(0.5, 1.5, weight.shape[0])[:, None]
+
+
+def _through_edge_train(estimator, source, opts, batch, tmp_path):
+    """edge-train: Trainer._advantages, and for EDA "current" the advantages its fused loss trains on."""
+    import edge_kernels.losses as L
+    from edge_kernels.train.config import TrainConfig
+    from edge_kernels.train.loop import Trainer
+
+    rewards, mask, hidden, weight, targets, logp, ent = batch
+    cfg = TrainConfig(output=str(tmp_path / "et"), estimator=estimator, eda_entropy_source=source, group_size=G,
+                      correct_threshold=0.6, **opts)
+    tr = Trainer(cfg, log=lambda s: None)
+    est = tr._advantages(rewards, logp.detach(), ent.detach(), mask.bool())
+    if not est.rescale_in_loss:
+        return est.advantages
+    seen = []
+    real = L.policy_loss
+    L.policy_loss = lambda lp, old, adv, *a, **k: (seen.append(adv), real(lp, old, adv, *a, **k))[1]
+    try:
+        o = tr.estimator_options
+        L.fused_linear_policy_loss(hidden.clone().requires_grad_(), _moved(weight), targets, est.base, mask,
+                                   eda="current", group_size=G, eda_eps=o.eda_eps, eda_clamp=o.eda_clamp, impl="torch")
+    finally:
+        L.policy_loss = real
+    assert seen[0].requires_grad  # gradient through 1 / P_i
+    assert not torch.allclose(seen[0], est.advantages)  # the moved policy's entropies, group mean included
+    return seen[0]
+
+
+def _through_trl(source, batch, trainer):
+    """The TRL adapter: _edge_advantages on the generation batch, and for EDA "current" the loss-time rescale
+    with the current policy's entropies."""
+    rewards, mask, hidden, weight, targets, logp, ent = batch
+    trainer.model.train()
+    trainer._edge_rewards_per_func = rewards[:, None]
+    trainer.reward_weights = torch.ones(1)
+    trainer._edge_scoring_pass = lambda output, mode: (logp.detach(), ent.detach())  # the batch's scoring pass
+    out = trainer._edge_advantages({"completion_ids": targets, "completion_mask": mask.long(),
+                                    "old_per_token_logps": logp.detach()})
+    if source == "old":
+        return out["advantages"]
+    assert {"edge_base_advantages", "edge_group_ids"} <= out.keys()
+    from edge_kernels import linear_logprob_entropy
+
+    _, current = linear_logprob_entropy(hidden.clone().requires_grad_(), _moved(weight), targets,
+                                        return_entropy=True, impl="torch")
+    adv = trainer._edge_eda_current({**out, "completion_mask": mask.long()}, current)
+    assert adv.requires_grad
+    return adv
+
+
+def _through_verl(estimator, opts, batch):
+    import numpy as np
+
+    import edge_kernels.integrations.verl as ev
+
+    rewards, mask, hidden, weight, targets, logp, ent = batch
+    T = mask.shape[1]
+    token_rewards = torch.zeros(mask.shape)
+    token_rewards[:, -1] = rewards
+    index = np.array([f"q{i // G}" for i in range(mask.shape[0])], dtype=object)
+    name = "edge_grpo" if estimator in ("grpo", "dr_grpo") else f"edge_{estimator}"
+    config = {"norm_adv_by_std_in_grpo": estimator != "dr_grpo", "edge": {"correct_threshold": 0.6, **opts}}
+    adv, _ = ev._ESTIMATOR_FNS[name](token_rewards, mask, config=config, index=index, old_log_probs=logp.detach(),
+                                     entropys=ent.detach())
+    assert adv.shape == (mask.shape[0], T)
+    return adv
+
+
+@pytest.mark.parametrize("estimator, source", [("grpo", "old"), ("dr_grpo", "old"), ("eda", "old"),
+                                               ("eda", "current"), ("egpo", "old"), ("prog_grpo", "old"),
+                                               ("ep_grpo", "old")])
+def test_one_batch_gives_the_same_advantages_everywhere(estimator, source, model_dir, tokenizer, tmp_path):
+    """edge-train's step, the TRL adapter and the verl estimator map their options onto the one estimator layer:
+    identical advantages for every estimator and both EDA entropy sources (docs/algorithms.md section 2: 'current'
+    = the entropy of the policy being updated, gradient through 1/P_i, group mean detached)."""
+    batch = _consistency_batch()
+    mask = batch[1]
+    opts = _CONSISTENCY_OPTIONS.get(estimator, {})
+    ours = _through_edge_train(estimator, source, opts, batch, tmp_path)
+    tokens = lambda a: (a[:, None] if a.dim() == 1 else a) * mask  # noqa: E731 - verl's [B, T] layout
+    if estimator in ("eda", "egpo", "prog_grpo", "ep_grpo"):  # TRL's own "grpo" keeps TRL's advantages
+        trainer = make_trainer(model_dir, tokenizer, tmp_path, advantage_estimator=estimator,
+                               eda_entropy_source=source, correct_threshold=0.6, **opts)
+        torch.testing.assert_close(_through_trl(source, batch, trainer), ours, rtol=0, atol=0)
+    if source == "old":
+        torch.testing.assert_close(_through_verl(estimator, opts, batch), tokens(ours.detach()), rtol=0, atol=0)
+    else:  # verl's policy-loss functions receive no entropies: "current" is refused with a clear error
+        with pytest.raises(ValueError, match="eda_entropy_source must be 'old' in verl"):
+            _through_verl(estimator, {**opts, "eda_entropy_source": "current"}, batch)
+    assert bool((ours != 0).any())
