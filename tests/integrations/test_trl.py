@@ -485,8 +485,9 @@ def test_unscorable_completion_is_refused(model_dir, tokenizer, tmp_path):
 
 
 def test_example_script_smoke(tmp_path):
-    """integrations/examples/trl_edge_grpo.py --smoke: the embedded offline model and task (conversational
-    prompts, tied embeddings, math-verify reward), EDA + GEC + our kernel, 2 steps."""
+    """integrations/examples/trl_edge_grpo.py --smoke, as a new user runs it: edge-train's embedded model after its
+    warm-up (mixed rewards within groups), EDA + GEC + our kernel; the run shows non-zero advantages, GEC
+    corrections and a loss that moves."""
     pytest.importorskip("math_verify")
     import importlib.util
     import os
@@ -495,10 +496,15 @@ def test_example_script_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("trl_edge_grpo_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    trainer = example.main(["--smoke", "--estimator", "eda", "--gec", "--use-edge-kernels",
-                            "--output-dir", str(tmp_path / "run")])
-    assert trainer.state.global_step == 2
+    trainer = example.main(["--smoke", "--output-dir", str(tmp_path / "run")])
+    assert trainer.args.gec and trainer.args.advantage_estimator == "eda"
     assert getattr(trainer.model, "_edge_kernels_lm_head", False)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == trainer.state.global_step >= 2
+    assert all(h["edge/zero_adv_group_frac"] < 1 and h["edge/adv_group_var"] > 0 for h in logs)
+    assert all(h["gec/regenerated_frac"] + h["gec/injected_frac"] + h["gec/replaced_frac"] > 0 for h in logs)
+    losses = [h["loss"] for h in logs]
+    assert all(loss != 0 for loss in losses) and len(set(losses)) > 1
 
 
 # ----------------------------------------------------------------------------------------------------------
