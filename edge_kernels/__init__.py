@@ -5,6 +5,7 @@ The public API, re-exported; nothing else lives here.
 
 from .advantages import (
     eda_advantages,
+    eda_scale,
     egpo_advantages,
     ep_grpo_token_advantages,
     group_advantage_variance,
@@ -16,6 +17,7 @@ from .advantages import (
     seq_mean_entropy,
     zero_advantage_group_fraction,
 )
+from .estimators import EstimatorOptions, compute_advantages
 from .losses import fused_linear_policy_loss, policy_loss
 from .ops.linear_logprob_entropy import linear_logprob_entropy
 from .ops.logprob_entropy import logprob_entropy
@@ -29,8 +31,11 @@ __all__ = [
     # losses
     "policy_loss",
     "fused_linear_policy_loss",
-    # advantages
+    # estimators (the layer trainers and adapters call) and the formulas
+    "EstimatorOptions",
+    "compute_advantages",
     "grpo_advantages",
+    "eda_scale",
     "eda_advantages",
     "egpo_advantages",
     "prog_grpo_advantages",

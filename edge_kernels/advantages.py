@@ -248,8 +248,8 @@ def _valid_rows(valid: Optional[Tensor], batch: int, device) -> Optional[Tensor]
 def group_mean(values: Tensor, *, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
                valid: Optional[Tensor] = None) -> Tensor:
     """Per-group mean of ``values [B]`` over the rows where ``valid`` (bool ``[B]``; all rows by default),
-    gathered back to ``[B]`` (0 for a group without valid rows). The detached ``mean_g`` of sections 2 and 4
-    for callers that form the EDA scale in two steps (e.g. the mean at rollout time, the scale in the loss)."""
+    gathered back to ``[B]`` (0 for a group without valid rows): the ``mean_g`` of sections 2 and 4. The EDA
+    scale itself is :func:`eda_scale`'s to form."""
     v = _per_sequence("values", values)
     g = _resolve_groups("values", v.shape[0], v.device, group_size, group_ids)
     return _valid_group_mean(v, g, _valid_rows(valid, v.shape[0], v.device))

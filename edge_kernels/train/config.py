@@ -383,7 +383,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if c.max_new_tokens is None:
         c.max_new_tokens = 48 if embedded else 1024
     if c.gec_max_new_tokens is None:
-        c.gec_max_new_tokens = 32 if embedded else 256
+        c.gec_max_new_tokens = 32 if embedded else _gec_mod.DEFAULTS.max_new_tokens
     if c.lr is None:
         c.lr = 1e-4 if embedded else 1e-6
     if c.warmup_steps is None:
