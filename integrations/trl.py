@@ -23,7 +23,11 @@ Extension points used (all of ``trl/trainer/grpo_trainer.py``):
   the whole gathered generation batch, before ``_prepare_inputs`` shuffles it),
 * ``_get_per_token_logps_and_entropies`` and ``_compute_loss`` (EDA with the *current* policy's entropy).
 
-GEC is the library's own (:func:`edge_kernels.train.gec.apply_gec`, shared with ``edge-train``): branches drawn
+The estimator is the library's (:func:`edge_kernels.estimators.compute_advantages`); the config's estimator
+options carry the names, defaults and validation of :class:`edge_kernels.estimators.EstimatorOptions`, the same
+as edge-train's flags and verl's ``algorithm.edge.*`` (the GRPO scale is TRL's own ``scale_rewards``).
+GEC is the library's own (:func:`edge_kernels.gec.apply_gec`, shared with ``edge-train``, options ``gec_*`` of
+:class:`edge_kernels.gec.GECConfig`): branches drawn
 from a seeded generator, injected text flagged per token (``gec_mask_injected`` maps it to TRL's tool mask),
 corrected completions re-scored by TRL, old log-probs of all text from TRL's scoring pass.
 
@@ -32,7 +36,9 @@ Refused with a clear error, never silently ignored (see :func:`_check_arguments`
 * a non-``"grpo"`` estimator with ``multi_objective_aggregation="normalize_then_sum"`` (our estimators take one
   scalar reward per completion) or with completions that every reward function scored ``None``;
 * ``prog_baseline="prompt"`` (TRL does not score prompt tokens);
-* ``eda_entropy_source="current"`` with another estimator;
+* ``eda_entropy_source="current"`` with another estimator, or with loss micro-batches that can split a group
+  (``steps_per_generation != 1``, or ``per_device_train_batch_size`` not a multiple of ``num_generations``):
+  the group mean of ``P`` comes from the policy being updated (docs/algorithms.md section 2);
 * ``use_edge_kernels`` with DeepSpeed ZeRO-3 (our backward does not re-gather the partitioned LM head), with a
   final-logit soft-capping model (Gemma-2 style; the kernel has no soft-cap), a non-positive logit scale, or an
   MoE router auxiliary loss;
@@ -266,7 +272,7 @@ def _gec_field(name: str):
 class EdgeGRPOConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` plus the entropy-aware estimators, GEC and the fused kernel switch.
 
-    Formulas and defaults: ``docs/algorithms.md`` (EDA section 2, GEC section 3, EGPO section 4, ProGRPO / EP-GRPO
+    Formulas: ``docs/algorithms.md`` (EDA section 2, GEC section 3, EGPO section 4, ProGRPO / EP-GRPO
     section 5, the latter two being this library's reading of papers without code).
     """
 
@@ -565,7 +571,7 @@ class EdgeGRPOTrainer(GRPOTrainer):
 
     def _gec_correct(self, prompts, prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields,
                      images, tool_images):
-        """GEC on the sampled batch through :func:`edge_kernels.train.gec.apply_gec` (the library's GEC, shared
+        """GEC on the sampled batch through :func:`edge_kernels.gec.apply_gec` (the library's GEC, shared
         with ``edge-train``); TRL then re-scores every completion and recomputes the old log-probs (scoring
         pass) and the advantages of the corrected batch."""
         a = self.args

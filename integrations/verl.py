@@ -14,7 +14,9 @@ Importing this module (which ``import verl`` does by itself once edge-kernels is
 
 * advantage estimators (``algorithm.adv_estimator=...``): ``edge_grpo``, ``edge_eda``, ``edge_egpo``,
   ``edge_prog_grpo``, ``edge_ep_grpo`` (``docs/algorithms.md`` sections 1, 2, 4, 5). Their options live under
-  ``algorithm.edge`` (``+algorithm.edge.eda_clamp=[0.5,2.0]``, see :data:`EDGE_OPTIONS`); an unknown key raises.
+  ``algorithm.edge`` (``+algorithm.edge.eda_clamp=[0.5,2.0]``, see :data:`EDGE_OPTIONS`): the options of
+  :class:`edge_kernels.estimators.EstimatorOptions`, with the names edge-train and the TRL adapter use; an
+  unknown key raises. The advantages are :func:`edge_kernels.estimators.compute_advantages`'s.
 
 verl's ``compute_advantage`` passes estimators only the rewards, the response mask and the group ids: the old
 log-probs and entropies it computed are not forwarded (the legacy trainer even pops the entropies). The hook
