@@ -323,7 +323,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be > 0, got {v}")
 
     for name in ("group_size", "prompts_per_step", "max_new_tokens", "rollout_batch_size",
-                 "temperature", "gec_max_new_tokens", "lr", "ppo_epochs", "save_every", "warmup_batch_size",
+                 "temperature", "lr", "ppo_epochs", "save_every", "warmup_batch_size",
                  "max_prompt_tokens", "embedded_train_size", "embedded_eval_size", "embedded_max_operand"):
         positive(name)
     for name in ("max_steps", "cpu_threads", "warmup_steps", "eval_every", "micro_batch_size", "max_eval_problems",
@@ -371,7 +371,8 @@ def estimator_options(cfg: TrainConfig) -> _est_mod.EstimatorOptions:
 
 def gec_options(cfg: TrainConfig) -> _gec_mod.GECConfig:
     """The GEC options of ``cfg`` (``gec_max_new_tokens`` unresolved counts as the library default)."""
-    return _gec_mod.gec_config_from(cfg, max_new_tokens=cfg.gec_max_new_tokens or _gec_mod.DEFAULTS.max_new_tokens)
+    n = cfg.gec_max_new_tokens
+    return _gec_mod.gec_config_from(cfg, max_new_tokens=_gec_mod.DEFAULTS.max_new_tokens if n is None else n)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
