@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edge_kernels.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches
+from edge_kernels.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches, gec_config_from
 
 EOS = 0
 
@@ -104,9 +104,11 @@ def test_missing_answer_or_solution_is_a_clear_error():
         apply_gec([[1]], [[2]], [True], [None], ["s"], tokenizer=tok, eos_id=EOS, generate=fake_generate,
                   generator=torch.Generator().manual_seed(0), cfg=only_inject, problem_ids=[17])
     only_ref = GECConfig(p_regenerate=0, p_inject=0, p_reference=1)
-    with pytest.raises(GECError, match=r"reference solution of problem #17"):
+    with pytest.raises(GECError, match=r"reference solution of problem #17") as err:
         apply_gec([[1]], [[2]], [True], ["4"], [None], tokenizer=tok, eos_id=EOS, generate=fake_generate,
                   generator=torch.Generator().manual_seed(0), cfg=only_ref, problem_ids=[17])
+    # engine-neutral advice: the option names every engine shares, never one engine's command-line flags
+    assert "gec_p_reference" in str(err.value) and "--" not in str(err.value)
 
 
 def test_every_stop_token_is_stripped_before_correcting():
@@ -119,3 +121,11 @@ def test_every_stop_token_is_stripped_before_correcting():
                     cfg=cfg)
     toks = out[0].tokens
     assert toks[:2] == [65, 66] and OTHER not in toks and toks[-1] == EOS and toks.count(EOS) == 1
+
+
+def test_one_set_of_option_names():
+    # edge-train's flags/YAML and EdgeGRPOConfig carry the gec_-prefixed names; the library maps them
+    cfg = gec_config_from({"gec_p_inject": 0.5, "gec_p_reference": 0.0, "gec_max_new_tokens": 9, "other": 1})
+    assert (cfg.p_inject, cfg.p_reference, cfg.max_new_tokens, cfg.p_regenerate) == (0.5, 0.0, 9, 0.5)
+    with pytest.raises(GECError, match="gec_max_new_tokens"):
+        GECConfig(max_new_tokens=0)
