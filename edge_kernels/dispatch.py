@@ -116,6 +116,24 @@ def check_temperature(temperature: float) -> float:
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
+def check_softcap(softcap: Optional[float]) -> Optional[float]:
+    """``softcap`` as a float, or None: a finite number > 0 (``c`` of ``c * tanh(z / c)``)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool):
+        raise TypeError(f"softcap must be a positive number or None, got {softcap!r}")
+    try:
+        c = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a positive number or None, got {softcap!r}") from None
+    if not c > 0 or c == float("inf"):  # also catches NaN
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+    if 1.0 / c > _FLOAT32_MAX:  # the kernels multiply by 1/softcap in float32
+        raise ValueError(f"softcap must be >= {1.0 / _FLOAT32_MAX:.3g} (1/softcap is used in float32), "
+                         f"got {softcap!r}")
+    return c
+
+
 def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
     if chunk_size is None:
         return None

@@ -37,6 +37,7 @@ import torch
 from edge_kernels import _cuda, linear_logprob_entropy, logprob_entropy
 from edge_kernels.dispatch import resolve_impl
 from edge_kernels.ops import logprob_entropy as le_mod
+from edge_kernels.ops.params import LaunchParams
 import oracle
 from oracle import oracle_logprob_entropy
 
@@ -163,8 +164,8 @@ def test_bindings_compile_link_and_import(test_ext):
     assert test_ext.OPS_NAMESPACE == TEST_NS
     fwd = str(ops.logprob_entropy_fwd.default._schema)
     bwd = str(ops.logprob_entropy_bwd.default._schema)
-    assert "int splits=0) -> (Tensor logp, Tensor entropy, Tensor lse)" in fwd
-    assert "Tensor(a!) out" in bwd and bwd.endswith("-> ()")
+    assert "int splits=0, float softcap=0.) -> (Tensor logp, Tensor entropy, Tensor lse)" in fwd
+    assert "Tensor(a!) out" in bwd and "float softcap=0." in bwd and bwd.endswith("-> ()")
     x, t = torch.randn(2, 3, 11), torch.zeros(6, dtype=torch.long)
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{TEST_NS}::logprob_entropy_fwd", "CPU"):
         # only a CUDA kernel is registered: CPU tensors are refused with the dispatcher's message
@@ -202,7 +203,7 @@ def test_fake_impls_propagate_shapes_and_autograd(test_ext, monkeypatch):
                 x = torch.randn(2, 5, 97, dtype=dtype, requires_grad=True)
                 buf = x * 1
                 t = torch.randint(0, 97, (10,))
-                logp, ent = le_mod.LogprobEntropyFunction.apply(buf, t, 1.0 / 0.7, -100, inplace, "cuda")
+                logp, ent = le_mod.LogprobEntropyFunction.apply(buf, t, LaunchParams(1.0 / 0.7, -100), inplace, "cuda")
                 assert logp.shape == ent.shape == (10,) and logp.dtype == ent.dtype == torch.float32
                 (logp.sum() + ent.sum()).backward()
                 assert x.grad.shape == x.shape and x.grad.dtype == dtype
@@ -216,12 +217,14 @@ def test_ext_with_cpu_kernels(test_ext):
 
     lib = torch.library.Library(TEST_NS, "IMPL")
 
-    def fwd(x, targets, inv_temp, ignore_index, splits=0):
-        logp, ent, lse = reference.logprob_entropy_fwd(x.reshape(-1, x.shape[-1]), targets, inv_temp, ignore_index)
+    def fwd(x, targets, inv_temp, ignore_index, splits=0, softcap=0.0):
+        logp, ent, lse = reference.logprob_entropy_fwd(x.reshape(-1, x.shape[-1]), targets, inv_temp, ignore_index,
+                                                       softcap=softcap or None)
         return logp, ent, torch.where(targets != ignore_index, lse, 0.0)  # the kernels' convention
 
-    def bwd(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out, splits=0):
-        le_mod._torch_bwd(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out)
+    def bwd(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out, splits=0, softcap=0.0):
+        le_mod._torch_bwd(x, targets, lse, entropy, grad_logp, grad_entropy, LaunchParams(inv_temp, -100,
+                                                                                          softcap or None), out)
 
     lib.impl("logprob_entropy_fwd", fwd, "CPU")
     lib.impl("logprob_entropy_bwd", bwd, "CPU")
@@ -239,7 +242,7 @@ def test_torch_compile_runs_the_cuda_path(test_ext_with_cpu_kernels, monkeypatch
     targets[3] = -100
 
     def step(x, t, impl="cuda"):
-        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, 1.0 / 0.8, -100, False, impl)
+        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, LaunchParams(1.0 / 0.8, -100), False, impl)
         return (logp * 2 + ent).sum()
 
     def run(fn, impl="cuda"):
@@ -296,9 +299,13 @@ def test_ops_trace_with_torch_export(test_ext):
 
 
 def test_cuda_launchers_have_the_triton_signatures():
+    from edge_kernels.ops import logprob_entropy_triton as tri
+
     fwd, bwd = le_mod._BACKENDS["cuda"]
-    assert inspect.signature(fwd).parameters.keys() == inspect.signature(le_mod.triton_fwd).parameters.keys()
-    assert inspect.signature(bwd).parameters.keys() == inspect.signature(le_mod.triton_bwd).parameters.keys()
+    assert inspect.signature(fwd).parameters.keys() == inspect.signature(tri.triton_fwd).parameters.keys()
+    assert inspect.signature(bwd).parameters.keys() == inspect.signature(tri.triton_bwd).parameters.keys()
+    for f in (fwd, bwd, tri.triton_fwd, tri.triton_bwd, *le_mod._BACKENDS["torch"]):
+        assert "params" in inspect.signature(f).parameters
     assert list(inspect.signature(_cuda.logprob_entropy_fwd).parameters) == list(inspect.signature(fwd).parameters)
     assert list(inspect.signature(_cuda.logprob_entropy_bwd).parameters) == list(inspect.signature(bwd).parameters)
 
@@ -614,7 +621,7 @@ def test_torch_compile_traces_callers(ext):
     t1 = targets.reshape(-1)
 
     def step(x, t):
-        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, 1.0, -100, False, "cuda")
+        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, LaunchParams(1.0, -100), False, "cuda")
         return (logp * 2 + ent).sum()
 
     def run(fn):

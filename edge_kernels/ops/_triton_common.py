@@ -68,6 +68,22 @@ def grad_logits(z, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROP
     return dz * inv_temp
 
 
+@triton.jit
+def softcap_logits(acc, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``(capped, tanh)`` of a raw fp32 logits tile: ``capped = softcap * tanh(acc / softcap)`` (``-inf`` entries,
+    masked vocabulary, stay ``-inf``; their ``tanh`` is -1, so the chain-rule factor ``1 - tanh^2`` is 0 there).
+    ``tanh`` comes from ``e = exp(-2|u|) <= 1``, which cannot overflow (libdevice's tanh does not run under the
+    interpreter); its absolute error is a few fp32 ulps of 1. Without ``HAS_SOFTCAP``: ``(acc, acc)``, unused."""
+    if HAS_SOFTCAP:
+        u = acc * (1.0 / softcap)
+        e = tl.exp(-2.0 * tl.abs(u))
+        th = (1.0 - e) / (1.0 + e)
+        th = tl.where(u < 0, -th, th)
+        return tl.where(acc == float("-inf"), acc, softcap * th), th
+    else:
+        return acc, acc
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

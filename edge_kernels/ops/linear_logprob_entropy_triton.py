@@ -1,7 +1,8 @@
-"""Fused ``hidden @ weight.T (+ bias)`` -> per-token log-prob of the target and full-vocabulary entropy.
+"""Triton kernels and launchers of :func:`edge_kernels.linear_logprob_entropy` (hidden states in).
 
-Owns the Triton kernels of the hidden-states-in op, their launchers and the ``torch.autograd.Function`` over
-them (the PyTorch path of :mod:`edge_kernels.reference` plugs into the same Function).
+Imported by :mod:`edge_kernels.ops.linear_logprob_entropy` on the first ``impl="triton"`` call only, so the
+package works without triton. The launchers take the op's tensors and one
+:class:`~edge_kernels.ops.params.LaunchParams`.
 
 Forward (one matmul's worth of work): a program owns ``BLOCK_N`` rows and a contiguous slice of the vocabulary,
 forms logits tiles with ``tl.dot`` in fp32 (never rounded to the input dtype), folds them into streaming softmax
@@ -9,6 +10,10 @@ statistics and picks the target logit out of the tile it lies in. The vocabulary
 (``L2_SPLITS`` slices, more when there are too few row blocks to fill the GPU), split index fastest in the launch
 order so that the programs resident together share a few row blocks of ``hidden`` through L2; the per-split
 statistics are merged afterwards (``O(splits * N)``). No ``[N, V]`` tensor exists.
+
+A soft-cap (``params.softcap``) is a compile-time branch: the kernels built without it are unchanged; with it
+the fp32 logits tile becomes ``c * tanh(z / c)`` before the temperature, and the backward multiplies the logits
+gradient by ``1 - tanh^2``.
 
 Backward (three matmuls' worth): the vocabulary is walked in chunks of ``chunk_size`` columns. For each chunk a
 kernel (one output tile per program, programs in GEMM-style grouped order for L2 reuse) recomputes the logits
@@ -36,17 +41,19 @@ from ._triton_common import (
     next_pow2,
     num_sms,
     on_device,
+    softcap_logits,
     softmax_stats_update,
 )
 from .. import reference
 from ..dispatch import default_chunk_size
+from .params import LaunchParams
 
 
 @triton.jit
 def _linear_stats_fwd_kernel(
     H, W, BIAS, TGT, PART_M, PART_S, PART_B, PART_ZT,
-    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, num_splits, inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, num_splits, inv_temp, ignore_index, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # the split index varies fastest, so the programs resident at one time share a few row blocks of H (kept
@@ -88,6 +95,7 @@ def _linear_stats_fwd_kernel(
             acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+        acc, _ = softcap_logits(acc, softcap, HAS_SOFTCAP)
         z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
         m, s, b = softmax_stats_update(m, s, b, z)
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
@@ -102,8 +110,8 @@ def _linear_stats_fwd_kernel(
 @triton.jit
 def _linear_grad_logits_kernel(
     H, W, BIAS, TGT, LSE, ENT, G_LOGP, G_ENT, DZ, PART_DB,
-    N, D, col0, n_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, stride_dbn, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DB: tl.constexpr,
+    N, D, col0, n_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, stride_dbn, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -146,9 +154,12 @@ def _linear_grad_logits_kernel(
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_v, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    acc, th = softcap_logits(acc, softcap, HAS_SOFTCAP)
     z = acc * inv_temp
 
     dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY)
+    if HAS_SOFTCAP:  # chain rule through softcap * tanh(acc / softcap)
+        dz = dz * (1.0 - th * th)
     mask = n_mask[:, None] & c_mask[None, :]
     dz = tl.where(mask & any_active, dz, 0.0)
     tl.store(DZ + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_c[None, :],
@@ -193,9 +204,10 @@ L2_SPLITS = 16
 GROUP_N = 8
 
 
-def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size=None, num_splits=None):
-    """Launch the forward; returns ``(logp, entropy, lse)`` fp32 ``[N]``. ``chunk_size`` is unused here (the
-    forward needs no workspace beyond ``O(splits * N)`` statistics)."""
+def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=None):
+    """Launch the forward; returns ``(logp, entropy, lse)`` fp32 ``[N]``. ``params.chunk_size`` is unused here
+    (the forward needs no workspace beyond ``O(splits * N)`` statistics)."""
+    ignore_index = params.ignore_index
     n, d = hidden.shape
     vocab = weight.shape[0]
     tiles, launch = _tile_config(n, d, hidden.dtype)
@@ -213,8 +225,8 @@ def triton_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size
             hidden, weight, bias if bias is not None else hidden, targets,
             part[0], part[1], part[2], part[3],
             n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            cols_per_split, num_splits, inv_temp, ignore_index,
-            HAS_BIAS=bias is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
+            cols_per_split, num_splits, params.inv_temp, ignore_index, params.softcap or 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
         )
     lse, entropy = reference.finalize_stats(*reference.combine_stats_stacked(part[0], part[1], part[2]))
     zt = part[3].sum(dim=0)
@@ -279,11 +291,12 @@ def _mm_fp32_reduction(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> N
         setattr(matmul, flag, saved)
 
 
-def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, chunk_size,
-               needs_hidden, needs_weight, needs_bias):
+def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, needs):
+    """Gradients ``(d_hidden, d_weight, d_bias)``, None where ``needs`` (hidden, weight, bias) is False."""
+    needs_hidden, needs_weight, needs_bias = needs
     n, d = hidden.shape
     vocab = weight.shape[0]
-    chunk = chunk_size or default_chunk_size(n, vocab)
+    chunk = params.chunk_size or default_chunk_size(n, vocab)
     tiles, launch = _tile_config(n, d, hidden.dtype)
     upcast, precision = _dot_settings(hidden.dtype)
     row_blocks = cdiv(n, tiles["BLOCK_N"])
@@ -302,8 +315,9 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
                 entropy if has_grad_entropy else lse, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
                 dz, part_db if needs_bias else lse,
                 n, d, c0, cols, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                dz.stride(0), chunk, inv_temp,
+                dz.stride(0), chunk, params.inv_temp, params.softcap or 1.0,
                 HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_DB=needs_bias,
+                HAS_SOFTCAP=params.softcap is not None,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, GROUP_N=GROUP_N, **tiles, **launch,
             )
         if needs_hidden:
@@ -313,88 +327,3 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
         if needs_bias:
             db[c0:c0 + cols] = part_db[:, :cols].sum(dim=0).to(db.dtype)
     return (dh.to(hidden.dtype) if needs_hidden else None), dw, db
-
-
-_BACKENDS = {
-    "torch": (reference.linear_logprob_entropy_fwd, reference.linear_logprob_entropy_bwd),
-    "triton": (triton_fwd, triton_bwd),
-}
-
-
-class LinearLogprobEntropyFunction(torch.autograd.Function):
-    """Autograd over the launchers. Inputs are flat and validated: ``hidden [N, D]``, ``targets [N]`` int64."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size, impl):
-        fwd, _ = _BACKENDS[impl]
-        logp, entropy, lse = fwd(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size)
-        ctx.set_materialize_grads(False)
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.meta = (inv_temp, ignore_index, chunk_size, impl)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        inv_temp, ignore_index, chunk_size, impl = ctx.meta
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
-        valid = targets != ignore_index
-        zero = torch.zeros_like(lse)
-        g_logp = zero if grad_logp is None else torch.where(valid, grad_logp.float(), zero).contiguous()
-        g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), zero).contiguous()
-        _, bwd = _BACKENDS[impl]
-        dh, dw, db = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_temp, chunk_size,
-                         ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                         bias is not None and ctx.needs_input_grad[2])
-        return dh, dw, db, None, None, None, None, None
-
-
-def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
-                           return_entropy: bool = True, chunk_size: Optional[int] = None, impl: str = "auto"):
-    """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
-
-    Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles. With ``p = softmax(logits)``:
-    ``logp = log p[target]`` and ``entropy = -sum_v p_v log p_v`` (``../shared/algorithms.md``, notation).
-
-    Args:
-        hidden: ``[..., D]`` float32/float16/bfloat16.
-        weight: ``[V, D]``, same dtype as ``hidden`` (the LM head).
-        targets: integer ``[...]`` (``hidden.shape[:-1]``) in ``[0, V)``, or ``ignore_index``.
-        bias: optional ``[V]``.
-        temperature: the sampling temperature (> 0).
-        ignore_index: positions with this target return 0 for both outputs and receive no gradient.
-        return_entropy: when False the entropy is returned as None (it costs nothing extra in the forward, and
-            no entropy-gradient work is done in the backward either way unless the entropy is used).
-        chunk_size: vocabulary columns per backward chunk; the workspace is ``N * chunk_size`` elements of the
-            input dtype (Triton) or fp32 (PyTorch path). Default: the largest multiple of 256 with
-            ``N * chunk_size <= 2**25`` (64 MiB in bf16).
-        impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
-
-    Returns:
-        ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
-        ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
-    """
-    from ..dispatch import resolve_impl, validate_linear_inputs
-
-    temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index)
-    backend = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy",
-                           cuda_available="cuda" in _BACKENDS)
-    lead_shape = targets.shape
-    # the kernels index the feature dim and the bias with unit stride (and int32 feature offsets): copy the rare
-    # operand that is not laid out that way (a transposed weight view, a strided bias); autograd maps it back
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    if bias is not None and bias.stride(-1) != 1:
-        bias = bias.contiguous()
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    if h2.stride(-1) != 1:
-        h2 = h2.contiguous()
-    t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy = LinearLogprobEntropyFunction.apply(
-        h2, weight, bias, t1, 1.0 / temperature, ignore_index, chunk_size, backend
-    )
-    logp = logp.view(lead_shape)
-    return logp, (entropy.view(lead_shape) if return_entropy else None)

@@ -1,13 +1,9 @@
-"""Logits in -> per-token log-prob of the target and full-vocabulary entropy, for callers that hold logits.
+"""Triton kernels and launchers of :func:`edge_kernels.logprob_entropy` (logits in).
 
-Owns the Triton kernels of the logits-in op, their launchers, the ``torch.autograd.Function`` and the public
-function. The op is memory-bound: the forward reads each logit once (fp32 statistics, whatever the input
-dtype) and writes three floats per row; the backward reads the logits once more and writes their gradient,
-into a new tensor or, with ``inplace_backward=True``, over the logits themselves (the caller promises not to
-use them after backward).
-
-Rows may be strided: ``[N, V]`` and ``[B, T, V]`` views (e.g. ``logits[:, :-1]``) are read in place; only the
-vocabulary dimension must have unit stride (otherwise it is made contiguous).
+Imported by :mod:`edge_kernels.ops.logprob_entropy` on the first ``impl="triton"`` call only, so the package
+works without triton. The launchers take ``[B, T, V]`` logits (unit vocabulary stride, any row strides), the
+flat targets and one :class:`~edge_kernels.ops.params.LaunchParams`. A soft-cap is a compile-time branch
+(``HAS_SOFTCAP``): ``c * tanh(x / c)`` on the fp32 logits before the temperature, ``1 - tanh^2`` in the backward.
 """
 
 from __future__ import annotations
@@ -25,10 +21,11 @@ from ._triton_common import (
     load_row_grads,
     next_pow2,
     on_device,
+    softcap_logits,
     softmax_stats_finalize,
     softmax_stats_update,
 )
-from .. import reference
+from .params import LaunchParams
 
 
 @triton.jit
@@ -39,8 +36,8 @@ def _row_offsets(offs_r, T, stride_b, stride_t):
 
 @triton.jit
 def _logits_stats_fwd_kernel(
-    X, TGT, LOGP, ENT, LSE, N, V, T, stride_b, stride_t, inv_temp, ignore_index,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    X, TGT, LOGP, ENT, LSE, N, V, T, stride_b, stride_t, inv_temp, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_mask = offs_r < N
@@ -61,7 +58,8 @@ def _logits_stats_fwd_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         x = tl.load(x_rows + offs_v[None, :], mask=r_mask[:, None] & v_mask[None, :], other=float("-inf"))
-        z = x.to(tl.float32) * inv_temp
+        x, _ = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP)
+        z = x * inv_temp
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m, s, b = softmax_stats_update(m, s, b, z)
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
@@ -74,8 +72,8 @@ def _logits_stats_fwd_kernel(
 
 @triton.jit
 def _logits_grad_kernel(
-    X, DX, TGT, LSE, ENT, G_LOGP, G_ENT, N, V, T, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
-    HAS_GRAD_ENTROPY: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    X, DX, TGT, LSE, ENT, G_LOGP, G_ENT, N, V, T, stride_b, stride_t, dstride_b, dstride_t, inv_temp, softcap,
+    HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -86,8 +84,11 @@ def _logits_grad_kernel(
     row_active = r_mask & active
     mask = row_active[:, None] & (offs_v < V)[None, :]
     x = tl.load(X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None] + offs_v[None, :], mask=mask, other=0.0)
-    z = x.to(tl.float32) * inv_temp
+    x, th = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP)
+    z = x * inv_temp
     dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY)
+    if HAS_SOFTCAP:  # chain rule through softcap * tanh(x / softcap)
+        dz = dz * (1.0 - th * th)
     dz = tl.where(mask, dz, 0.0)
     tl.store(DX + _row_offsets(offs_r, T, dstride_b, dstride_t)[:, None] + offs_v[None, :],
              dz.to(DX.dtype.element_ty), mask=r_mask[:, None] & (offs_v < V)[None, :])
@@ -100,33 +101,20 @@ def _config(n: int, vocab: int, dtype: torch.dtype, interpret: Optional[bool] = 
     return dict(ROWS=1, BLOCK_V=block_v), dict(num_warps=8 if block_v >= 2048 else 4)
 
 
-def _as_3d(x: torch.Tensor) -> torch.Tensor:
-    """View logits as ``[B, T, V]`` without copying when possible; the vocab dim must have unit stride."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if x.dim() == 1:
-        return x.view(1, 1, -1)
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    if x.dim() == 3:
-        return x
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
-
-
-def triton_fwd(x3, targets, inv_temp, ignore_index):
+def triton_fwd(x3, targets, params: LaunchParams):
     bsz, t, vocab = x3.shape
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)
     out = torch.empty((3, n), device=x3.device, dtype=torch.float32)
     with on_device(x3):
         _logits_stats_fwd_kernel[(cdiv(n, cfg["ROWS"]),)](
-            x3, targets, out[0], out[1], out[2], n, vocab, t, x3.stride(0), x3.stride(1), inv_temp, ignore_index,
-            **cfg, **launch,
+            x3, targets, out[0], out[1], out[2], n, vocab, t, x3.stride(0), x3.stride(1), params.inv_temp,
+            params.ignore_index, params.softcap or 1.0, HAS_SOFTCAP=params.softcap is not None, **cfg, **launch,
         )
     return out[0], out[1], out[2]
 
 
-def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out3):
+def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
     bsz, t, vocab = x3.shape
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)
@@ -134,104 +122,7 @@ def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out
     with on_device(x3):
         _logits_grad_kernel[(cdiv(n, cfg["ROWS"]), cdiv(vocab, cfg["BLOCK_V"]))](
             x3, out3, targets, lse, entropy if has_ge else lse, grad_logp, grad_entropy if has_ge else grad_logp,
-            n, vocab, t, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), inv_temp,
-            HAS_GRAD_ENTROPY=has_ge, **cfg, **launch,
+            n, vocab, t, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), params.inv_temp,
+            params.softcap or 1.0, HAS_GRAD_ENTROPY=has_ge, HAS_SOFTCAP=params.softcap is not None, **cfg, **launch,
         )
     return out3
-
-
-def _torch_fwd(x3, targets, inv_temp, ignore_index):
-    return reference.logprob_entropy_fwd(x3.reshape(-1, x3.shape[-1]), targets, inv_temp, ignore_index)
-
-
-def _torch_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out3):
-    # reference works on [N, V]; a strided [B, T, V] view is walked one batch row at a time
-    t = x3.shape[1]
-    for i in range(x3.shape[0]):
-        sl = slice(i * t, (i + 1) * t)
-        reference.logprob_entropy_bwd(
-            x3[i], targets[sl], lse[sl], None if entropy is None else entropy[sl], grad_logp[sl],
-            None if grad_entropy is None else grad_entropy[sl], inv_temp, out3[i],
-        )
-    return out3
-
-
-def cuda_fwd(x3, targets, inv_temp, ignore_index):
-    """The csrc/ CUDA C++ kernels (``impl="cuda"``), loaded or built by :mod:`edge_kernels._cuda` on first use."""
-    from .._cuda import logprob_entropy_fwd
-
-    return logprob_entropy_fwd(x3, targets, inv_temp, ignore_index)
-
-
-def cuda_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out3):
-    from .._cuda import logprob_entropy_bwd
-
-    return logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out3)
-
-
-_BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "triton": (triton_fwd, triton_bwd)}
-_BACKENDS["cuda"] = (cuda_fwd, cuda_bwd)
-
-
-class LogprobEntropyFunction(torch.autograd.Function):
-    """Autograd over the logits-in launchers; ``logits`` is ``[B, T, V]`` (unit vocab stride)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, inv_temp, ignore_index, inplace_backward, impl):
-        fwd, _ = _BACKENDS[impl]
-        logp, entropy, lse = fwd(logits, targets, inv_temp, ignore_index)
-        ctx.set_materialize_grads(False)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.meta = (inv_temp, ignore_index, inplace_backward, impl)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        inv_temp, ignore_index, inplace, impl = ctx.meta
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 6
-        valid = targets != ignore_index
-        zero = torch.zeros_like(lse)
-        g_logp = zero if grad_logp is None else torch.where(valid, grad_logp.float(), zero).contiguous()
-        g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), zero).contiguous()
-        # rows that share memory (an expanded view) cannot be overwritten in place: every block would race
-        inplace = inplace and torch._debug_has_internal_overlap(logits) == 0
-        out = logits if inplace else torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-        _, bwd = _BACKENDS[impl]
-        return bwd(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, out), None, None, None, None, None
-
-
-def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                    ignore_index: int = -100, inplace_backward: bool = False, impl: str = "auto"):
-    """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
-
-    ``z = logits / temperature``; ``logp = log_softmax(z)[target]``, ``entropy = -sum_v p_v log p_v``
-    (``../shared/algorithms.md``, notation), computed in fp32 whatever the logits' dtype. ``-inf`` logits are
-    masked vocabulary entries (probability 0, no entropy contribution); NaN or ``+inf`` logits give NaN.
-
-    Args:
-        logits: ``[..., V]`` float32/float16/bfloat16; rows may be strided (``logits[:, :-1]`` is not copied).
-        targets: integer, shaped ``logits.shape[:-1]``, in ``[0, V)`` or ``ignore_index``.
-        temperature: > 0.
-        ignore_index: positions with this target return 0 for both outputs and receive no gradient.
-        inplace_backward: write the logits gradient over ``logits`` in the backward (saves ``N*V`` memory;
-            the caller must not read ``logits`` after ``backward``). Logits whose rows overlap in memory (an
-            ``expand``-ed view) get a new gradient tensor instead.
-        impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"cuda"`` (the csrc/
-            extension, built on first use) or ``"torch"``.
-
-    Returns:
-        ``(logp, entropy)`` float32, shaped like ``targets``.
-    """
-    from ..dispatch import resolve_impl, validate_logits_inputs
-
-    temperature = validate_logits_inputs(logits, targets, temperature, ignore_index)
-    backend = resolve_impl(impl, logits, op="logprob_entropy", cuda_available="cuda" in _BACKENDS)
-    lead_shape = targets.shape
-    x3 = _as_3d(logits)
-    t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy = LogprobEntropyFunction.apply(x3, t1, 1.0 / temperature, ignore_index, bool(inplace_backward),
-                                                 backend)
-    return logp.view(lead_shape), entropy.view(lead_shape)

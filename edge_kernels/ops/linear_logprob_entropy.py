@@ -1,0 +1,124 @@
+"""Fused ``hidden @ weight.T (+ bias)`` -> per-token log-prob of the target and full-vocabulary entropy.
+
+Owns the public function, the ``torch.autograd.Function`` and the table of backends it runs on: the chunked
+PyTorch path of :mod:`edge_kernels.reference` and the Triton kernels of
+:mod:`edge_kernels.ops.linear_logprob_entropy_triton` (imported on first use, so this module, and
+``import edge_kernels``, work where triton is not installed).
+
+Every backend has the signatures ``fwd(hidden, weight, bias, targets, params) -> (logp, entropy, lse)`` and
+``bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params, needs) -> (dh, dw, db)``,
+``params`` a :class:`~edge_kernels.ops.params.LaunchParams`, ``needs`` the ``(hidden, weight, bias)`` gradient
+flags.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .params import LaunchParams
+
+
+def _torch_fwd(hidden, weight, bias, targets, params: LaunchParams):
+    return reference.linear_logprob_entropy_fwd(hidden, weight, bias, targets, params.inv_temp, params.ignore_index,
+                                                params.chunk_size, softcap=params.softcap)
+
+
+def _torch_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, needs):
+    return reference.linear_logprob_entropy_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp,
+                                                grad_entropy, params.inv_temp, params.chunk_size, *needs,
+                                                softcap=params.softcap)
+
+
+_BACKENDS = {"torch": (_torch_fwd, _torch_bwd)}
+
+
+def backend(impl: str):
+    """``(fwd, bwd)`` of ``impl``; the Triton module is imported on the first ``impl="triton"`` call."""
+    if impl == "triton" and impl not in _BACKENDS:
+        from . import linear_logprob_entropy_triton as tri
+
+        _BACKENDS["triton"] = (tri.triton_fwd, tri.triton_bwd)
+    return _BACKENDS[impl]
+
+
+class LinearLogprobEntropyFunction(torch.autograd.Function):
+    """Autograd over the backends. Inputs are flat and validated: ``hidden [N, D]``, ``targets [N]`` int64."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, params, impl):
+        fwd, _ = backend(impl)
+        logp, entropy, lse = fwd(hidden, weight, bias, targets, params)
+        ctx.set_materialize_grads(False)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.meta = (params, impl)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        params, impl = ctx.meta
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 6
+        valid = targets != params.ignore_index
+        zero = torch.zeros_like(lse)
+        g_logp = zero if grad_logp is None else torch.where(valid, grad_logp.float(), zero).contiguous()
+        g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), zero).contiguous()
+        _, bwd = backend(impl)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        dh, dw, db = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, params, needs)
+        return dh, dw, db, None, None, None
+
+
+def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
+                           return_entropy: bool = True, chunk_size: Optional[int] = None,
+                           softcap: Optional[float] = None, impl: str = "auto"):
+    """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
+
+    Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles (soft-capped first when
+    ``softcap`` is given). With ``p = softmax(logits)``: ``logp = log p[target]`` and
+    ``entropy = -sum_v p_v log p_v`` (``../shared/algorithms.md``, notation).
+
+    Args:
+        hidden: ``[..., D]`` float32/float16/bfloat16.
+        weight: ``[V, D]``, same dtype as ``hidden`` (the LM head).
+        targets: integer ``[...]`` (``hidden.shape[:-1]``) in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]``.
+        temperature: the sampling temperature (> 0).
+        ignore_index: positions with this target return 0 for both outputs and receive no gradient.
+        return_entropy: when False the entropy is returned as None (it costs nothing extra in the forward, and
+            no entropy-gradient work is done in the backward either way unless the entropy is used).
+        chunk_size: vocabulary columns per backward chunk; the workspace is ``N * chunk_size`` elements of the
+            input dtype (Triton) or fp32 (PyTorch path). Default: the largest multiple of 256 with
+            ``N * chunk_size <= 2**25`` (64 MiB in bf16).
+        softcap: ``c`` > 0 to soft-cap the fp32 logits as ``c * tanh(z / c)`` before the temperature (Gemma 2/3's
+            ``final_logit_softcapping``), or None (no cap, no cost); differentiated through ``tanh``.
+        impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
+        ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
+    """
+    from ..dispatch import check_softcap, resolve_impl, validate_linear_inputs
+
+    temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index)
+    params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap), chunk_size)
+    impl = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy", cuda_available="cuda" in _BACKENDS)
+    lead_shape = targets.shape
+    # the kernels index the feature dim and the bias with unit stride (and int32 feature offsets): copy the rare
+    # operand that is not laid out that way (a transposed weight view, a strided bias); autograd maps it back
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    t1 = targets.reshape(-1).to(torch.int64).contiguous()
+    logp, entropy = LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, params, impl)
+    logp = logp.view(lead_shape)
+    return logp, (entropy.view(lead_shape) if return_entropy else None)

@@ -1,0 +1,150 @@
+"""Logits in -> per-token log-prob of the target and full-vocabulary entropy, for callers that hold logits.
+
+Owns the public function, the ``torch.autograd.Function`` and the table of backends: the chunked PyTorch path
+of :mod:`edge_kernels.reference`, the Triton kernels of :mod:`edge_kernels.ops.logprob_entropy_triton`
+(imported on first use, so the package works without triton) and the csrc/ CUDA kernels of
+:mod:`edge_kernels._cuda`. The op is memory-bound: the forward reads each logit once (fp32 statistics,
+whatever the input dtype) and writes three floats per row; the backward reads the logits once more and writes
+their gradient, into a new tensor or, with ``inplace_backward=True``, over the logits themselves (the caller
+promises not to use them after backward).
+
+Every backend has the signatures ``fwd(x3, targets, params) -> (logp, entropy, lse)`` and
+``bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params, out3) -> out3``, ``x3`` the ``[B, T, V]``
+logits, ``params`` a :class:`~edge_kernels.ops.params.LaunchParams`. Rows may be strided: ``[N, V]`` and
+``[B, T, V]`` views (e.g. ``logits[:, :-1]``) are read in place; only the vocabulary dimension must have unit
+stride (otherwise it is made contiguous).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .params import LaunchParams
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """View logits as ``[B, T, V]`` without copying when possible; the vocab dim must have unit stride."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() == 3:
+        return x
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _torch_fwd(x3, targets, params: LaunchParams):
+    return reference.logprob_entropy_fwd(x3.reshape(-1, x3.shape[-1]), targets, params.inv_temp,
+                                         params.ignore_index, params.chunk_size, softcap=params.softcap)
+
+
+def _torch_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
+    # reference works on [N, V]; a strided [B, T, V] view is walked one batch row at a time
+    t = x3.shape[1]
+    for i in range(x3.shape[0]):
+        sl = slice(i * t, (i + 1) * t)
+        reference.logprob_entropy_bwd(
+            x3[i], targets[sl], lse[sl], None if entropy is None else entropy[sl], grad_logp[sl],
+            None if grad_entropy is None else grad_entropy[sl], params.inv_temp, out3[i], params.chunk_size,
+            softcap=params.softcap,
+        )
+    return out3
+
+
+def cuda_fwd(x3, targets, params: LaunchParams):
+    """The csrc/ CUDA C++ kernels (``impl="cuda"``), loaded or built by :mod:`edge_kernels._cuda` on first use."""
+    from .._cuda import logprob_entropy_fwd
+
+    return logprob_entropy_fwd(x3, targets, params)
+
+
+def cuda_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
+    from .._cuda import logprob_entropy_bwd
+
+    return logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params, out3)
+
+
+_BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "cuda": (cuda_fwd, cuda_bwd)}
+
+
+def backend(impl: str):
+    """``(fwd, bwd)`` of ``impl``; the Triton module is imported on the first ``impl="triton"`` call."""
+    if impl == "triton" and impl not in _BACKENDS:
+        from . import logprob_entropy_triton as tri
+
+        _BACKENDS["triton"] = (tri.triton_fwd, tri.triton_bwd)
+    return _BACKENDS[impl]
+
+
+class LogprobEntropyFunction(torch.autograd.Function):
+    """Autograd over the logits-in backends; ``logits`` is ``[B, T, V]`` (unit vocab stride)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, params, inplace_backward, impl):
+        fwd, _ = backend(impl)
+        logp, entropy, lse = fwd(logits, targets, params)
+        ctx.set_materialize_grads(False)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.meta = (params, inplace_backward, impl)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        params, inplace, impl = ctx.meta
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 5
+        valid = targets != params.ignore_index
+        zero = torch.zeros_like(lse)
+        g_logp = zero if grad_logp is None else torch.where(valid, grad_logp.float(), zero).contiguous()
+        g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), zero).contiguous()
+        # rows that share memory (an expanded view) cannot be overwritten in place: every block would race
+        inplace = inplace and torch._debug_has_internal_overlap(logits) == 0
+        out = logits if inplace else torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        _, bwd = backend(impl)
+        return bwd(logits, targets, lse, entropy, g_logp, g_ent, params, out), None, None, None, None
+
+
+def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                    ignore_index: int = -100, inplace_backward: bool = False, softcap: Optional[float] = None,
+                    impl: str = "auto"):
+    """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
+
+    ``z = logits / temperature`` (``z = softcap * tanh(logits / softcap) / temperature`` with a soft-cap);
+    ``logp = log_softmax(z)[target]``, ``entropy = -sum_v p_v log p_v`` (``../shared/algorithms.md``, notation),
+    computed in fp32 whatever the logits' dtype. ``-inf`` logits are masked vocabulary entries (probability 0,
+    no entropy contribution, also under a soft-cap); NaN gives NaN, and ``+inf`` gives NaN without a soft-cap.
+
+    Args:
+        logits: ``[..., V]`` float32/float16/bfloat16; rows may be strided (``logits[:, :-1]`` is not copied).
+        targets: integer, shaped ``logits.shape[:-1]``, in ``[0, V)`` or ``ignore_index``.
+        temperature: > 0.
+        ignore_index: positions with this target return 0 for both outputs and receive no gradient.
+        inplace_backward: write the logits gradient over ``logits`` in the backward (saves ``N*V`` memory;
+            the caller must not read ``logits`` after ``backward``). Logits whose rows overlap in memory (an
+            ``expand``-ed view) get a new gradient tensor instead.
+        softcap: ``c`` > 0 to soft-cap the raw logits as ``c * tanh(logits / c)`` (in fp32, before the
+            temperature; Gemma 2/3's ``final_logit_softcapping``) for callers holding uncapped logits, or None
+            (no cap, no cost). The gradient is taken through ``tanh``.
+        impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"cuda"`` (the csrc/
+            extension, built on first use) or ``"torch"``.
+
+    Returns:
+        ``(logp, entropy)`` float32, shaped like ``targets``.
+    """
+    from ..dispatch import check_softcap, resolve_impl, validate_logits_inputs
+
+    temperature = validate_logits_inputs(logits, targets, temperature, ignore_index)
+    params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap))
+    impl = resolve_impl(impl, logits, op="logprob_entropy", cuda_available="cuda" in _BACKENDS)
+    lead_shape = targets.shape
+    x3 = _as_3d(logits)
+    t1 = targets.reshape(-1).to(torch.int64).contiguous()
+    logp, entropy = LogprobEntropyFunction.apply(x3, t1, params, bool(inplace_backward), impl)
+    return logp.view(lead_shape), entropy.view(lead_shape)
