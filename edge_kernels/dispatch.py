@@ -7,6 +7,7 @@ argument instead of a shape error deep inside a launcher.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional
 
@@ -120,12 +121,9 @@ def check_softcap(softcap: Optional[float]) -> Optional[float]:
     """``softcap`` as a float, or None: a finite number > 0 (``c`` of ``c * tanh(z / c)``)."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a positive number or None, got {softcap!r}")
-    try:
-        c = float(softcap)
-    except (TypeError, ValueError):
-        raise TypeError(f"softcap must be a positive number or None, got {softcap!r}") from None
+    c = float(softcap)
     if not c > 0 or c == float("inf"):  # also catches NaN
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
     if 1.0 / c > _FLOAT32_MAX:  # the kernels multiply by 1/softcap in float32

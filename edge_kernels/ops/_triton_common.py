@@ -72,13 +72,18 @@ def grad_logits(z, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROP
 def softcap_logits(acc, softcap, HAS_SOFTCAP: tl.constexpr):
     """``(capped, tanh)`` of a raw fp32 logits tile: ``capped = softcap * tanh(acc / softcap)`` (``-inf`` entries,
     masked vocabulary, stay ``-inf``; their ``tanh`` is -1, so the chain-rule factor ``1 - tanh^2`` is 0 there).
-    ``tanh`` comes from ``e = exp(-2|u|) <= 1``, which cannot overflow (libdevice's tanh does not run under the
-    interpreter); its absolute error is a few fp32 ulps of 1. Without ``HAS_SOFTCAP``: ``(acc, acc)``, unused."""
+    ``tanh(u)`` (libdevice's does not run under the interpreter) is ``(1 - e) / (1 + e)``, ``e = exp(-2|u|) <= 1``
+    (no overflow), for ``|u| >= 0.3``, and its odd Taylor polynomial to ``u^9`` below, where ``1 - e`` would
+    cancel (the next term is < 2e-8 there): a relative error of a few fp32 ulps everywhere, so a large cap stays
+    exact. Without ``HAS_SOFTCAP``: ``(acc, acc)``, unused."""
     if HAS_SOFTCAP:
         u = acc * (1.0 / softcap)
         e = tl.exp(-2.0 * tl.abs(u))
         th = (1.0 - e) / (1.0 + e)
         th = tl.where(u < 0, -th, th)
+        u2 = u * u
+        series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))))
+        th = tl.where(tl.abs(u) < 0.3, series, th)
         return tl.where(acc == float("-inf"), acc, softcap * th), th
     else:
         return acc, acc
