@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import checkpoint as ckpt
-from .batch import decoder_and_head, head_inputs, pack, response_hidden, score
+from .batch import decoder_and_head, head_inputs, head_softcap, pack, response_hidden, score
 from .config import TrainConfig, resolve, save_yaml
 from .data import DataError, Problem, PromptSampler, encode_prompts, load_problems, write_problems
 from .evaluate import EvalResult, evaluate
@@ -398,7 +398,8 @@ class Trainer:
                 h, w, b = head_inputs(response_hidden(self.model, packed, self.autocast_dtype), weight, bias,
                                       self.autocast_dtype)
                 tgt = torch.where(packed.mask, packed.targets, torch.full_like(packed.targets, -100))
-                logp, _ = linear_logprob_entropy(h, w, tgt, bias=b, return_entropy=False, impl=c.impl)
+                logp, _ = linear_logprob_entropy(h, w, tgt, bias=b, return_entropy=False,
+                                                 softcap=head_softcap(self.model), impl=c.impl)
                 m = packed.mask.to(logp.dtype)
                 loss = -(logp * m).sum() / m.sum().clamp(min=1)
                 opt.zero_grad(set_to_none=True)
@@ -530,7 +531,7 @@ class Trainer:
                         temperature=c.temperature, old_logp=old_logp[sl], eda=eda_mode, group_size=G,
                         eda_eps=c.adv_eps, eda_clamp=tuple(c.eda_clamp) if c.eda_clamp else None, impl=c.impl,
                         clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef, agg=c.loss_agg,
-                        max_len=max(horizon, T))
+                        max_len=max(horizon, T), softcap=head_softcap(self.model))
                     if c.loss_agg == "token-mean":
                         w = (loss_mask[sl].sum() / n_tok).item()
                     else:
