@@ -95,7 +95,7 @@ def _linear_stats_fwd_kernel(
             acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-        acc, _ = softcap_logits(acc, softcap, HAS_SOFTCAP)
+        acc = softcap_logits(acc, softcap, HAS_SOFTCAP)
         z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
         m, s, b = softmax_stats_update(m, s, b, z)
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
@@ -154,12 +154,10 @@ def _linear_grad_logits_kernel(
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_v, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    acc, th = softcap_logits(acc, softcap, HAS_SOFTCAP)
-    z = acc * inv_temp
+    z = softcap_logits(acc, softcap, HAS_SOFTCAP) * inv_temp
 
-    dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY)
-    if HAS_SOFTCAP:  # chain rule through softcap * tanh(acc / softcap)
-        dz = dz * (1.0 - th * th)
+    dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, softcap,
+                     HAS_GRAD_ENTROPY, HAS_SOFTCAP)
     mask = n_mask[:, None] & c_mask[None, :]
     dz = tl.where(mask & any_active, dz, 0.0)
     tl.store(DZ + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_c[None, :],

@@ -58,8 +58,7 @@ def _logits_stats_fwd_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         x = tl.load(x_rows + offs_v[None, :], mask=r_mask[:, None] & v_mask[None, :], other=float("-inf"))
-        x, _ = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP)
-        z = x * inv_temp
+        z = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP) * inv_temp
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m, s, b = softmax_stats_update(m, s, b, z)
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
@@ -84,11 +83,9 @@ def _logits_grad_kernel(
     row_active = r_mask & active
     mask = row_active[:, None] & (offs_v < V)[None, :]
     x = tl.load(X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None] + offs_v[None, :], mask=mask, other=0.0)
-    x, th = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP)
-    z = x * inv_temp
-    dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY)
-    if HAS_SOFTCAP:  # chain rule through softcap * tanh(x / softcap)
-        dz = dz * (1.0 - th * th)
+    z = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP) * inv_temp
+    dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, softcap,
+                     HAS_GRAD_ENTROPY, HAS_SOFTCAP)
     dz = tl.where(mask, dz, 0.0)
     tl.store(DX + _row_offsets(offs_r, T, dstride_b, dstride_t)[:, None] + offs_v[None, :],
              dz.to(DX.dtype.element_ty), mask=r_mask[:, None] & (offs_v < V)[None, :])
