@@ -1,6 +1,7 @@
 """Soft-capped logits (``softcap=c``: ``c * tanh(z / c)`` before the temperature, Gemma 2/3) in both ops and the
 fused policy loss, against the float64 oracle with the cap, forward and backward through both outputs, on the
-PyTorch path and the Triton interpreter (the CUDA op: tests/test_cuda_ext.py).
+PyTorch path and the Triton interpreter (on a GPU machine the same tests run the compiled Triton kernels on CUDA
+tensors; the CUDA op: tests/test_cuda_ext.py).
 
 The inputs are scaled so that logits reach several times the cap (up to ~4c for c = 5, ~2c for c = 30), so the
 cap bites: saturated entries (``1 - tanh^2`` tiny) and the linear region both occur.
@@ -26,9 +27,9 @@ FWD_ATOL = 1e-4
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2}
 
 
-def _grads(seed, shape):
+def _grads(seed, shape, device):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=g).to(device), torch.randn(shape, generator=g).to(device)
 
 
 def _oracle_dlogits(logits, targets, temperature, softcap, g_logp, g_ent):
@@ -53,15 +54,15 @@ def _reach(logits_max, softcap):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softcap, temperature", [(5.0, 1.0), (30.0, 0.7), (30.0, 1.0)])
-def test_linear_softcap_matches_oracle(impl, dtype, softcap, temperature):
+def test_linear_softcap_matches_oracle(impl, dtype, softcap, temperature, device):
     hidden, weight, bias, targets = make_linear_inputs(37, 24, 300, dtype=dtype, bias=True, ignore_frac=0.2,
-                                                       seed=int(softcap * 10 + temperature * 3))
+                                                       seed=int(softcap * 10 + temperature * 3), device=device)
     weight = (weight.float() * (softcap / 3.0)).to(dtype)  # logits up to several times the cap
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     b = bias.clone().requires_grad_()
     logp, ent = linear_logprob_entropy(h, w, targets, bias=b, temperature=temperature, softcap=softcap, impl=impl)
-    g_logp, g_ent = _grads(3, logp.shape)
+    g_logp, g_ent = _grads(3, logp.shape, device)
     ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
 
     logits = hidden.double() @ weight.double().t() + bias.double()
@@ -78,14 +79,14 @@ def test_linear_softcap_matches_oracle(impl, dtype, softcap, temperature):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softcap, temperature", [(5.0, 1.0), (30.0, 0.8)])
-def test_logits_softcap_matches_oracle(impl, dtype, softcap, temperature):
-    logits, targets = make_logits((3, 11), 257, dtype=torch.float32, seed=int(softcap))
+def test_logits_softcap_matches_oracle(impl, dtype, softcap, temperature, device):
+    logits, targets = make_logits((3, 11), 257, dtype=torch.float32, seed=int(softcap), device=device)
     logits = (logits * (softcap / 4.0)).to(dtype)
     logits[0, 2, 5] = float("-inf")  # a masked vocabulary entry stays masked under the cap
     _reach(logits.float().abs()[torch.isfinite(logits)].max().item(), softcap)
     x = logits.clone().requires_grad_()
     logp, ent = logprob_entropy(x, targets, temperature=temperature, softcap=softcap, impl=impl)
-    g_logp, g_ent = _grads(4, logp.shape)
+    g_logp, g_ent = _grads(4, logp.shape, device)
     ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
 
     r_logp, r_ent, dz, rows = _oracle_dlogits(logits, targets, temperature, softcap, g_logp, g_ent)
@@ -96,9 +97,9 @@ def test_logits_softcap_matches_oracle(impl, dtype, softcap, temperature):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_softcap_changes_the_result_and_none_is_the_uncapped_op(impl):
+def test_softcap_changes_the_result_and_none_is_the_uncapped_op(impl, device):
     # the cap is not silently ignored, and a huge cap converges to the uncapped op
-    hidden, weight, _, targets = make_linear_inputs(9, 16, 200, seed=5)
+    hidden, weight, _, targets = make_linear_inputs(9, 16, 200, seed=5, device=device)
     weight = weight * 4
     plain = linear_logprob_entropy(hidden, weight, targets, impl=impl)
     capped = linear_logprob_entropy(hidden, weight, targets, softcap=5.0, impl=impl)
@@ -110,9 +111,9 @@ def test_softcap_changes_the_result_and_none_is_the_uncapped_op(impl):
     assert (plain[1] - loose[1]).abs().max() < 2e-5
 
 
-def test_softcap_gradient_through_entropy_only():
+def test_softcap_gradient_through_entropy_only(device):
     # the chain rule through tanh applies to the entropy term too (logp unused: g_logp = 0 on every row)
-    logits, targets = make_logits((2, 5), 64, seed=8, ignore_frac=0.0)
+    logits, targets = make_logits((2, 5), 64, seed=8, ignore_frac=0.0, device=device)
     logits = logits * 3
     for impl in IMPLS:
         x = logits.clone().requires_grad_()
@@ -124,11 +125,11 @@ def test_softcap_gradient_through_entropy_only():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fused_policy_loss_passes_softcap(impl):
-    hidden, weight, _, targets = make_linear_inputs(12, 16, 90, seed=12, lead=(3, 4))
+def test_fused_policy_loss_passes_softcap(impl, device):
+    hidden, weight, _, targets = make_linear_inputs(12, 16, 90, seed=12, lead=(3, 4), device=device)
     weight = weight * 4
-    adv = torch.tensor([1.0, -0.5, 0.25])
-    mask = torch.ones(3, 4)
+    adv = torch.tensor([1.0, -0.5, 0.25], device=device)
+    mask = torch.ones(3, 4, device=device)
     losses = []
     for cap in (None, 5.0):
         h = hidden.clone().requires_grad_()
@@ -161,3 +162,26 @@ def test_softcap_of_wrong_type_raises(bad):
     hidden, weight, _, targets = make_linear_inputs(3, 8, 20, seed=1)
     with pytest.raises(TypeError, match="softcap"):
         linear_logprob_entropy(hidden, weight, targets, softcap=bad, impl="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_linear_softcap_gpu_tiles(dtype):
+    """The compiled kernels with their GPU tiles (128x128x32 for 16-bit, tensor cores), several row blocks and
+    vocabulary splits, partial last tiles, Gemma's cap 30."""
+    hidden, weight, _, targets = make_linear_inputs(300, 256, 5003, dtype=dtype, ignore_frac=0.1, seed=21,
+                                                    device="cuda")
+    weight = (weight.float() * 12).to(dtype)
+    h = hidden.clone().requires_grad_()
+    logp, ent = linear_logprob_entropy(h, weight, targets, temperature=0.9, softcap=30.0, impl="triton")
+    g_logp, g_ent = _grads(5, logp.shape, "cuda")
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    logits = hidden.double() @ weight.double().t()
+    _reach(logits.abs().max().item(), 30.0)
+    r_logp, r_ent, dz, rows = _oracle_dlogits(logits, targets, 0.9, 30.0, g_logp, g_ent)
+    assert (logp.double() - r_logp).abs().max() <= FWD_ATOL
+    assert (ent.double() - r_ent).abs().max() <= FWD_ATOL
+    rtol = {torch.float16: 1.5e-3}.get(dtype, GRAD_RTOL.get(dtype))
+    err = (h.grad.double() - dz @ weight.double()).norm()
+    ref = (dz @ weight.double()).norm()
+    assert err <= rtol * ref + rows.norm() * weight.double().norm(dim=1).max()
