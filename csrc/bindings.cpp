@@ -3,13 +3,14 @@
 // torch.compile can trace callers (their fake implementations are registered from Python, in
 // edge_kernels/_cuda.py, once this library is loaded).
 //
-//   torch.ops.edge_kernels.logprob_entropy_fwd(x, targets, inv_temp, ignore_index, splits=0)
+//   torch.ops.edge_kernels.logprob_entropy_fwd(x, targets, inv_temp, ignore_index, splits=0, softcap=0.0)
 //       -> (logp, entropy, lse)    fp32 [N] each; all 0 on rows whose target is ignore_index (not read)
 //   torch.ops.edge_kernels.logprob_entropy_bwd(x, targets, lse, entropy, grad_logp, grad_entropy,
-//                                              inv_temp, out, splits=0) -> ()   writes dlogits into out
+//                                              inv_temp, out, splits=0, softcap=0.0) -> ()   writes dlogits into out
 //
 // x: [N, V] or [B, T, V] logits (fp32/fp16/bf16, unit stride over V, any row strides; N*V may exceed 2^31),
-// targets: int64 [N] (N = B*T). splits = 0 picks the blocks per row; a benchmark may force it.
+// targets: int64 [N] (N = B*T). splits = 0 picks the blocks per row; a benchmark may force it. softcap > 0
+// soft-caps the logits as softcap * tanh(x / softcap) before the temperature; 0 = none.
 //
 // Only ATen/c10 core headers: the CPU PyTorch wheel lacks c10/cuda/impl/cuda_cmake_macros.h, included by every
 // c10/cuda and ATen/cuda header. The current CUDA stream comes from c10's device-guard interface instead.
@@ -100,6 +101,12 @@ void check_inv_temp(double inv_temp) {
               "edge_kernels: inv_temp must be > 0 and finite in float32, got ", inv_temp);
 }
 
+void check_softcap(double softcap) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(static_cast<float>(softcap)) &&
+                  (softcap == 0.0 || std::isfinite(1.0f / static_cast<float>(softcap))),
+              "edge_kernels: softcap must be 0 (none) or > 0 and finite in float32, got ", softcap);
+}
+
 void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "edge_kernels: launching ", what, " failed: ", ek::error_string(err));
 }
@@ -107,11 +114,13 @@ void check_launch(int err, const char* what) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_fwd_cuda(
-    const at::Tensor& x, const at::Tensor& targets, double inv_temp, int64_t ignore_index, int64_t splits) {
+    const at::Tensor& x, const at::Tensor& targets, double inv_temp, int64_t ignore_index, int64_t splits,
+    double softcap) {
   const ek::DType dtype = logits_dtype(x, "logits");
   const RowGeom g = row_geometry(x, "logits");
   check_rows(targets, "targets", g.n, x.device(), at::kLong);
   check_inv_temp(inv_temp);
+  check_softcap(softcap);
 
   const c10::DeviceGuard guard(x.device());
   const auto opts = x.options().dtype(at::kFloat);
@@ -139,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_fwd_cuda(
   p.vocab = g.vocab;
   p.inv_temp = static_cast<float>(inv_temp);
   p.ignore_index = ignore_index;
+  p.softcap = static_cast<float>(softcap);
   check_launch(ek::launch_fwd(p, dtype, plan, current_stream(x.device())), "the log-prob/entropy forward");
   return {logp, ent, lse};
 }
@@ -146,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_entropy_fwd_cuda(
 void logprob_entropy_bwd_cuda(
     const at::Tensor& x, const at::Tensor& targets, const at::Tensor& lse,
     const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
-    const std::optional<at::Tensor>& grad_entropy, double inv_temp, at::Tensor& out, int64_t splits) {
+    const std::optional<at::Tensor>& grad_entropy, double inv_temp, at::Tensor& out, int64_t splits,
+    double softcap) {
   const ek::DType dtype = logits_dtype(x, "logits");
   const RowGeom g = row_geometry(x, "logits");
   TORCH_CHECK(out.device() == x.device(), "edge_kernels: out must be on ", x.device(), ", got ", out.device());
@@ -165,6 +176,7 @@ void logprob_entropy_bwd_cuda(
     check_rows(*entropy, "entropy", g.n, x.device(), at::kFloat);
   }
   check_inv_temp(inv_temp);
+  check_softcap(softcap);
   if (g.n == 0) return;
 
   const c10::DeviceGuard guard(x.device());
@@ -185,6 +197,7 @@ void logprob_entropy_bwd_cuda(
   p.out_stride_t = go.stride_t;
   p.vocab = g.vocab;
   p.inv_temp = static_cast<float>(inv_temp);
+  p.softcap = static_cast<float>(softcap);
   check_launch(ek::launch_bwd(p, dtype, plan, current_stream(x.device())), "the log-prob/entropy backward");
 }
 
@@ -192,11 +205,12 @@ void logprob_entropy_bwd_cuda(
 
 TORCH_LIBRARY_FRAGMENT(EDGE_KERNELS_OPS_NS, m) {
   m.def(
-      "logprob_entropy_fwd(Tensor x, Tensor targets, float inv_temp, int ignore_index, int splits=0)"
+      "logprob_entropy_fwd(Tensor x, Tensor targets, float inv_temp, int ignore_index, int splits=0,"
+      " float softcap=0.0)"
       " -> (Tensor logp, Tensor entropy, Tensor lse)");
   m.def(
       "logprob_entropy_bwd(Tensor x, Tensor targets, Tensor lse, Tensor? entropy, Tensor grad_logp,"
-      " Tensor? grad_entropy, float inv_temp, Tensor(a!) out, int splits=0) -> ()");
+      " Tensor? grad_entropy, float inv_temp, Tensor(a!) out, int splits=0, float softcap=0.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(EDGE_KERNELS_OPS_NS, CUDA, m) {
@@ -208,10 +222,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "edge_kernels CUDA C++ kernels (csrc/); torch.ops." EDGE_KERNELS_STR(EDGE_KERNELS_OPS_NS)
             ".logprob_entropy_fwd/_bwd are the traceable entry points";
   m.def("logprob_entropy_fwd", &edge_kernels::logprob_entropy_fwd_cuda, "Forward: (logp, entropy, lse) per row",
-        py::arg("x"), py::arg("targets"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("splits") = 0);
+        py::arg("x"), py::arg("targets"), py::arg("inv_temp"), py::arg("ignore_index"), py::arg("splits") = 0,
+        py::arg("softcap") = 0.0);
   m.def("logprob_entropy_bwd", &edge_kernels::logprob_entropy_bwd_cuda, "Backward: writes dlogits into out",
         py::arg("x"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
-        py::arg("grad_entropy"), py::arg("inv_temp"), py::arg("out"), py::arg("splits") = 0);
+        py::arg("grad_entropy"), py::arg("inv_temp"), py::arg("out"), py::arg("splits") = 0,
+        py::arg("softcap") = 0.0);
   m.def("plan_rows", [](int64_t n, int64_t vocab, int dtype, int sm_count, int64_t requested) {
           const auto plan = edge_kernels::cuda::plan_rows(n, vocab, static_cast<edge_kernels::cuda::DType>(dtype),
                                                           sm_count, requested);

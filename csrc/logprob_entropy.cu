@@ -18,6 +18,9 @@
 //  * Backward: same grid, no reduction; dlogits written with 16-byte streaming stores into `out`, which may
 //    be the logits themselves (in place: every thread reads its 16 bytes before writing them). Rows whose
 //    upstream gradients are both 0 (ignore_index) are written as zeros without reading the logits.
+//  * Soft-cap (Gemma 2/3): with softcap > 0 every logit is first replaced by c * tanh(x / c) (fp32, -inf kept
+//    as a masked entry) and the backward multiplies by 1 - tanh^2. It is a template flag (kCap), so the
+//    kernels without it are the ones built before it existed.
 //  * Offsets: row offsets are int64 (N * V may exceed 2^31); offsets inside a row are int (V < 2^31).
 //
 // This file needs nothing but the CUDA toolkit: the PyTorch glue (checks, allocation, stream) is in
@@ -162,6 +165,36 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, int64_t t, int64_t st
   return (row / t) * stride_b + (row % t) * stride_t;
 }
 
+// The soft-cap x -> c * tanh(x / c) of a raw logit (kCap = false: the identity, compiled away). -inf stays -inf
+// (a masked vocabulary entry); its tanh is -1, so the chain-rule factor 1 - tanh^2 is 0 there.
+template <bool kCap>
+struct SoftCap {
+  float c, inv_c;
+  __device__ __forceinline__ float operator()(float x) const {
+    if constexpr (kCap) {
+      return x == -INFINITY ? x : c * tanhf(x * inv_c);
+    } else {
+      return x;
+    }
+  }
+  // The capped logit, and d capped / d x in dcap.
+  __device__ __forceinline__ float with_grad(float x, float& dcap) const {
+    if constexpr (kCap) {
+      const float th = tanhf(x * inv_c);
+      dcap = fmaf(-th, th, 1.f);
+      return x == -INFINITY ? x : c * th;
+    } else {
+      dcap = 1.f;
+      return x;
+    }
+  }
+};
+
+template <bool kCap>
+__host__ __device__ __forceinline__ SoftCap<kCap> make_softcap(float c) {
+  return SoftCap<kCap>{c, kCap ? 1.f / c : 1.f};
+}
+
 // ------------------------------------------------------------------------------------------------------
 // streaming softmax statistics, base 2
 
@@ -266,14 +299,14 @@ __device__ __forceinline__ Stats block_reduce(Stats st, float c) {
 }
 
 // Fold x[0, len) into acc: scalar head up to the 16-byte boundary, kUnroll-deep vector body, scalar tail.
-template <typename T>
-__device__ __forceinline__ void accumulate_range(const T* p, int len, float c, Acc& acc) {
+template <typename T, bool kCap>
+__device__ __forceinline__ void accumulate_range(const T* p, int len, float c, const SoftCap<kCap>& cap, Acc& acc) {
   using V = Vec<T>;
   constexpr int kN = V::N;
   const int tid = threadIdx.x;
   const int head = min(head_elems(p), len);
   if (tid < head) {
-    const float f[1] = {V::load1(p + tid)};
+    const float f[1] = {cap(V::load1(p + tid))};
     acc.add<1>(f, c);
   }
   const int nvec = (len - head) / kN;
@@ -287,17 +320,21 @@ __device__ __forceinline__ void accumulate_range(const T* p, int len, float c, A
     for (int u = 0; u < kUnroll; ++u) {
       float f[kN];
       V::unpack(r[u], f);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) f[k] = cap(f[k]);
       acc.add<kN>(f, c);
     }
   }
   for (; i < nvec; i += kThreads) {
     float f[kN];
     V::unpack(load16_ro(pv + i), f);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) f[k] = cap(f[k]);
     acc.add<kN>(f, c);
   }
   const int tail = head + nvec * kN;
   if (tid < len - tail) {
-    const float f[1] = {V::load1(p + tail + tid)};
+    const float f[1] = {cap(V::load1(p + tail + tid))};
     acc.add<1>(f, c);
   }
 }
@@ -322,10 +359,11 @@ struct FwdArgs {
   int splits;
   float inv_temp;
   int64_t ignore_index;
+  float softcap;  // used only by the kCap instantiations
 };
 
 // Outputs of a valid row (target != ignore_index) from its merged statistics.
-template <typename T>
+template <typename T, bool kCap>
 __device__ __forceinline__ void finalize_row(const FwdArgs<T>& a, int64_t row, int64_t tgt, const Stats& st) {
   const float log_s = logf(st.s);
   const float m = st.mx == -INFINITY ? 0.f : st.mx * a.inv_temp;
@@ -333,7 +371,7 @@ __device__ __forceinline__ void finalize_row(const FwdArgs<T>& a, int64_t row, i
   float logp;
   if (tgt >= 0 && tgt < a.vocab) {
     const T* xrow = a.x + row_offset(row, a.t, a.stride_b, a.stride_t);
-    logp = Vec<T>::load1(xrow + tgt) * a.inv_temp - lse;
+    logp = make_softcap<kCap>(a.softcap)(Vec<T>::load1(xrow + tgt)) * a.inv_temp - lse;
   } else {
     logp = __int_as_float(0x7fffffff);  // the host validates targets; never read out of bounds
   }
@@ -350,7 +388,7 @@ __device__ __forceinline__ void ignored_row(const FwdArgs<T>& a, int64_t row) {
   a.lse[row] = 0.f;
 }
 
-template <typename T, bool kFinal>
+template <typename T, bool kFinal, bool kCap>
 __global__ void __launch_bounds__(kThreads) logprob_entropy_fwd_kernel(const FwdArgs<T> a) {
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
@@ -366,12 +404,12 @@ __global__ void __launch_bounds__(kThreads) logprob_entropy_fwd_kernel(const Fwd
 
   Acc acc;
   acc.init();
-  accumulate_range<T>(xrow + c0, len, c, acc);
+  accumulate_range<T, kCap>(xrow + c0, len, c, make_softcap<kCap>(a.softcap), acc);
   const Stats st = block_reduce(Stats{acc.mx, acc.s, acc.b}, c);
 
   if (threadIdx.x == 0) {
     if constexpr (kFinal) {
-      finalize_row(a, row, tgt, st);
+      finalize_row<T, kCap>(a, row, tgt, st);
     } else {
       const int64_t plane = static_cast<int64_t>(a.splits) * a.n;
       const int64_t i = static_cast<int64_t>(split) * a.n + row;
@@ -382,7 +420,7 @@ __global__ void __launch_bounds__(kThreads) logprob_entropy_fwd_kernel(const Fwd
   }
 }
 
-template <typename T>
+template <typename T, bool kCap>
 __global__ void __launch_bounds__(kMergeThreads) logprob_entropy_merge_kernel(const FwdArgs<T> a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeThreads + threadIdx.x;
   if (row >= a.n) return;
@@ -398,7 +436,7 @@ __global__ void __launch_bounds__(kMergeThreads) logprob_entropy_merge_kernel(co
     const int64_t i = static_cast<int64_t>(sp) * a.n + row;
     st = combine(st, Stats{a.part[i], a.part[plane + i], a.part[2 * plane + i]}, c);
   }
-  finalize_row(a, row, tgt, st);
+  finalize_row<T, kCap>(a, row, tgt, st);
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -422,6 +460,7 @@ struct BwdArgs {
   int vocab;
   int chunk;
   float inv_temp;
+  float softcap;  // used only by the kCap instantiation
 };
 
 // dz/T for one logit (without the target term): p (A + B t2), t2 = log2 p, with A = -(g_l + g_H H) / T and
@@ -449,7 +488,23 @@ __device__ __forceinline__ void zero_range(T* op, int len) {
   if (tid < len - tail) V::store1(op + tail + tid, 0.f);
 }
 
-template <typename T>
+// The gradient of one raw logit x: g at the capped logit, plus t_add on the target, times d capped / d x.
+// Split in two (pre, then the target term, then post) so that the vector path adds the target term once.
+template <bool kCap>
+struct CappedGrad {
+  GradCoef g;
+  SoftCap<kCap> cap;
+  __device__ __forceinline__ float pre(float x, float& dcap) const { return g(cap.with_grad(x, dcap)); }
+  __device__ __forceinline__ float post(float r, float dcap) const {
+    if constexpr (kCap) {
+      return r * dcap;
+    } else {
+      return r;
+    }
+  }
+};
+
+template <typename T, bool kCap>
 __global__ void __launch_bounds__(kThreads) logprob_entropy_bwd_kernel(const BwdArgs<T> a) {
   using V = Vec<T>;
   constexpr int kN = V::N;
@@ -468,11 +523,12 @@ __global__ void __launch_bounds__(kThreads) logprob_entropy_bwd_kernel(const Bwd
     return;
   }
   const float ent = g_h != 0.f ? a.ent[row] : 0.f;
-  GradCoef g;
-  g.c = a.inv_temp * kLog2e;
-  g.lse2 = a.lse[row] * kLog2e;
-  g.A = -a.inv_temp * fmaf(g_h, ent, g_l);
-  g.B = -a.inv_temp * g_h * kLn2;
+  CappedGrad<kCap> g;
+  g.g.c = a.inv_temp * kLog2e;
+  g.g.lse2 = a.lse[row] * kLog2e;
+  g.g.A = -a.inv_temp * fmaf(g_h, ent, g_l);
+  g.g.B = -a.inv_temp * g_h * kLn2;
+  g.cap = make_softcap<kCap>(a.softcap);
   const float t_add = a.inv_temp * g_l;
   const int64_t tgt = a.tgt[row];
   const int t_loc = (tgt >= c0 && tgt < static_cast<int64_t>(c0) + len) ? static_cast<int>(tgt - c0) : -1;
@@ -490,24 +546,27 @@ __global__ void __launch_bounds__(kThreads) logprob_entropy_bwd_kernel(const Bwd
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int k = j + u * kThreads;
-        float r = g(v[u]);
+        float d;
+        float r = g.pre(v[u], d);
         if (k == t_loc) r += t_add;
-        V::store1(op + k, r);
+        V::store1(op + k, g.post(r, d));
       }
     }
     for (; j < len; j += kThreads) {
-      float r = g(V::load1(xp + j));
+      float d;
+      float r = g.pre(V::load1(xp + j), d);
       if (j == t_loc) r += t_add;
-      V::store1(op + j, r);
+      V::store1(op + j, g.post(r, d));
     }
     return;
   }
 
   const int head = min(head_elems(xp), len);
   if (tid < head) {
-    float v = g(V::load1(xp + tid));
+    float d;
+    float v = g.pre(V::load1(xp + tid), d);
     if (tid == t_loc) v += t_add;
-    V::store1(op + tid, v);
+    V::store1(op + tid, g.post(v, d));
   }
   const int nvec = (len - head) / kN;
   const uint4* xv = reinterpret_cast<const uint4*>(xp + head);
@@ -515,15 +574,18 @@ __global__ void __launch_bounds__(kThreads) logprob_entropy_bwd_kernel(const Bwd
 
   auto finish = [&](const uint4& r, int i) {
     float f[kN];
+    float d[kN];
     V::unpack(r, f);
 #pragma unroll
-    for (int k = 0; k < kN; ++k) f[k] = g(f[k]);
+    for (int k = 0; k < kN; ++k) f[k] = g.pre(f[k], d[k]);
     const int e0 = head + i * kN;
     if (static_cast<unsigned>(t_loc - e0) < static_cast<unsigned>(kN)) {
 #pragma unroll
       for (int k = 0; k < kN; ++k)
         if (e0 + k == t_loc) f[k] += t_add;
     }
+#pragma unroll
+    for (int k = 0; k < kN; ++k) f[k] = g.post(f[k], d[k]);
     __stcs(ov + i, V::pack(f));
   };
 
@@ -540,9 +602,10 @@ __global__ void __launch_bounds__(kThreads) logprob_entropy_bwd_kernel(const Bwd
   const int tail = head + nvec * kN;
   if (tid < len - tail) {
     const int j = tail + tid;
-    float v = g(V::load1(xp + j));
+    float d;
+    float v = g.pre(V::load1(xp + j), d);
     if (j == t_loc) v += t_add;
-    V::store1(op + j, v);
+    V::store1(op + j, g.post(v, d));
   }
 }
 
@@ -553,7 +616,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int vec_width(DType dtype) { return dtype == DType::kFloat32 ? Vec<float>::N : Vec<__half>::N; }
 
-template <typename T>
+template <typename T, bool kCap>
 cudaError_t launch_fwd_t(const FwdParams& p, const Plan& plan, cudaStream_t stream) {
   FwdArgs<T> a{};
   a.x = static_cast<const T*>(p.x);
@@ -571,20 +634,21 @@ cudaError_t launch_fwd_t(const FwdParams& p, const Plan& plan, cudaStream_t stre
   a.splits = plan.splits;
   a.inv_temp = p.inv_temp;
   a.ignore_index = p.ignore_index;
+  a.softcap = p.softcap;
   const dim3 grid(static_cast<unsigned>(a.n), static_cast<unsigned>(a.splits));
   if (a.splits == 1) {
-    logprob_entropy_fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+    logprob_entropy_fwd_kernel<T, true, kCap><<<grid, kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }
-  logprob_entropy_fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+  logprob_entropy_fwd_kernel<T, false, kCap><<<grid, kThreads, 0, stream>>>(a);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(ceil_div(a.n, kMergeThreads));
-  logprob_entropy_merge_kernel<T><<<blocks, kMergeThreads, 0, stream>>>(a);
+  logprob_entropy_merge_kernel<T, kCap><<<blocks, kMergeThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool kCap>
 cudaError_t launch_bwd_t(const BwdParams& p, const Plan& plan, cudaStream_t stream) {
   BwdArgs<T> a{};
   a.x = static_cast<const T*>(p.x);
@@ -603,9 +667,21 @@ cudaError_t launch_bwd_t(const BwdParams& p, const Plan& plan, cudaStream_t stre
   a.vocab = static_cast<int>(p.vocab);
   a.chunk = plan.chunk;
   a.inv_temp = p.inv_temp;
+  a.softcap = p.softcap;
   const dim3 grid(static_cast<unsigned>(a.n), static_cast<unsigned>(plan.splits));
-  logprob_entropy_bwd_kernel<T><<<grid, kThreads, 0, stream>>>(a);
+  logprob_entropy_bwd_kernel<T, kCap><<<grid, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
+}
+
+// The soft-cap picks the kernel instantiation (kCap), so the uncapped kernels carry no tanh.
+template <typename T>
+cudaError_t launch_fwd_cap(const FwdParams& p, const Plan& plan, cudaStream_t s) {
+  return p.softcap > 0.f ? launch_fwd_t<T, true>(p, plan, s) : launch_fwd_t<T, false>(p, plan, s);
+}
+
+template <typename T>
+cudaError_t launch_bwd_cap(const BwdParams& p, const Plan& plan, cudaStream_t s) {
+  return p.softcap > 0.f ? launch_bwd_t<T, true>(p, plan, s) : launch_bwd_t<T, false>(p, plan, s);
 }
 
 }  // namespace
@@ -647,9 +723,9 @@ int sm_count(int device) {
 int launch_fwd(const FwdParams& p, DType dtype, const Plan& plan, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat32: return static_cast<int>(launch_fwd_t<float>(p, plan, s));
-    case DType::kFloat16: return static_cast<int>(launch_fwd_t<__half>(p, plan, s));
-    case DType::kBFloat16: return static_cast<int>(launch_fwd_t<__nv_bfloat16>(p, plan, s));
+    case DType::kFloat32: return static_cast<int>(launch_fwd_cap<float>(p, plan, s));
+    case DType::kFloat16: return static_cast<int>(launch_fwd_cap<__half>(p, plan, s));
+    case DType::kBFloat16: return static_cast<int>(launch_fwd_cap<__nv_bfloat16>(p, plan, s));
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -657,9 +733,9 @@ int launch_fwd(const FwdParams& p, DType dtype, const Plan& plan, void* stream) 
 int launch_bwd(const BwdParams& p, DType dtype, const Plan& plan, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case DType::kFloat32: return static_cast<int>(launch_bwd_t<float>(p, plan, s));
-    case DType::kFloat16: return static_cast<int>(launch_bwd_t<__half>(p, plan, s));
-    case DType::kBFloat16: return static_cast<int>(launch_bwd_t<__nv_bfloat16>(p, plan, s));
+    case DType::kFloat32: return static_cast<int>(launch_bwd_cap<float>(p, plan, s));
+    case DType::kFloat16: return static_cast<int>(launch_bwd_cap<__half>(p, plan, s));
+    case DType::kBFloat16: return static_cast<int>(launch_bwd_cap<__nv_bfloat16>(p, plan, s));
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -28,6 +28,7 @@ struct FwdParams {
   int64_t vocab;
   float inv_temp;
   int64_t ignore_index;
+  float softcap;           // c of c * tanh(x / c) applied to the logits before the temperature; 0: none
 };
 
 struct BwdParams {
@@ -46,6 +47,7 @@ struct BwdParams {
   int64_t out_stride_t;
   int64_t vocab;
   float inv_temp;
+  float softcap;            // as in FwdParams; 0: none
 };
 
 // Blocks per row (splits) and vocabulary columns per block (chunk). requested > 0 forces the split count.

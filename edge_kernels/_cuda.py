@@ -170,11 +170,11 @@ def _register_fakes(namespace: str = OPS_NAMESPACE) -> None:
     if namespace in _fakes_registered:
         return
 
-    def fwd_fake(x, targets, inv_temp, ignore_index, splits=0):
+    def fwd_fake(x, targets, inv_temp, ignore_index, splits=0, softcap=0.0):
         n = targets.numel()
         return tuple(x.new_empty((n,), dtype=torch.float32) for _ in range(3))
 
-    def bwd_fake(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out, splits=0):
+    def bwd_fake(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out, splits=0, softcap=0.0):
         return None
 
     torch.library.register_fake(f"{namespace}::logprob_entropy_fwd")(fwd_fake)
@@ -250,19 +250,22 @@ def ops():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers (the signatures of edge_kernels.ops.logprob_entropy's triton_fwd / triton_bwd)
+# launchers (the signatures of edge_kernels.ops.logprob_entropy_triton's triton_fwd / triton_bwd); ``params`` is
+# an edge_kernels.ops.params.LaunchParams. The operators take softcap = 0.0 for "no soft-cap".
 
 
-def logprob_entropy_fwd(x3, targets, inv_temp, ignore_index):
+def logprob_entropy_fwd(x3, targets, params):
     """``x3 [B, T, V]`` (unit vocab stride), ``targets`` int64 ``[B*T]`` -> ``(logp, entropy, lse)`` fp32.
 
     Rows whose target is ``ignore_index`` are not read; all three outputs are 0 there."""
-    return ops().logprob_entropy_fwd(x3, targets, float(inv_temp), int(ignore_index))
+    return ops().logprob_entropy_fwd(x3, targets, float(params.inv_temp), int(params.ignore_index),
+                                     softcap=float(params.softcap or 0.0))
 
 
-def logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out3):
+def logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params, out3):
     """Write dlogits into ``out3`` (may be ``x3``) and return it."""
-    ops().logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, float(inv_temp), out3)
+    ops().logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, float(params.inv_temp), out3,
+                              softcap=float(params.softcap or 0.0))
     return out3
 
 

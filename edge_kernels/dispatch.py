@@ -7,6 +7,7 @@ argument instead of a shape error deep inside a launcher.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional
 
@@ -114,6 +115,21 @@ def check_temperature(temperature: float) -> float:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_softcap(softcap: Optional[float]) -> Optional[float]:
+    """``softcap`` as a float, or None: a finite number > 0 (``c`` of ``c * tanh(z / c)``)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive number or None, got {softcap!r}")
+    c = float(softcap)
+    if not c > 0 or c == float("inf"):  # also catches NaN
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+    if 1.0 / c > _FLOAT32_MAX:  # the kernels multiply by 1/softcap in float32
+        raise ValueError(f"softcap must be >= {1.0 / _FLOAT32_MAX:.3g} (1/softcap is used in float32), "
+                         f"got {softcap!r}")
+    return c
 
 
 def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:

@@ -15,6 +15,9 @@ The math (``docs/algorithms.md``, notation section), with ``z = logits / T`` and
 * Gradient w.r.t. ``z`` for upstream grads ``g_l`` (log-prob) and ``g_H`` (entropy):
   ``dz_v = g_l (1[v = target] - p_v) - g_H p_v (log p_v + H)``; w.r.t. raw logits it is ``dz / T``.
   A ``-inf`` logit (a masked vocabulary entry) has ``p = 0`` and contributes nothing.
+* Soft-cap (``softcap=c``, Gemma 2/3): the fp32 logits become ``c * tanh(logits / c)`` before the temperature
+  (:func:`softcap_tile`; ``-inf`` stays ``-inf``), and the gradient w.r.t. the raw logits gains the factor
+  ``1 - tanh^2`` (:func:`softcap_grad`), for the log-prob and the entropy term alike.
 """
 
 from __future__ import annotations
@@ -69,9 +72,25 @@ def finalize_stats(m: Tensor, s: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     return _safe_shift(m) + log_s, log_s - b / s
 
 
+def softcap_tile(z: Tensor, softcap: Optional[float]) -> Tensor:
+    """``softcap * tanh(z / softcap)`` on a fp32 logits tile (None: ``z`` unchanged); ``-inf`` entries (masked
+    vocabulary) stay ``-inf``."""
+    if softcap is None:
+        return z
+    return torch.where(torch.isneginf(z), z, torch.tanh(z / softcap) * softcap)
+
+
+def softcap_grad(capped: Tensor, softcap: float) -> Tensor:
+    """``d capped / d z = 1 - tanh^2 = 1 - (capped / softcap)^2``; 0 on ``-inf`` (masked) entries."""
+    t = capped / softcap
+    return torch.where(torch.isneginf(capped), torch.zeros_like(t), 1.0 - t * t)
+
+
 def grad_logits_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy: Optional[Tensor],
-                     grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float) -> Tensor:
-    """Gradient w.r.t. the raw logits of the columns ``[col0, col0 + z.shape[1])`` (fp32 ``z`` is scaled).
+                     grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float,
+                     softcap: Optional[float] = None) -> Tensor:
+    """Gradient w.r.t. the raw logits of the columns ``[col0, col0 + z.shape[1])`` (fp32 ``z`` is soft-capped
+    with ``softcap``, then scaled).
 
     ``grad_logp``/``grad_entropy`` must already be 0 on ignored rows. A row whose upstream gradients are both 0
     gets exactly 0 (not ``0 * NaN`` from NaN logits of a padding row), as the Triton and CUDA kernels, which
@@ -87,6 +106,8 @@ def grad_logits_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy
     dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
     local, in_chunk = _local_targets(targets, col0, z.shape[1])
     dz.scatter_add_(1, local[:, None], torch.where(in_chunk, grad_logp, torch.zeros_like(grad_logp))[:, None])
+    if softcap is not None:  # chain rule through the cap: z / inv_temp is the capped logit
+        dz = dz * softcap_grad(z / inv_temp, softcap)
     return dz * inv_temp
 
 
@@ -116,15 +137,17 @@ def _finish(zt: Tensor, lse: Tensor, entropy: Tensor, valid: Tensor):
 # hidden states in: logits = (hidden @ weight.T + bias) / T, one chunk of the vocabulary at a time
 
 
-def _logits_chunk(h32: Tensor, weight: Tensor, bias: Optional[Tensor], c0: int, c1: int, inv_temp: float):
+def _logits_chunk(h32: Tensor, weight: Tensor, bias: Optional[Tensor], c0: int, c1: int, inv_temp: float,
+                  softcap: Optional[float] = None):
     z = h32 @ weight[c0:c1].float().t()
     if bias is not None:
         z = z + bias[c0:c1].float()
-    return z * inv_temp
+    return softcap_tile(z, softcap) * inv_temp
 
 
 def linear_logprob_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                               inv_temp: float, ignore_index: int, chunk_size: Optional[int] = None):
+                               inv_temp: float, ignore_index: int, chunk_size: Optional[int] = None,
+                               softcap: Optional[float] = None):
     """Returns ``(logp, entropy, lse)``, fp32 ``[N]``; ignored rows give 0 for logp and entropy."""
     n, vocab = hidden.shape[0], weight.shape[0]
     chunk = chunk_size or default_chunk_size(n, vocab)
@@ -132,7 +155,7 @@ def linear_logprob_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     m, s, b = init_stats(n, hidden.device)
     zt = torch.zeros(n, device=hidden.device)
     for c0, c1 in _chunks(vocab, chunk):
-        z = _logits_chunk(h32, weight, bias, c0, c1, inv_temp)
+        z = _logits_chunk(h32, weight, bias, c0, c1, inv_temp, softcap)
         m, s, b = update_stats(m, s, b, z)
         _gather_target(z, c0, targets, zt)
     lse, entropy = finalize_stats(m, s, b)
@@ -143,7 +166,8 @@ def linear_logprob_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
 def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                                lse: Tensor, entropy: Optional[Tensor], grad_logp: Tensor,
                                grad_entropy: Optional[Tensor], inv_temp: float, chunk_size: Optional[int],
-                               needs_hidden: bool, needs_weight: bool, needs_bias: bool):
+                               needs_hidden: bool, needs_weight: bool, needs_bias: bool,
+                               softcap: Optional[float] = None):
     """Gradients ``(d_hidden, d_weight, d_bias)`` (None where not needed), accumulated in fp32 and returned
     in the inputs' dtypes. ``grad_*`` are fp32 and already 0 on ignored rows."""
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -153,8 +177,8 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype) if needs_weight else None
     db = torch.empty(vocab, device=weight.device, dtype=bias.dtype) if needs_bias else None
     for c0, c1 in _chunks(vocab, chunk):
-        z = _logits_chunk(h32, weight, bias, c0, c1, inv_temp)
-        dz = grad_logits_tile(z, c0, targets, lse, entropy, grad_logp, grad_entropy, inv_temp)
+        z = _logits_chunk(h32, weight, bias, c0, c1, inv_temp, softcap)
+        dz = grad_logits_tile(z, c0, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, softcap)
         if needs_hidden:
             dh.addmm_(dz, weight[c0:c1].float())
         if needs_weight:
@@ -169,14 +193,14 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
 
 
 def logprob_entropy_fwd(logits: Tensor, targets: Tensor, inv_temp: float, ignore_index: int,
-                        chunk_size: Optional[int] = None):
+                        chunk_size: Optional[int] = None, softcap: Optional[float] = None):
     """``logits [N, V]`` (any float dtype, any row stride) -> ``(logp, entropy, lse)`` fp32 ``[N]``."""
     n, vocab = logits.shape
     chunk = chunk_size or default_chunk_size(n, vocab)
     m, s, b = init_stats(n, logits.device)
     zt = torch.zeros(n, device=logits.device)
     for c0, c1 in _chunks(vocab, chunk):
-        z = logits[:, c0:c1].float() * inv_temp
+        z = softcap_tile(logits[:, c0:c1].float(), softcap) * inv_temp
         m, s, b = update_stats(m, s, b, z)
         _gather_target(z, c0, targets, zt)
     lse, entropy = finalize_stats(m, s, b)
@@ -186,13 +210,13 @@ def logprob_entropy_fwd(logits: Tensor, targets: Tensor, inv_temp: float, ignore
 
 def logprob_entropy_bwd(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Optional[Tensor],
                         grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float,
-                        out: Tensor, chunk_size: Optional[int] = None) -> Tensor:
+                        out: Tensor, chunk_size: Optional[int] = None, softcap: Optional[float] = None) -> Tensor:
     """Write the logits gradient into ``out`` (which may be ``logits`` itself: each chunk is read before it
     is overwritten)."""
     n, vocab = logits.shape
     chunk = chunk_size or default_chunk_size(n, vocab)
     for c0, c1 in _chunks(vocab, chunk):
-        z = logits[:, c0:c1].float() * inv_temp
-        dz = grad_logits_tile(z, c0, targets, lse, entropy, grad_logp, grad_entropy, inv_temp)
+        z = softcap_tile(logits[:, c0:c1].float(), softcap) * inv_temp
+        dz = grad_logits_tile(z, c0, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, softcap)
         out[:, c0:c1] = dz.to(out.dtype)
     return out

@@ -40,8 +40,8 @@ Refused with a clear error, never silently ignored (see :func:`_check_arguments`
   (``steps_per_generation != 1``, or ``per_device_train_batch_size`` not a multiple of ``num_generations``):
   the group mean of ``P`` comes from the policy being updated (docs/algorithms.md section 2);
 * ``use_edge_kernels`` with DeepSpeed ZeRO-3 (our backward does not re-gather the partitioned LM head), with a
-  final-logit soft-capping model (Gemma-2 style; the kernel has no soft-cap), a non-positive logit scale, or an
-  MoE router auxiliary loss;
+  non-positive logit scale, or an MoE router auxiliary loss (a final-logit soft-cap, Gemma 2/3's
+  ``final_logit_softcapping``, is passed to the kernel);
 * GEC with vLLM, tools / environments / ``rollout_func``, vision-language processors, a dataset without the
   needed ``answer`` / ``solution`` columns, or DeepSpeed ZeRO-3 with ``ds3_gather_for_generation=False``.
 """
@@ -77,6 +77,7 @@ from edge_kernels.estimators import (EstimatorOptions, advantage_stats, compute_
 from edge_kernels.gec import DEFAULTS as _GEC_DEFAULTS
 from edge_kernels.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches, gec_config_from
 from edge_kernels.gec import option_help as gec_option_help
+from edge_kernels.dispatch import check_softcap
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
 
 SUPPORTED_TRL = (Version("1.15.0"), Version("1.17.0"))  # [min, max)
@@ -165,27 +166,28 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
         install_edge_lm_head(trainer.model, temperature=trainer.temperature)
 
     Without ``fused_lm_head=True`` (generation) the previous forward runs unchanged. Logits are
-    ``logit_scale * (h @ W.T + b) / temperature`` with the model config's logit scale folded into the temperature.
+    ``softcap(logit_scale * (h @ W.T + b)) / temperature``, ``softcap(y) = c * tanh(y / c)`` with the model config's
+    ``final_logit_softcapping`` ``c`` (Gemma 2/3; none when it is None), the logit scale ``s`` folded into the
+    temperature and the cap: ``c tanh(s y / c) / T = (c/s) tanh(y / (c/s)) / (T/s)``.
     The projection runs in the autocast dtype when autocast is on (fp32 with ``cast_lm_head_to_fp32``), else in the
     LM head's dtype; the kernel accumulates in fp32 either way.
 
     Raises:
-        ValueError: the model soft-caps its final logits (no soft-cap in the kernel) or has a logit scale <= 0.
+        ValueError: the model has a logit scale <= 0, or a ``final_logit_softcapping`` that is not > 0.
     """
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        raise ValueError(
-            f"use_edge_kernels: {type(model).__name__} soft-caps its final logits (final_logit_softcapping="
-            f"{text_config.final_logit_softcapping}); edge_kernels.linear_logprob_entropy has no soft-cap, so the "
-            "log-probs would be wrong. Set use_edge_kernels=False (TRL's fused head supports soft-capping)."
-        )
     scale = _logit_scale(text_config)
     if not scale > 0:
         raise ValueError(f"use_edge_kernels: the model's logit scale is {scale}; only a positive scale can be "
                          "folded into the temperature")
     eff_temperature = float(temperature) / scale
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    try:
+        eff_softcap = None if softcap is None else check_softcap(softcap) / scale
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"use_edge_kernels: the model's final_logit_softcapping is unusable: {e}") from None
     import transformers
 
     backbone_attr = "base_model"
@@ -241,7 +243,7 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
             logp, ent = linear_logprob_entropy(
                 hidden[mask].to(dtype), weight.to(dtype), tgt[mask],
                 bias=None if bias is None else bias.to(dtype), temperature=eff_temperature,
-                return_entropy=True, chunk_size=chunk_size, impl=impl,
+                return_entropy=True, chunk_size=chunk_size, softcap=eff_softcap, impl=impl,
             )
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero)
         log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)

@@ -504,12 +504,34 @@ def _edge_fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input
                                   impl=_kernel_impl())
 
 
+def _refuse_soft_capped_models(patch_forward):
+    """Wrap verl's ``patch_forward_with_backends``: its fused forward hands the kernel the hidden states, the LM
+    head weight and the temperature only, never the model's ``final_logit_softcapping`` (Gemma 2/3), so the
+    log-probs would silently be those of uncapped logits; such a model is refused with the way out."""
+
+    @functools.wraps(patch_forward)
+    def guarded(model, use_fused_kernels=False, fused_kernels_backend=None):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cap = getattr(config, "final_logit_softcapping", None)
+        if use_fused_kernels and cap is not None:
+            raise NotImplementedError(
+                f"edge_kernels: {type(model).__name__} soft-caps its final logits (final_logit_softcapping={cap}), "
+                "and verl's fused LM-head path passes no soft-cap to the kernel; set "
+                "actor_rollout_ref.model.use_fused_kernels=False (verl then takes the model's own, capped logits)"
+            )
+        return patch_forward(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
+
+    guarded._edge_kernels_guard = True
+    return guarded
+
+
 def patch_verl_fused_kernels() -> None:
     """Route verl's ``use_fused_kernels`` path to :func:`edge_kernels.linear_logprob_entropy` in this process.
 
     Must run in every worker process before the model is built; setting ``EDGE_KERNELS_VERL_FUSED_KERNELS=1``
     in the workers' environment does it on ``import verl``. Still enable verl's path as usual
-    (``actor_rollout_ref.model.use_fused_kernels=True``).
+    (``actor_rollout_ref.model.use_fused_kernels=True``). A model with a final-logit soft-cap is refused on that
+    path (verl's fused forward does not pass the cap): see :func:`_refuse_soft_capped_models`.
     """
     from verl.utils.kernel import linear_cross_entropy as lce
 
@@ -523,6 +545,13 @@ def patch_verl_fused_kernels() -> None:
         from verl.utils.experimental import torch_functional as tf
 
         tf.FusedLinearForPPO.forward = _edge_fused_linear_for_ppo_forward
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from verl.models.transformers import monkey_patch as mp
+
+        if not getattr(mp.patch_forward_with_backends, "_edge_kernels_guard", False):
+            mp.patch_forward_with_backends = _refuse_soft_capped_models(mp.patch_forward_with_backends)
     except ImportError:  # pragma: no cover
         pass
 

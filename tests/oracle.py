@@ -9,9 +9,18 @@ from __future__ import annotations
 import torch
 
 
-def oracle_logprob_entropy(logits, targets, temperature=1.0, ignore_index=-100):
-    """float64 ``(logp, entropy)`` from ``logits [..., V]``; differentiable w.r.t. ``logits``."""
-    z = logits.double() / temperature
+def oracle_softcap(logits, softcap):
+    """float64 ``softcap * tanh(logits / softcap)`` (None: unchanged); ``-inf`` (masked entries) stays ``-inf``."""
+    if softcap is None:
+        return logits
+    z = logits.double()
+    return torch.where(torch.isneginf(z), z, softcap * torch.tanh(torch.where(torch.isneginf(z), 0.0, z) / softcap))
+
+
+def oracle_logprob_entropy(logits, targets, temperature=1.0, ignore_index=-100, softcap=None):
+    """float64 ``(logp, entropy)`` from ``logits [..., V]`` (soft-capped first when ``softcap`` is given);
+    differentiable w.r.t. ``logits``."""
+    z = oracle_softcap(logits.double(), softcap) / temperature
     logsm = torch.log_softmax(z, dim=-1)
     p = logsm.exp()
     valid = targets != ignore_index
@@ -23,11 +32,12 @@ def oracle_logprob_entropy(logits, targets, temperature=1.0, ignore_index=-100):
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 
 
-def oracle_linear_logprob_entropy(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
+def oracle_linear_logprob_entropy(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100,
+                                  softcap=None):
     logits = hidden.double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
-    return oracle_logprob_entropy(logits, targets, temperature, ignore_index)
+    return oracle_logprob_entropy(logits, targets, temperature, ignore_index, softcap)
 
 
 def make_linear_inputs(n, d, v, *, dtype=torch.float32, bias=False, lead=None, ignore_frac=0.0, peaked_frac=0.5,

@@ -37,6 +37,7 @@ import torch
 from edge_kernels import _cuda, linear_logprob_entropy, logprob_entropy
 from edge_kernels.dispatch import resolve_impl
 from edge_kernels.ops import logprob_entropy as le_mod
+from edge_kernels.ops.params import LaunchParams
 import oracle
 from oracle import oracle_logprob_entropy
 
@@ -163,8 +164,8 @@ def test_bindings_compile_link_and_import(test_ext):
     assert test_ext.OPS_NAMESPACE == TEST_NS
     fwd = str(ops.logprob_entropy_fwd.default._schema)
     bwd = str(ops.logprob_entropy_bwd.default._schema)
-    assert "int splits=0) -> (Tensor logp, Tensor entropy, Tensor lse)" in fwd
-    assert "Tensor(a!) out" in bwd and bwd.endswith("-> ()")
+    assert "int splits=0, float softcap=0.) -> (Tensor logp, Tensor entropy, Tensor lse)" in fwd
+    assert "Tensor(a!) out" in bwd and "float softcap=0." in bwd and bwd.endswith("-> ()")
     x, t = torch.randn(2, 3, 11), torch.zeros(6, dtype=torch.long)
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{TEST_NS}::logprob_entropy_fwd", "CPU"):
         # only a CUDA kernel is registered: CPU tensors are refused with the dispatcher's message
@@ -202,7 +203,7 @@ def test_fake_impls_propagate_shapes_and_autograd(test_ext, monkeypatch):
                 x = torch.randn(2, 5, 97, dtype=dtype, requires_grad=True)
                 buf = x * 1
                 t = torch.randint(0, 97, (10,))
-                logp, ent = le_mod.LogprobEntropyFunction.apply(buf, t, 1.0 / 0.7, -100, inplace, "cuda")
+                logp, ent = le_mod.LogprobEntropyFunction.apply(buf, t, LaunchParams(1.0 / 0.7, -100), inplace, "cuda")
                 assert logp.shape == ent.shape == (10,) and logp.dtype == ent.dtype == torch.float32
                 (logp.sum() + ent.sum()).backward()
                 assert x.grad.shape == x.shape and x.grad.dtype == dtype
@@ -216,12 +217,14 @@ def test_ext_with_cpu_kernels(test_ext):
 
     lib = torch.library.Library(TEST_NS, "IMPL")
 
-    def fwd(x, targets, inv_temp, ignore_index, splits=0):
-        logp, ent, lse = reference.logprob_entropy_fwd(x.reshape(-1, x.shape[-1]), targets, inv_temp, ignore_index)
+    def fwd(x, targets, inv_temp, ignore_index, splits=0, softcap=0.0):
+        logp, ent, lse = reference.logprob_entropy_fwd(x.reshape(-1, x.shape[-1]), targets, inv_temp, ignore_index,
+                                                       softcap=softcap or None)
         return logp, ent, torch.where(targets != ignore_index, lse, 0.0)  # the kernels' convention
 
-    def bwd(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out, splits=0):
-        le_mod._torch_bwd(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out)
+    def bwd(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out, splits=0, softcap=0.0):
+        le_mod._torch_bwd(x, targets, lse, entropy, grad_logp, grad_entropy, LaunchParams(inv_temp, -100,
+                                                                                          softcap or None), out)
 
     lib.impl("logprob_entropy_fwd", fwd, "CPU")
     lib.impl("logprob_entropy_bwd", bwd, "CPU")
@@ -229,7 +232,8 @@ def test_ext_with_cpu_kernels(test_ext):
     lib._destroy()
 
 
-def test_torch_compile_runs_the_cuda_path(test_ext_with_cpu_kernels, monkeypatch):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_torch_compile_runs_the_cuda_path(test_ext_with_cpu_kernels, monkeypatch, softcap):
     """torch.compile captures the operators of impl='cuda' (dynamo, fullgraph) and traces forward and backward
     through their fake implementations (AOTAutograd); run here with the CPU reference kernels."""
     monkeypatch.setattr(_cuda, "_module", test_ext_with_cpu_kernels)
@@ -239,7 +243,7 @@ def test_torch_compile_runs_the_cuda_path(test_ext_with_cpu_kernels, monkeypatch
     targets[3] = -100
 
     def step(x, t, impl="cuda"):
-        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, 1.0 / 0.8, -100, False, impl)
+        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, LaunchParams(1.0 / 0.8, -100, softcap), False, impl)
         return (logp * 2 + ent).sum()
 
     def run(fn, impl="cuda"):
@@ -296,9 +300,13 @@ def test_ops_trace_with_torch_export(test_ext):
 
 
 def test_cuda_launchers_have_the_triton_signatures():
+    from edge_kernels.ops import logprob_entropy_triton as tri
+
     fwd, bwd = le_mod._BACKENDS["cuda"]
-    assert inspect.signature(fwd).parameters.keys() == inspect.signature(le_mod.triton_fwd).parameters.keys()
-    assert inspect.signature(bwd).parameters.keys() == inspect.signature(le_mod.triton_bwd).parameters.keys()
+    assert inspect.signature(fwd).parameters.keys() == inspect.signature(tri.triton_fwd).parameters.keys()
+    assert inspect.signature(bwd).parameters.keys() == inspect.signature(tri.triton_bwd).parameters.keys()
+    for f in (fwd, bwd, tri.triton_fwd, tri.triton_bwd, *le_mod._BACKENDS["torch"]):
+        assert "params" in inspect.signature(f).parameters
     assert list(inspect.signature(_cuda.logprob_entropy_fwd).parameters) == list(inspect.signature(fwd).parameters)
     assert list(inspect.signature(_cuda.logprob_entropy_bwd).parameters) == list(inspect.signature(bwd).parameters)
 
@@ -421,24 +429,26 @@ def make_logits(shape, v, *, device="cuda", **kw):
     return oracle.make_logits(shape, v, device=device, **kw)
 
 
-def _run(impl, logits, targets, temperature, g_logp, g_ent, ignore_index=-100, inplace=False, feed=None):
+def _run(impl, logits, targets, temperature, g_logp, g_ent, ignore_index=-100, inplace=False, feed=None,
+         softcap=None):
     x = logits.clone().requires_grad_()
     buf = feed(x) if feed is not None else (x * 1 if inplace else x)  # what the op reads (and may overwrite)
     logp, ent = logprob_entropy(buf, targets, temperature=temperature, ignore_index=ignore_index, impl=impl,
-                                inplace_backward=inplace)
+                                inplace_backward=inplace, softcap=softcap)
     ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
     return logp, ent, x.grad
 
 
 def _check_against_oracle(logits, targets, temperature, *, ignore_index=-100, inplace=False, seed=0,
-                          with_triton=True, feed=None):
+                          with_triton=True, feed=None, softcap=None):
     g = torch.Generator().manual_seed(seed + 1)
     g_logp = torch.randn(targets.shape, generator=g).to(logits.device)
     g_ent = torch.randn(targets.shape, generator=g).to(logits.device)
-    logp, ent, grad = _run("cuda", logits, targets, temperature, g_logp, g_ent, ignore_index, inplace, feed)
+    logp, ent, grad = _run("cuda", logits, targets, temperature, g_logp, g_ent, ignore_index, inplace, feed,
+                           softcap)
 
     x64 = logits.double().requires_grad_()
-    r_logp, r_ent = oracle_logprob_entropy(x64, targets, temperature, ignore_index)
+    r_logp, r_ent = oracle_logprob_entropy(x64, targets, temperature, ignore_index, softcap=softcap)
     ((r_logp * g_logp.double()).sum() + (r_ent * g_ent.double()).sum()).backward()
 
     assert logp.dtype == ent.dtype == torch.float32 and logp.shape == targets.shape
@@ -452,7 +462,7 @@ def _check_against_oracle(logits, targets, temperature, *, ignore_index=-100, in
 
     if with_triton:  # the same op through Triton: same answers up to fp32 summation order and one rounding
         t_logp, t_ent, t_grad = _run("triton", logits, targets, temperature, g_logp, g_ent, ignore_index, inplace,
-                                     feed)
+                                     feed, softcap)
         assert (logp - t_logp).abs().max() <= 2e-5
         assert (ent - t_ent).abs().max() <= 2e-5
         terr = (grad.double() - t_grad.double()).abs()
@@ -469,6 +479,38 @@ def _check_against_oracle(logits, targets, temperature, *, ignore_index=-100, in
 def test_matches_float64_oracle_and_triton(ext, shape, v, temperature, dtype):
     logits, targets = make_logits(shape, v, dtype=dtype, seed=v)
     _check_against_oracle(logits, targets, temperature, seed=v)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap, temperature", [(5.0, 1.0), (30.0, 0.7)])
+@pytest.mark.parametrize("shape, v", [((7,), 13), ((3, 5), 4099), ((33,), 32003), ((4,), 152064)])
+def test_softcap_matches_float64_oracle_and_triton(ext, shape, v, softcap, temperature, dtype):
+    """Soft-capped logits (Gemma 2/3): logits reach several times the cap; a -inf entry stays masked."""
+    logits, targets = make_logits(shape, v, dtype=torch.float32, seed=v)
+    logits = logits * (softcap / 3.0)
+    logits.view(-1, v)[0, v // 2] = float("-inf")
+    assert logits[torch.isfinite(logits)].abs().max() > 1.5 * softcap
+    _check_against_oracle(logits.to(dtype), targets, temperature, seed=v, softcap=softcap)
+    # the uncapped op on the same logits differs: the cap is not ignored
+    capped = logprob_entropy(logits.to(dtype), targets, softcap=softcap, impl="cuda")[0]
+    plain = logprob_entropy(logits.to(dtype), targets, impl="cuda")[0]
+    assert (capped - plain).abs().max() > 0.1
+
+
+@gpu
+@pytest.mark.parametrize("splits", [1, 7])
+def test_softcap_split_rows_and_misaligned_input(ext, splits):
+    logits, targets = make_logits((5,), 20011, dtype=torch.float32, seed=3)
+    x = (logits * 10).to(torch.bfloat16)
+    buf = torch.empty(5, 20011 + 3, device="cuda", dtype=torch.bfloat16)[:, 3:]  # rows off the 16-byte grid
+    buf.copy_(x)
+    ops = torch.ops.edge_kernels
+    got = ops.logprob_entropy_fwd(buf, targets, 1.0, -100, splits, softcap=5.0)
+    r_logp, r_ent = oracle_logprob_entropy(x.double(), targets, softcap=5.0)
+    assert (got[0].double() - r_logp).abs().max() <= 1e-4 and (got[1].double() - r_ent).abs().max() <= 1e-4
+    with pytest.raises(RuntimeError, match="softcap"):
+        ops.logprob_entropy_fwd(buf, targets, 1.0, -100, 0, softcap=-1.0)
 
 
 @gpu
@@ -614,7 +656,7 @@ def test_torch_compile_traces_callers(ext):
     t1 = targets.reshape(-1)
 
     def step(x, t):
-        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, 1.0, -100, False, "cuda")
+        logp, ent = le_mod.LogprobEntropyFunction.apply(x, t, LaunchParams(1.0, -100), False, "cuda")
         return (logp * 2 + ent).sum()
 
     def run(fn):

@@ -58,14 +58,44 @@ def load_row_grads(TGT, LSE, ENT, G_LOGP, G_ENT, offs, row_mask, HAS_GRAD_ENTROP
 
 
 @triton.jit
-def grad_logits(z, is_target, lse, ent, g_logp, g_ent, inv_temp, HAS_GRAD_ENTROPY: tl.constexpr):
-    """Gradient w.r.t. raw logits of a scaled fp32 tile ``z [R, C]``; row vectors are ``[R]``."""
+def grad_logits(z, is_target, lse, ent, g_logp, g_ent, inv_temp, softcap, HAS_GRAD_ENTROPY: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr):
+    """Gradient w.r.t. raw logits of a (soft-capped, then) scaled fp32 tile ``z [R, C]``; row vectors are ``[R]``.
+
+    With ``HAS_SOFTCAP`` the chain rule's ``1 - tanh^2`` is formed from ``z`` itself (``tanh = z / (inv_temp *
+    softcap)``) at the end, so no second tile stays live across the softmax arithmetic (the bf16 backward tile
+    kernel is at the register limit on sm_90); clamped at 0, which a ``-inf`` (masked) entry gives."""
     p = tl.exp(z - lse[:, None])
     dz = g_logp[:, None] * (tl.where(is_target, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
         ent_term = p * tl.where(z == float("-inf"), 0.0, z - lse[:, None] + ent[:, None])
         dz -= g_ent[:, None] * ent_term
-    return dz * inv_temp
+    dz = dz * inv_temp
+    if HAS_SOFTCAP:
+        th = z * (1.0 / (inv_temp * softcap))
+        dz = dz * tl.maximum(1.0 - th * th, 0.0)
+    return dz
+
+
+@triton.jit
+def softcap_logits(acc, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``softcap * tanh(acc / softcap)`` of a raw fp32 logits tile; ``-inf`` entries (masked vocabulary) stay
+    ``-inf``.
+    ``tanh(u)`` (libdevice's does not run under the interpreter) is ``(1 - e) / (1 + e)``, ``e = exp(-2|u|) <= 1``
+    (no overflow), for ``|u| >= 0.3``, and its odd Taylor polynomial to ``u^9`` below, where ``1 - e`` would
+    cancel (the next term is < 2e-8 there): a relative error of a few fp32 ulps everywhere, so a large cap stays
+    exact. Without ``HAS_SOFTCAP``: ``acc``."""
+    if HAS_SOFTCAP:
+        u = acc * (1.0 / softcap)
+        e = tl.exp(-2.0 * tl.abs(u))
+        th = (1.0 - e) / (1.0 + e)
+        th = tl.where(u < 0, -th, th)
+        u2 = u * u
+        series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))))
+        th = tl.where(tl.abs(u) < 0.3, series, th)
+        return tl.where(acc == float("-inf"), acc, softcap * th)
+    else:
+        return acc
 
 
 @functools.lru_cache(maxsize=None)

@@ -86,34 +86,48 @@ _LINEAR_DIV16 = ("N", "V", "D", "stride_hn", "stride_wv", "cols_per_split", "num
 _LOGITS_DIV16 = ("N", "V", "T", "stride_b", "stride_t", "dstride_b", "dstride_t")
 
 
-def _linear_variants(dtype: torch.dtype):
-    from . import linear_logprob_entropy as op
+def _linear_variants(dtype: torch.dtype, softcap: bool = False):
+    from . import linear_logprob_entropy_triton as op
 
     t = _TRITON_DTYPE[dtype]
     tiles, launch = op._tile_config(8192, 3584, dtype, interpret=False)
     upcast, precision = op._dot_settings(dtype, interpret=False)
     # unit strides are specialized to constants at launch (Triton does this for any int equal to 1)
-    common = dict(UPCAST_DOT=upcast, DOT_PRECISION=precision, stride_hd=1, stride_wd=1, **tiles)
+    common = dict(UPCAST_DOT=upcast, DOT_PRECISION=precision, HAS_SOFTCAP=softcap, stride_hd=1, stride_wd=1, **tiles)
     fwd_types = dict(H=f"*{t}", W=f"*{t}", BIAS=f"*{t}", TGT="*i64", PART_M="*fp32", PART_S="*fp32",
-                     PART_B="*fp32", PART_ZT="*fp32", inv_temp="fp32")
+                     PART_B="*fp32", PART_ZT="*fp32", inv_temp="fp32", softcap="fp32")
     bwd_types = dict(H=f"*{t}", W=f"*{t}", BIAS=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32", G_LOGP="*fp32",
-                     G_ENT="*fp32", DZ=f"*{t}", PART_DB="*fp32", inv_temp="fp32")
-    yield op._linear_stats_fwd_kernel, fwd_types, dict(HAS_BIAS=True, **common), launch, f"{t} bias", _LINEAR_DIV16
+                     G_ENT="*fp32", DZ=f"*{t}", PART_DB="*fp32", inv_temp="fp32", softcap="fp32")
+    cap = " softcap" if softcap else ""
+    yield (op._linear_stats_fwd_kernel, fwd_types, dict(HAS_BIAS=True, **common), launch, f"{t} bias{cap}",
+           _LINEAR_DIV16)
     yield (op._linear_grad_logits_kernel, bwd_types,
            dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, WRITE_DB=True, GROUP_N=op.GROUP_N, **common), launch,
-           f"{t} bias+entropy grad", _LINEAR_DIV16)
+           f"{t} bias+entropy grad{cap}", _LINEAR_DIV16)
 
 
-def _logits_variants(dtype: torch.dtype):
-    from . import logprob_entropy as op
+def _logits_variants(dtype: torch.dtype, softcap: bool = False):
+    from . import logprob_entropy_triton as op
 
     t = _TRITON_DTYPE[dtype]
     cfg, launch = op._config(8192, 152064, dtype, interpret=False)
+    cap = " softcap" if softcap else ""
     yield (op._logits_stats_fwd_kernel, dict(X=f"*{t}", TGT="*i64", LOGP="*fp32", ENT="*fp32", LSE="*fp32",
-                                             inv_temp="fp32"), cfg, launch, f"{t}", _LOGITS_DIV16)
+                                             inv_temp="fp32", softcap="fp32"),
+           dict(HAS_SOFTCAP=softcap, **cfg), launch, f"{t}{cap}", _LOGITS_DIV16)
     yield (op._logits_grad_kernel, dict(X=f"*{t}", DX=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32",
-                                        G_LOGP="*fp32", G_ENT="*fp32", inv_temp="fp32"),
-           dict(HAS_GRAD_ENTROPY=True, **cfg), launch, f"{t} entropy grad", _LOGITS_DIV16)
+                                        G_LOGP="*fp32", G_ENT="*fp32", inv_temp="fp32", softcap="fp32"),
+           dict(HAS_GRAD_ENTROPY=True, HAS_SOFTCAP=softcap, **cfg), launch, f"{t} entropy grad{cap}",
+           _LOGITS_DIV16)
+
+
+def _variants(dtype: torch.dtype):
+    """Every kernel without the soft-cap; with it (Gemma 2/3, served in bf16) for bf16 only."""
+    yield from _linear_variants(dtype)
+    yield from _logits_variants(dtype)
+    if dtype == torch.bfloat16:
+        yield from _linear_variants(dtype, softcap=True)
+        yield from _logits_variants(dtype, softcap=True)
 
 
 def report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> List[CompiledKernel]:
@@ -121,8 +135,7 @@ def report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float16, torch.float32)
     out = []
     for arch in archs:
         for dtype in dtypes:
-            for kernel, types, constexprs, launch, variant, div16 in (*_linear_variants(dtype),
-                                                                       *_logits_variants(dtype)):
+            for kernel, types, constexprs, launch, variant, div16 in _variants(dtype):
                 # integer runtime arguments (sizes, strides, offsets) default to i32: Triton specializes them
                 full_types = {n: types.get(n, "i32") for n in kernel.arg_names}
                 pointers = [n for n, ty in full_types.items() if ty.startswith("*")]

@@ -83,6 +83,13 @@ def decoder_and_head(model) -> Tuple[torch.nn.Module, Tensor, Optional[Tensor]]:
     return base, head.weight, getattr(head, "bias", None)
 
 
+def head_softcap(model) -> Optional[float]:
+    """The model's final-logit soft-cap (Gemma 2/3 ``final_logit_softcapping``), None when it has none: the fused
+    kernels' ``softcap=``, so that their log-probs are those of the model's own logits."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "final_logit_softcapping", None)
+
+
 def autocast(device, dtype: Optional[torch.dtype]):
     """``torch.autocast`` to ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None."""
     if dtype is None:
@@ -132,7 +139,8 @@ def score(model, packed: Packed, *, temperature: float, micro_batch: int = 0, im
                 h, w, b = head_inputs(response_hidden(model, part, autocast_dtype), weight, bias, autocast_dtype)
                 tgt = torch.where(m[sl], part.targets, torch.full_like(part.targets, -100))
                 lp, ent = linear_logprob_entropy(h, w, tgt, bias=b, temperature=temperature,
-                                                 ignore_index=-100, return_entropy=True, impl=impl)
+                                                 ignore_index=-100, return_entropy=True,
+                                                 softcap=head_softcap(model), impl=impl)
                 zero = torch.zeros_like(lp)
                 logps.append(torch.where(m[sl], lp, zero))
                 ents.append(torch.where(m[sl], ent, zero))

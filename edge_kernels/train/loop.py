@@ -34,7 +34,7 @@ from edge_kernels.gec import apply_gec, branch_counts
 from edge_kernels import losses as _losses
 
 from . import checkpoint as ckpt
-from .batch import decoder_and_head, head_inputs, pack, response_hidden, score
+from .batch import decoder_and_head, head_inputs, head_softcap, pack, response_hidden, score
 from .config import TrainConfig, estimator_options, gec_options, resolve, save_yaml
 from .data import DataError, Problem, PromptSampler, encode_prompts, load_problems, write_problems
 from .evaluate import EvalResult, evaluate
@@ -414,7 +414,8 @@ class Trainer:
                 h, w, b = head_inputs(response_hidden(self.model, packed, self.autocast_dtype), weight, bias,
                                       self.autocast_dtype)
                 tgt = torch.where(packed.mask, packed.targets, torch.full_like(packed.targets, -100))
-                logp, _ = linear_logprob_entropy(h, w, tgt, bias=b, return_entropy=False, impl=c.impl)
+                logp, _ = linear_logprob_entropy(h, w, tgt, bias=b, return_entropy=False,
+                                                 softcap=head_softcap(self.model), impl=c.impl)
                 m = packed.mask.to(logp.dtype)
                 loss = -(logp * m).sum() / m.sum().clamp(min=1)
                 opt.zero_grad(set_to_none=True)
@@ -494,7 +495,8 @@ class Trainer:
         loss_kw = dict(temperature=c.temperature, eda="current" if est.rescale_in_loss else "off",
                        group_size=c.group_size, eda_eps=o.eda_eps, eda_clamp=o.eda_clamp, impl=c.impl,
                        clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef, agg=c.loss_agg,
-                       max_len=max(self.response_horizon(), T))  # fixed Dr.GRPO denominator
+                       max_len=max(self.response_horizon(), T),  # fixed Dr.GRPO denominator
+                       softcap=head_softcap(self.model))
         advantages = est.base if est.rescale_in_loss else est.advantages
         total, acc, grad_norm = 0.0, {}, float("nan")
         for _ in range(c.ppo_epochs):

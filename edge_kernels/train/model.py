@@ -122,9 +122,6 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device) -> T
         raise ModelError(f"--model {path} holds a {config.model_type!r} model ({archs}), which is not a causal "
                          "(decoder-only) language model; edge-train needs a model that AutoModelForCausalLM loads, "
                          "e.g. a Qwen2.5-Math checkpoint")
-    if getattr(config, "final_logit_softcapping", None):
-        raise ModelError(f"--model {path}: final-logit soft-capping ({config.model_type}) is not supported by the "
-                         "fused log-prob kernels")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as e:  # noqa: BLE001

@@ -22,7 +22,13 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from trl import GRPOConfig  # noqa: E402
 
 from edge_kernels import advantages as A  # noqa: E402
@@ -76,6 +82,30 @@ def model_dir(tmp_path_factory, tokenizer):
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     path = tmp_path_factory.mktemp("tiny_qwen2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+GEMMA_SOFTCAP = 5.0  # Gemma 2 ships 30.0; 5.0 bites on this tiny model's logits (checked in the fixture)
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory, tokenizer):
+    """A tiny randomly initialised Gemma-2 (soft-capped final logits, offline), saved like ``model_dir``."""
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                       max_position_embeddings=512, sliding_window=16, final_logit_softcapping=GEMMA_SOFTCAP,
+                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                       attn_implementation="eager")
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(32.0)  # raw logits up to ~3 caps: saturated and linear entries both occur
+        ids = torch.randint(3, len(tokenizer), (2, 12))
+        raw = model.model(input_ids=ids).last_hidden_state @ model.lm_head.weight.t()
+    assert raw.abs().max() > 1.5 * GEMMA_SOFTCAP, "the cap must bite for the Gemma tests to mean anything"
+    path = tmp_path_factory.mktemp("tiny_gemma2")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -186,8 +216,12 @@ def _fixed_batch(tokenizer, seed=0):
     }
 
 
-@pytest.mark.parametrize("loss_type,is_level", [("grpo", "token"), ("dapo", "sequence"), ("dr_grpo", "token")])
-def test_edge_kernels_match_trl_native(loss_type, is_level, model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("loss_type,is_level,model", [("grpo", "token", "model_dir"), ("dapo", "sequence", "model_dir"),
+                                                      ("dr_grpo", "token", "model_dir"),
+                                                      ("grpo", "token", "gemma_dir")])
+def test_edge_kernels_match_trl_native(loss_type, is_level, model, tokenizer, tmp_path, request):
+    # gemma_dir: a soft-capped Gemma-2, whose final_logit_softcapping the adapter passes to the kernel
+    model_dir = request.getfixturevalue(model)
     common = dict(beta=0.1, loss_type=loss_type, importance_sampling_level=is_level, top_entropy_quantile=0.6,
                   entropy_coef=0.05, epsilon_high=0.28, temperature=0.7)
     native = make_trainer(model_dir, tokenizer, tmp_path / "a", use_edge_kernels=False, **common)
@@ -244,10 +278,38 @@ def test_all_masked_micro_batch_is_a_differentiable_zero(model_dir):
     assert model(input_ids=ids).logits.shape == (2, 6, model.config.vocab_size)
 
 
-def test_install_edge_lm_head_refuses_softcapping(model_dir):
+def test_soft_capped_model_trains_two_steps(gemma_dir, tokenizer, tmp_path):
+    trainer = make_trainer(gemma_dir, tokenizer, tmp_path, advantage_estimator="eda", use_edge_kernels=True)
+    assert getattr(trainer.model, "_edge_kernels_lm_head", False)
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 2 and len(logs) == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    if any(h["reward_std"] > 0 for h in logs):
+        assert not torch.equal(before, trainer.model.lm_head.weight.detach())
+
+
+def test_edge_lm_head_applies_the_model_softcap(gemma_dir):
+    """The fused head's log-probs are those of the model's own (soft-capped) logits, not of the raw ones."""
+    model = Gemma2ForCausalLM.from_pretrained(gemma_dir, attn_implementation="eager")
+    ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        install_edge_lm_head(model, temperature=1.0)
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        model.config.final_logit_softcapping = None  # what the adapter computed before: no cap
+        install_edge_lm_head(model, temperature=1.0)
+        uncapped = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    torch.testing.assert_close(out.log_probs, ref, atol=1e-5, rtol=0)
+    assert (uncapped.log_probs - ref).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("bad", [0.0, -30.0, float("nan")])
+def test_install_edge_lm_head_refuses_a_bad_softcap(model_dir, bad):
     model = Qwen2ForCausalLM.from_pretrained(model_dir)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="soft-caps"):
+    model.config.final_logit_softcapping = bad
+    with pytest.raises(ValueError, match="final_logit_softcapping.*softcap"):
         install_edge_lm_head(model, temperature=1.0)
 
 

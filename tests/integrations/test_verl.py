@@ -454,9 +454,11 @@ def restore_verl_kernels():
     from verl.utils.experimental import torch_functional as tf
     from verl.utils.kernel import linear_cross_entropy as lce
 
-    saved = (lce.linear_cross_entropy, tf.FusedLinearForPPO.forward)
+    from verl.models.transformers import monkey_patch as mp
+
+    saved = (lce.linear_cross_entropy, tf.FusedLinearForPPO.forward, mp.patch_forward_with_backends)
     yield lce, tf
-    lce.linear_cross_entropy, tf.FusedLinearForPPO.forward = saved
+    lce.linear_cross_entropy, tf.FusedLinearForPPO.forward, mp.patch_forward_with_backends = saved
 
 
 def _tiny_qwen2():
@@ -506,6 +508,24 @@ def test_fused_kernel_switch(restore_verl_kernels, monkeypatch):
     torch.testing.assert_close(out.entropy.reshape(2, 6), ref_h, atol=1e-5, rtol=1e-5)
     out.log_probs.sum().backward()
     assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def test_fused_kernel_switch_refuses_a_soft_capped_model(restore_verl_kernels, monkeypatch):
+    # verl's fused forward passes no final_logit_softcapping to the kernel: refused, not silently uncapped
+    from transformers import Qwen2ForCausalLM
+    from verl.models.transformers import monkey_patch as mp
+
+    ev.patch_verl_fused_kernels()
+    ev.patch_verl_fused_kernels()  # idempotent: wrapped once
+    assert not getattr(mp.patch_forward_with_backends.__wrapped__, "_edge_kernels_guard", False)
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", Qwen2ForCausalLM.forward)
+    model = _tiny_qwen2()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0.*use_fused_kernels=False"):
+        mp.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    mp.patch_forward_with_backends(model, use_fused_kernels=False)  # verl's unfused path: the model's own logits
+    model.config.final_logit_softcapping = None
+    mp.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
 
 
 # ----------------------------------------------------------------------------------------------------------

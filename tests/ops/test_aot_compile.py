@@ -35,7 +35,8 @@ def test_every_variant_compiles(compiled):
     names = {k.name for k in compiled}
     assert names == {"_linear_stats_fwd_kernel", "_linear_grad_logits_kernel", "_logits_stats_fwd_kernel",
                      "_logits_grad_kernel"}
-    assert len(compiled) == 2 * 3 * 4  # archs x dtypes x kernels
+    assert len(compiled) == 2 * (3 + 1) * 4  # archs x (dtypes + bf16 with soft-cap) x kernels
+    assert sum("softcap" in k.variant for k in compiled) == 2 * 4
     assert all(k.registers > 0 for k in compiled)
 
 

@@ -25,6 +25,7 @@ from hypothesis import given, settings, strategies as st
 
 from edge_kernels import linear_logprob_entropy
 from edge_kernels.ops import linear_logprob_entropy as op_module
+from edge_kernels.ops.params import LaunchParams
 from oracle import make_linear_inputs, oracle_linear_logprob_entropy, oracle_logprob_entropy, rel_err
 
 FWD_ATOL = 1e-4
@@ -163,7 +164,9 @@ def test_chunk_size_does_not_change_results(impl, chunk_size):
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
 def test_triton_vocab_split_merge(num_splits):
     hidden, weight, b, targets = make_linear_inputs(20, 16, 1000, bias=True, seed=7)
-    logp, ent, lse = op_module.triton_fwd(hidden, weight, b, targets, 1 / 0.7, -100, num_splits=num_splits)
+    from edge_kernels.ops import linear_logprob_entropy_triton as tri
+
+    logp, ent, lse = tri.triton_fwd(hidden, weight, b, targets, LaunchParams(1 / 0.7, -100), num_splits=num_splits)
     r_logp, r_ent = oracle_linear_logprob_entropy(hidden, weight, targets, b, 0.7)
     assert (logp.double() - r_logp).abs().max() <= FWD_ATOL
     assert (ent.double() - r_ent).abs().max() <= FWD_ATOL
@@ -173,7 +176,9 @@ def test_triton_vocab_split_merge(num_splits):
 def test_triton_backward_grouped_program_order(monkeypatch, group_n):
     # 300 rows -> 5 row blocks under the interpreter: groups of 2 or 3 leave a short last group, so every
     # (row block, column tile) must still be visited exactly once by the grouped 1-D program order
-    monkeypatch.setattr(op_module, "GROUP_N", group_n)
+    from edge_kernels.ops import linear_logprob_entropy_triton as tri
+
+    monkeypatch.setattr(tri, "GROUP_N", group_n)
     hidden, weight, b, targets = make_linear_inputs(300, 24, 1000, bias=True, seed=16)
     out = _run("triton", hidden, weight, b, targets, 0.8, chunk_size=300)
     ref = _oracle(hidden, weight, b, targets, 0.8, out[5], out[6])
