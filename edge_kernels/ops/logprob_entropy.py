@@ -204,7 +204,8 @@ class LogprobEntropyFunction(torch.autograd.Function):
 
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                    ignore_index: int = -100, inplace_backward: bool = False, impl: str = "auto"):
+                    ignore_index: int = -100, inplace_backward: bool = False, impl: str = "auto",
+                    process_group=None, vocab_start: Optional[int] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
 
     ``z = logits / temperature``; ``logp = log_softmax(z)[target]``, ``entropy = -sum_v p_v log p_v``
@@ -221,17 +222,29 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
             ``expand``-ed view) get a new gradient tensor instead.
         impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"cuda"`` (the csrc/
             extension, built on first use) or ``"torch"``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded: rank r holds the r-th
+            contiguous slice ``logits [..., V_r]``, ``targets`` are global ids (the same on every rank), and
+            every rank gets the full-vocabulary outputs; its logits gradient is its slice's
+            (:mod:`edge_kernels.ops.vocab_parallel`). ``None`` or a one-rank group: the unsharded op.
+        vocab_start: sharded only: this rank's first vocabulary id; saves the all-gather that finds it.
 
     Returns:
         ``(logp, entropy)`` float32, shaped like ``targets``.
     """
     from ..dispatch import resolve_impl, validate_logits_inputs
+    from . import vocab_parallel
 
-    temperature = validate_logits_inputs(logits, targets, temperature, ignore_index)
+    sharded = vocab_parallel.check_group_args(process_group, vocab_start)
+    temperature = validate_logits_inputs(logits, targets, temperature, ignore_index,
+                                         target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
     backend = resolve_impl(impl, logits, op="logprob_entropy", cuda_available="cuda" in _BACKENDS)
     lead_shape = targets.shape
     x3 = _as_3d(logits)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy = LogprobEntropyFunction.apply(x3, t1, 1.0 / temperature, ignore_index, bool(inplace_backward),
-                                                 backend)
+    if sharded:
+        logp, entropy = vocab_parallel.VocabParallelLogitsFunction.apply(
+            x3, t1, 1.0 / temperature, ignore_index, bool(inplace_backward), backend, process_group, vocab_start)
+    else:
+        logp, entropy = LogprobEntropyFunction.apply(x3, t1, 1.0 / temperature, ignore_index,
+                                                     bool(inplace_backward), backend)
     return logp.view(lead_shape), entropy.view(lead_shape)
