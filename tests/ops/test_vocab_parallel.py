@@ -15,83 +15,16 @@ operations per row, well inside these bounds.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from edge_kernels import fused_linear_policy_loss, linear_logprob_entropy, logprob_entropy
+from dist_helpers import CountCollectives as _CountCollectives, spawn, split as _split
 from oracle import make_linear_inputs, make_logits, oracle_logprob_entropy
 
 FWD_ATOL = 1e-4
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# process-group plumbing
-
-
-def _worker(rank, world, init_file, checks):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for name, kwargs in checks:
-            globals()[name](rank, world, **kwargs)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, checks):
-    fd, path = tempfile.mkstemp(prefix="edge_vp_")
-    os.close(fd)
-    os.unlink(path)  # the file store creates it
-    try:
-        mp.spawn(_worker, args=(world, path, checks), nprocs=world, join=True)
-    finally:
-        if os.path.exists(path):
-            os.unlink(path)
-
-
-def _split(vocab, world, sizes=None):
-    """Contiguous slices in rank order: ``sizes`` or as even as possible (the first ranks get one more)."""
-    if sizes is None:
-        sizes = [vocab // world + (r < vocab % world) for r in range(world)]
-    assert sum(sizes) == vocab and len(sizes) == world
-    starts = [sum(sizes[:r]) for r in range(world)]
-    return starts, sizes
-
-
-class _CountCollectives:
-    """Wraps the torch.distributed collectives the library may call and counts the calls."""
-
-    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor",
-             "all_to_all_single", "gather", "scatter", "reduce", "all_gather_object", "broadcast_object_list")
-
-    def __enter__(self):
-        self.calls = []
-        self.saved = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
-        for n, fn in self.saved.items():
-            setattr(dist, n, self._wrap(n, fn))
-        return self
-
-    def _wrap(self, name, fn):
-        name = "all_gather_into_tensor" if name == "all_gather_single" else name  # torch 2.13 renamed it
-
-        def wrapped(*a, **k):
-            self.calls.append(name)
-            return fn(*a, **k)
-        return wrapped
-
-    def __exit__(self, *exc):
-        for n, fn in self.saved.items():
-            setattr(dist, n, fn)
-
-    def take(self):
-        out, self.calls = self.calls, []
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -254,32 +187,32 @@ def check_errors(rank, world, *, vocab=37):
 
 
 def test_world2_torch_fp32_bf16_errors():
-    _spawn(2, [
-        ("check_linear", dict()),
-        ("check_linear", dict(pass_start=False, bias=False, temperature=1.0, seed=1)),
-        ("check_linear", dict(dtype="bfloat16", seed=2)),
-        ("check_linear", dict(scale=0.05, ignore_frac=0.0, seed=4)),  # near-flat rows
-        ("check_logits", dict(mask_slice=True)),
-        ("check_errors", dict()),
+    spawn(2, [
+        (check_linear, dict()),
+        (check_linear, dict(pass_start=False, bias=False, temperature=1.0, seed=1)),
+        (check_linear, dict(dtype="bfloat16", seed=2)),
+        (check_linear, dict(scale=0.05, ignore_frac=0.0, seed=4)),  # near-flat rows
+        (check_logits, dict(mask_slice=True)),
+        (check_errors, dict()),
     ])
 
 
 def test_world3_uneven_torch_and_logits():
-    _spawn(3, [
-        ("check_linear", dict()),  # 37 = 13 + 12 + 12
-        ("check_linear", dict(sizes=[5, 20, 12], pass_start=False, seed=3)),
-        ("check_linear", dict(sizes=[1, 35, 1], dtype="bfloat16", seed=6)),
-        ("check_logits", dict(pass_start=False)),
-        ("check_logits", dict(sizes=[30, 2, 5])),
+    spawn(3, [
+        (check_linear, dict()),  # 37 = 13 + 12 + 12
+        (check_linear, dict(sizes=[5, 20, 12], pass_start=False, seed=3)),
+        (check_linear, dict(sizes=[1, 35, 1], dtype="bfloat16", seed=6)),
+        (check_logits, dict(pass_start=False)),
+        (check_logits, dict(sizes=[30, 2, 5])),
     ])
 
 
 def test_world4_torch_and_policy_loss():
-    _spawn(4, [
-        ("check_linear", dict(vocab=41, n=33, d=24)),
-        ("check_linear", dict(vocab=41, dtype="bfloat16", pass_start=False, seed=8)),
-        ("check_policy_loss", dict()),
-        ("check_policy_loss", dict(eda="current")),
+    spawn(4, [
+        (check_linear, dict(vocab=41, n=33, d=24)),
+        (check_linear, dict(vocab=41, dtype="bfloat16", pass_start=False, seed=8)),
+        (check_policy_loss, dict()),
+        (check_policy_loss, dict(eda="current")),
     ])
 
 
@@ -287,8 +220,8 @@ def test_world2_triton_interpreter():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("gloo CPU group; the GPU runs this through NCCL in benchmarks/gpu_checks.sh")
-    _spawn(2, [
-        ("check_linear", dict(impl="triton", n=20, vocab=37)),
-        ("check_linear", dict(impl="triton", sizes=[30, 7], pass_start=False, seed=2)),
-        ("check_logits", dict(impl="triton")),
+    spawn(2, [
+        (check_linear, dict(impl="triton", n=20, vocab=37)),
+        (check_linear, dict(impl="triton", sizes=[30, 7], pass_start=False, seed=2)),
+        (check_logits, dict(impl="triton")),
     ])
