@@ -15,8 +15,8 @@ Forward, one collective. A slice's ``(lse_r, H_r)`` are its softmax statistics r
 ``b = sum p_r (z - lse_r) = -H_r``), so merging slices is the split-vocabulary merge
 (``combine_stats_stacked``) the Triton kernels already use. Each rank all-gathers ``[lse_r, H_r, zt_r]``
 (``zt_r`` the target logit if the target is in its slice, else 0) plus a few integers (``V_r``, ``D``,
-``start_r``) in ONE ``all_gather_single`` (``all_gather_into_tensor``) of ``3N + 6`` floats; the integers check the hidden sizes and
-the slice offsets and give the global vocabulary for the target range check.
+``start_r``) in ONE ``all_gather_single`` (``all_gather_into_tensor``) of ``3N + 6`` floats; the integers
+check the hidden sizes and the slice offsets and give the global vocabulary for the target range check.
 
 Slice offsets: a rank must know its own ``start_r`` before its forward (to find the targets it owns). With
 ``vocab_start=`` given, no extra collective (the gathered sizes still verify it); otherwise one small
