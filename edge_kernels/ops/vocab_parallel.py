@@ -264,3 +264,106 @@ class VocabParallelLogitsFunction(torch.autograd.Function):
         out = logits if inplace else torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
         _, bwd = _BACKENDS[impl]
         return (bwd(logits, t_local, lse, entropy, g_logp, g_ent, inv_temp, out),) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rows that differ per rank (data parallel) with the head sharded by vocabulary over the same group (FSDP2)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather ``[n, D]`` row blocks into ``[W * n, D]``; backward: the SUM over ranks of the gradient of this
+    rank's block (a reduce-scatter; all-reduce + slice on gloo, which lacks it)."""
+
+    @staticmethod
+    def forward(ctx, x, process_group):
+        world = dist.get_world_size(process_group)
+        out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
+        _all_gather_flat(out, x.contiguous(), process_group)
+        ctx.meta = (process_group, x.shape[0])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, n = ctx.meta
+        rank = dist.get_rank(group)
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "gloo":
+            dist.all_reduce(grad, group=group)
+            return grad[rank * n:(rank + 1) * n].clone(), None
+        out = torch.empty((n,) + tuple(grad.shape[1:]), device=grad.device, dtype=grad.dtype)
+        dist.reduce_scatter_tensor(out, grad, group=group)
+        return out, None
+
+
+class _SumUpstream(torch.autograd.Function):
+    """Identity on the gathered outputs ``[2, W * n]``; backward: SUM the ranks' upstream gradients (each rank's
+    loss reaches only its own rows), so every rank backpropagates every rank's loss, as the vocabulary-parallel
+    op requires (one all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, stacked, process_group):
+        ctx.group = process_group
+        return stacked.view_as(stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def linear_logprob_entropy_data_parallel(hidden: Tensor, weight: Tensor, targets: Tensor, *, process_group,
+                                         vocab_start: int, bias: Optional[Tensor] = None,
+                                         temperature: float = 1.0, ignore_index: int = -100,
+                                         chunk_size: Optional[int] = None, impl: str = "auto",
+                                         weight_grad_scale: float = 1.0):
+    """``linear_logprob_entropy`` for data-parallel rows with the head sharded by vocabulary over the same group
+    (FSDP2's dim-0 shard of ``lm_head.weight``): each rank passes its OWN ``hidden [N_r, D]``/``targets [N_r]``
+    (``N_r`` may differ, 0 included) and its slice ``weight [V_r, D]`` starting at ``vocab_start``, and gets its
+    rows' ``(logp, entropy)``; no rank holds the whole head.
+
+    Composition: the rows are all-gathered (padded to the largest ``N_r``; one small all-gather of the ``N_r``
+    first, one of the targets), the vocabulary-parallel op runs on them with a partial ``d_hidden``, and the
+    backward sums the ranks' upstream gradients (one all-reduce), then reduce-scatters ``d_hidden`` back to the
+    rows' owners. Collectives: 4 forward (sizes, rows, targets, statistics), 2 backward. ``d_weight``/``d_bias``
+    are the slice of the gradient of the SUM of the ranks' losses, times ``weight_grad_scale`` (``1 / W`` gives
+    FSDP2's default average). Bytes: ``W * max N_r * D`` elements each way, against ``V * D`` to gather the head.
+    """
+    from ..dispatch import check_temperature, resolve_impl
+
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    device = hidden.device
+    counts = torch.empty(world, dtype=torch.int64, device=_comm_device(process_group))
+    _all_gather_flat(counts, torch.tensor([hidden.shape[0]], dtype=torch.int64, device=counts.device),
+                     process_group)
+    counts = counts.tolist()
+    n_max, n = max(counts), hidden.shape[0]
+    if n_max == 0:  # every rank agrees: no row anywhere
+        zero = (hidden.float().sum() + weight.float().sum()) * 0.0
+        return zero.expand(0), zero.expand(0)
+    h_pad = torch.cat([hidden, hidden.new_zeros((n_max - n, hidden.shape[1]))]) if n < n_max else hidden
+    t_pad = torch.cat([targets.to(torch.int64), targets.new_full((n_max - n,), ignore_index, dtype=torch.int64)])
+    h_all = _GatherRows.apply(h_pad, process_group)
+    t_all = torch.empty(world * n_max, dtype=torch.int64, device=_comm_device(process_group))
+    _all_gather_flat(t_all, t_pad.to(t_all.device), process_group)
+    t_all = t_all.to(device)
+    backend = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy")
+    w = _ScaleGrad.apply(weight, weight_grad_scale) if weight_grad_scale != 1.0 else weight
+    b = _ScaleGrad.apply(bias, weight_grad_scale) if (bias is not None and weight_grad_scale != 1.0) else bias
+    logp, ent = VocabParallelLinearFunction.apply(
+        h_all, w, b, t_all, 1.0 / check_temperature(temperature), ignore_index, chunk_size, backend,
+        process_group, vocab_start, False)
+    both = _SumUpstream.apply(torch.stack([logp, ent]), process_group)
+    mine = both[:, rank * n_max: rank * n_max + n]
+    return mine[0], mine[1]
