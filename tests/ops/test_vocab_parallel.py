@@ -63,7 +63,7 @@ def _grads(n, seed=1):
 
 
 def check_linear(rank, world, *, n=24, d=16, vocab=37, sizes=None, dtype="float32", impl="torch", bias=True,
-                 temperature=0.7, ignore_frac=0.2, scale=1.0, pass_start=True, count=True, seed=0):
+                 temperature=0.7, ignore_frac=0.2, scale=1.0, pass_start=True, count=True, seed=0, device="cpu"):
     dtype = getattr(torch, dtype)
     starts, sizes = _split(vocab, world, sizes)
     lo, hi = starts[rank], starts[rank] + sizes[rank]
@@ -73,16 +73,18 @@ def check_linear(rank, world, *, n=24, d=16, vocab=37, sizes=None, dtype="float3
     ref = _linear_oracle(hidden, weight, b, targets, temperature, g_logp, g_ent)
     w_max = ref["w"].norm(dim=1).max()
     for reduce in (True, False):
-        h = hidden.clone().requires_grad_()
-        w = weight[lo:hi].clone().requires_grad_()
-        bb = None if b is None else b[lo:hi].clone().requires_grad_()
+        h = hidden.to(device, copy=True).requires_grad_()
+        w = weight[lo:hi].to(device, copy=True).requires_grad_()
+        bb = None if b is None else b[lo:hi].to(device, copy=True).requires_grad_()
         with _CountCollectives() as cc:
-            logp, ent = linear_logprob_entropy(h, w, targets, bias=bb, temperature=temperature, impl=impl,
+            logp, ent = linear_logprob_entropy(h, w, targets.to(device), bias=bb, temperature=temperature, impl=impl,
                                                process_group=dist.group.WORLD, reduce_hidden_grad=reduce,
                                                vocab_start=lo if pass_start else None)
             fwd_calls = cc.take()
-            ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+            ((logp * g_logp.to(device)).sum() + (ent * g_ent.to(device)).sum()).backward()
             bwd_calls = cc.take()
+        logp, ent, h, w = logp.cpu(), ent.cpu(), h.grad.cpu(), w.grad.cpu()
+        bb = None if bb is None else bb.grad.cpu()
         if count:
             assert fwd_calls == ["all_gather_into_tensor"] * (1 if pass_start else 2), fwd_calls
             assert bwd_calls == (["all_reduce"] if reduce else []), bwd_calls
@@ -90,20 +92,20 @@ def check_linear(rank, world, *, n=24, d=16, vocab=37, sizes=None, dtype="float3
         atol_h = ref["g_rows"].norm() * w_max
         dz_slice = ref["dz"][:, lo:hi]
         if reduce:
-            _grad_close(h.grad, ref["dz"] @ ref["w"], atol_h, dtype, "d_hidden (reduced)")
+            _grad_close(h, ref["dz"] @ ref["w"], atol_h, dtype, "d_hidden (reduced)")
         else:  # the rank's own share, and the shares summed by the caller give the full gradient
-            _grad_close(h.grad, dz_slice @ ref["w"][lo:hi], atol_h, dtype, "d_hidden (partial)")
-            total = h.grad.float().clone()
+            _grad_close(h, dz_slice @ ref["w"][lo:hi], atol_h, dtype, "d_hidden (partial)")
+            total = h.float().clone()
             dist.all_reduce(total)
             _grad_close(total, ref["dz"] @ ref["w"], atol_h, dtype, "sum of partial d_hidden")
-        _grad_close(w.grad, dz_slice.t() @ ref["h"], (ref["g_rows"] * ref["h"].norm(dim=1)).norm(), dtype,
+        _grad_close(w, dz_slice.t() @ ref["h"], (ref["g_rows"] * ref["h"].norm(dim=1)).norm(), dtype,
                     "d_weight slice")
         if b is not None:
-            _grad_close(bb.grad, dz_slice.sum(0), ref["g_rows"].norm(), dtype, "d_bias slice")
+            _grad_close(bb, dz_slice.sum(0), ref["g_rows"].norm(), dtype, "d_bias slice")
 
 
 def check_logits(rank, world, *, n=20, vocab=37, sizes=None, impl="torch", temperature=1.3, pass_start=True,
-                 mask_slice=False, seed=3):
+                 mask_slice=False, seed=3, device="cpu"):
     starts, sizes = _split(vocab, world, sizes)
     lo, hi = starts[rank], starts[rank] + sizes[rank]
     logits, targets = make_logits((n,), vocab, seed=seed)
@@ -114,17 +116,18 @@ def check_logits(rank, world, *, n=20, vocab=37, sizes=None, impl="torch", tempe
     x = logits.double().requires_grad_()
     r_logp, r_ent = oracle_logprob_entropy(x, targets, temperature)
     ((r_logp * g_logp.double()).sum() + (r_ent * g_ent.double()).sum()).backward()
-    mine = logits[:, lo:hi].clone().requires_grad_()
+    mine = logits[:, lo:hi].to(device, copy=True).requires_grad_()
     with _CountCollectives() as cc:
-        logp, ent = logprob_entropy(mine, targets, temperature=temperature, impl=impl,
+        logp, ent = logprob_entropy(mine, targets.to(device), temperature=temperature, impl=impl,
                                     process_group=dist.group.WORLD, vocab_start=lo if pass_start else None)
         assert cc.take() == ["all_gather_into_tensor"] * (1 if pass_start else 2)
-        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        ((logp * g_logp.to(device)).sum() + (ent * g_ent.to(device)).sum()).backward()
         assert cc.take() == []
+    logp, ent = logp.cpu(), ent.cpu()
     assert (logp.double() - r_logp).abs().max() <= FWD_ATOL
     assert (ent.double() - r_ent).abs().max() <= FWD_ATOL
     g_rows = (g_logp.abs() + g_ent.abs()).double() * 1e-6 * (1 + logits[torch.isfinite(logits)].abs().max())
-    _grad_close(mine.grad, x.grad[:, lo:hi], g_rows.norm(), torch.float32, "logits gradient slice")
+    _grad_close(mine.grad.cpu(), x.grad[:, lo:hi], g_rows.norm(), torch.float32, "logits gradient slice")
 
 
 def check_policy_loss(rank, world, *, vocab=37, eda="off"):
@@ -150,6 +153,44 @@ def check_policy_loss(rank, world, *, vocab=37, eda="off"):
         assert torch.allclose(metrics[k], m_ref[k], rtol=1e-5, atol=1e-6), k
     assert torch.allclose(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
     assert torch.allclose(w.grad, w_ref.grad[lo:hi], rtol=1e-4, atol=1e-6)
+
+
+def check_data_parallel(rank, world, *, d=16, vocab=37, temperature=0.8, scale=0.5):
+    """Rows that differ per rank (``N_r`` = 0 on the last rank) with the head sharded by vocabulary: each rank's
+    rows, every rank's slice; ``d_weight`` = slice of the gradient of the ranks' summed losses times ``scale``."""
+    from edge_kernels.ops.vocab_parallel import linear_logprob_entropy_data_parallel
+
+    starts, sizes = _split(vocab, world)
+    lo, hi = starts[rank], starts[rank] + sizes[rank]
+    counts = [5 + 3 * r for r in range(world - 1)] + [0]
+    n_all = sum(counts)
+    hidden, weight, b, targets = make_linear_inputs(n_all, d, vocab, bias=True, ignore_frac=0.2, seed=9)
+    g_logp, g_ent = _grads(n_all, seed=4)
+    ref = _linear_oracle(hidden, weight, b, targets, temperature, g_logp, g_ent)
+    r0 = sum(counts[:rank])
+    rows = slice(r0, r0 + counts[rank])
+    h = hidden[rows].clone().requires_grad_()
+    w = weight[lo:hi].clone().requires_grad_()
+    bb = b[lo:hi].clone().requires_grad_()
+    with _CountCollectives() as cc:
+        logp, ent = linear_logprob_entropy_data_parallel(h, w, targets[rows], bias=bb, process_group=dist.group.WORLD,
+                                                         vocab_start=lo, temperature=temperature, impl="torch",
+                                                         weight_grad_scale=scale)
+        assert cc.take() == ["all_gather_into_tensor"] * 4
+        ((logp * g_logp[rows]).sum() + (ent * g_ent[rows]).sum()).backward()
+        assert sorted(cc.take()) == ["all_reduce", "all_reduce"]  # upstream grads; d_hidden (gloo: no reduce-scatter)
+    assert logp.shape == ent.shape == (counts[rank],)
+    assert ((logp.double() - ref["logp"][rows]).abs() <= FWD_ATOL).all()
+    assert ((ent.double() - ref["ent"][rows]).abs() <= FWD_ATOL).all()
+    atol_h = ref["g_rows"].norm() * ref["w"].norm(dim=1).max()
+    if counts[rank]:
+        _grad_close(h.grad, (ref["dz"] @ ref["w"])[rows], atol_h, torch.float32, "d_hidden of own rows")
+    else:  # no rows: the backward still ran every collective (the other ranks' gradients need them)
+        assert h.grad is None or h.grad.numel() == 0
+    dz_slice = ref["dz"][:, lo:hi]
+    _grad_close(w.grad, scale * dz_slice.t() @ ref["h"], scale * (ref["g_rows"] * ref["h"].norm(dim=1)).norm(),
+                torch.float32, "d_weight slice")
+    _grad_close(bb.grad, scale * dz_slice.sum(0), scale * ref["g_rows"].norm(), torch.float32, "d_bias slice")
 
 
 def check_errors(rank, world, *, vocab=37):
@@ -204,6 +245,7 @@ def test_world3_uneven_torch_and_logits():
         (check_linear, dict(sizes=[1, 35, 1], dtype="bfloat16", seed=6)),
         (check_logits, dict(pass_start=False)),
         (check_logits, dict(sizes=[30, 2, 5])),
+        (check_data_parallel, dict()),
     ])
 
 
@@ -213,6 +255,18 @@ def test_world4_torch_and_policy_loss():
         (check_linear, dict(vocab=41, dtype="bfloat16", pass_start=False, seed=8)),
         (check_policy_loss, dict()),
         (check_policy_loss, dict(eda="current")),
+    ])
+
+
+@pytest.mark.gpu
+def test_world2_gpu_impls():
+    """Triton kernels and the CUDA logits-in op on CUDA tensors, ranks sharing one GPU over gloo (NCCL needs
+    one GPU per rank)."""
+    spawn(2, [
+        (check_linear, dict(impl="triton", device="cuda", n=300, d=64, vocab=4099)),
+        (check_linear, dict(impl="triton", device="cuda", dtype="bfloat16", n=300, d=64, vocab=4099, seed=2)),
+        (check_logits, dict(impl="triton", device="cuda", n=64, vocab=4099)),
+        (check_logits, dict(impl="cuda", device="cuda", n=64, vocab=4099, mask_slice=True)),
     ])
 
 
