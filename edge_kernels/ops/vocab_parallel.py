@@ -44,10 +44,9 @@ from .. import reference
 
 Tensor = torch.Tensor
 
-# integers ride in the fp32 gather as base-2**20 digit pairs: exact up to 2**40
-_DIGIT = float(1 << 20)
-_META = 6  # (V_r, D, start_r or -1) as digit pairs
-
+# integers ride in the fp32 gather as base-2**20 digit pairs (fp32 holds integers < 2**24 exactly): exact up to
+# 2**40; three of them, (V_r, D, start_r or -1), make the 6 floats after the 3N statistics
+_DIGIT = 1 << 20
 
 # the bound the public functions' validation checks targets against before the forward (negatives and dtype
 # only): the global vocabulary is known after the gather, which checks the upper bound
@@ -81,14 +80,14 @@ def _encode(*ints: int) -> list:
     out = []
     for x in ints:
         x = int(x) + 1  # -1 (no vocab_start) encodes as 0
-        out += [float(x // (1 << 20)), float(x % (1 << 20))]
+        out += [float(x // _DIGIT), float(x % _DIGIT)]
     return out
 
 
 def _decode(meta: Tensor) -> Tensor:
     """``[W, 2k]`` digit pairs -> int64 ``[W, k]``."""
     m = meta.double().round().to(torch.int64)
-    return m[:, 0::2] * (1 << 20) + m[:, 1::2] - 1
+    return m[:, 0::2] * _DIGIT + m[:, 1::2] - 1
 
 
 def slice_start(local_vocab: int, process_group, vocab_start: Optional[int]) -> int:
