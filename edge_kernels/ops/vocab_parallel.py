@@ -339,8 +339,13 @@ def linear_logprob_entropy_data_parallel(hidden: Tensor, weight: Tensor, targets
     are the slice of the gradient of the SUM of the ranks' losses, times ``weight_grad_scale`` (``1 / W`` gives
     FSDP2's default average). Bytes: ``W * max N_r * D`` elements each way, against ``V * D`` to gather the head.
     """
-    from ..dispatch import check_temperature, resolve_impl
+    from ..dispatch import check_temperature, resolve_impl, validate_linear_inputs
 
+    if hidden.dim() == 2 and hidden.shape[0] > 0:  # before any collective, so a bad call fails here, by name
+        validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
+                               target_vocab=UNCHECKED_VOCAB)
+    elif hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N_r, D] (this rank's rows), got shape {tuple(hidden.shape)}")
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     device = hidden.device
     counts = torch.empty(world, dtype=torch.int64, device=_comm_device(process_group))
@@ -358,6 +363,7 @@ def linear_logprob_entropy_data_parallel(hidden: Tensor, weight: Tensor, targets
     _all_gather_flat(t_all, t_pad.to(t_all.device), process_group)
     t_all = t_all.to(device)
     backend = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy")
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()  # the kernels' unit feature stride
     w = _ScaleGrad.apply(weight, weight_grad_scale) if weight_grad_scale != 1.0 else weight
     b = _ScaleGrad.apply(bias, weight_grad_scale) if (bias is not None and weight_grad_scale != 1.0) else bias
     logp, ent = VocabParallelLinearFunction.apply(
