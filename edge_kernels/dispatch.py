@@ -148,8 +148,10 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device, got {desc}")
 
 
-def validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index):
-    """Validate the fused linear op's inputs; returns the float temperature."""
+def validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
+                           target_vocab: Optional[int] = None):
+    """Validate the fused linear op's inputs; returns the float temperature. ``target_vocab``: the bound of the
+    targets when it is not ``weight.shape[0]`` (a vocabulary-parallel call, which checks the global bound later)."""
     check_floating("hidden", hidden)
     check_floating("weight", weight)
     if weight.dim() != 2:
@@ -173,12 +175,13 @@ def validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_siz
         raise ValueError("hidden is empty: the batch has no tokens")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0] if target_vocab is None else target_vocab,
+                  ignore_index)
     check_chunk_size(chunk_size)
     return check_temperature(temperature)
 
 
-def validate_logits_inputs(logits, targets, temperature, ignore_index):
+def validate_logits_inputs(logits, targets, temperature, ignore_index, target_vocab: Optional[int] = None):
     check_floating("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
@@ -187,7 +190,8 @@ def validate_logits_inputs(logits, targets, temperature, ignore_index):
     check_same_device(logits=logits, targets=targets)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
+    check_targets(targets, logits.shape[:-1], logits.shape[-1] if target_vocab is None else target_vocab,
+                  ignore_index)
     return check_temperature(temperature)
 
 

@@ -432,6 +432,9 @@ def fused_linear_policy_loss(
     agg: str = "token-mean",
     max_len: Optional[int] = None,
     softcap: Optional[float] = None,
+    process_group=None,
+    reduce_hidden_grad: bool = True,
+    vocab_start: Optional[int] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Policy loss from hidden states and the LM head, without ``[B, T, V]`` logits (section 6; section 2 for EDA).
 
@@ -461,6 +464,9 @@ def fused_linear_policy_loss(
         clip_low ... max_len: as in :func:`policy_loss`.
         softcap: the model's final-logit soft-cap (Gemma 2/3), passed to
             :func:`edge_kernels.linear_logprob_entropy`; None for none.
+        process_group, reduce_hidden_grad, vocab_start: a vocabulary-sharded LM head (``weight``/``bias`` are
+            this rank's slice), passed to :func:`edge_kernels.linear_logprob_entropy`; every rank gets the same
+            loss and metrics, its own ``d_weight`` slice and the summed (or partial) ``d_hidden``.
 
     Returns:
         ``(loss, metrics)`` as :func:`policy_loss` (the advantage metrics describe the EDA-rescaled
@@ -474,7 +480,9 @@ def fused_linear_policy_loss(
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
     logp, entropy = linear_logprob_entropy(hidden, weight, tgt, bias=bias, temperature=temperature,
                                            ignore_index=_IGNORE_INDEX, return_entropy=True,
-                                           chunk_size=chunk_size, softcap=softcap, impl=impl)
+                                           chunk_size=chunk_size, softcap=softcap, impl=impl,
+                                           process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+                                           vocab_start=vocab_start)
     eda_scale = None
     if eda == "current":
         advantages, eda_scale = _eda_current(advantages, entropy, mask, group_size, group_ids, eda_eps, eda_clamp)

@@ -13,7 +13,9 @@ LM head patched onto the model (``trl.trainer.utils.add_fused_lm_head``, called 
 ``model(..., labels=..., fused_lm_head=True)``); :func:`install_edge_lm_head` replaces that head with
 :func:`edge_kernels.linear_logprob_entropy` (same call convention, same ``FusedCausalLMOutput``), so TRL's own
 ``_get_per_token_logps_and_entropies`` and ``_compute_loss`` run unchanged on top of our kernel. Older TRL has
-no fused head and is refused at import.
+no fused head and is refused at import. Under FSDP2 a head sharded by vocabulary runs on its slices without
+being gathered (:func:`edge_kernels.ops.vocab_parallel.linear_logprob_entropy_data_parallel`); other FSDP2
+layouts gather it per call, its gradient averaged and reduce-scattered back as FSDP2 does.
 
 Extension points used (all of ``trl/trainer/grpo_trainer.py``):
 
@@ -231,9 +233,12 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = weight.dtype
-        if DTensor and isinstance(weight, DTensor):  # FSDP2: gather the sharded head once
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+        if DTensor and isinstance(weight, DTensor):
+            vocab_slice = _fsdp2_vocab_slice(weight, bias)
+            if vocab_slice is not None:  # FSDP2 shards the head by vocabulary: run on the slices, no gather
+                return _fsdp2_sharded_head(hidden, tgt, mask, weight, bias, vocab_slice, dtype, eff_temperature,
+                                           eff_softcap, chunk_size, impl, num_items_in_batch)
+            weight, bias = _gather_fsdp2_head(weight, bias)
         if not bool(mask.any()):
             # an all-masked micro-batch: a differentiable zero, connected to the backbone and the head
             zero = (hidden.float().sum() + weight.float().sum()) * 0.0
@@ -254,6 +259,59 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
 
     model.forward = types.MethodType(_edge_fused_forward, model)
     model._edge_kernels_lm_head = True
+
+
+def _gather_fsdp2_head(weight, bias):
+    """An FSDP2 head sharded other than by vocabulary, gathered for the call. Its gradient is a partial sum
+    (this rank's micro-batch), so it goes back averaged and reduce-scattered (``Partial("avg")``), as FSDP2's
+    own reduce-scatter does; a plain ``full_tensor()`` would keep only this rank's share of its own slice."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    def gather(t):
+        if not isinstance(t, DTensor):
+            return t
+        return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+    return gather(weight), gather(bias)
+
+
+def _fsdp2_vocab_slice(weight, bias):
+    """``(group, vocab_start)`` when FSDP2 holds ``lm_head.weight`` (and bias) as dim-0 shards over a 1-D mesh,
+    i.e. each rank has a contiguous vocabulary slice, none empty; None otherwise (the head is then gathered)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        return None
+    if bias is not None and (not isinstance(bias, DTensor) or tuple(bias.placements) != (Shard(0),)):
+        return None
+    world, vocab = mesh.size(), weight.shape[0]
+    chunk = -(-vocab // world)  # torch.chunk's sizes, which FSDP2 shards with
+    start = mesh.get_local_rank() * chunk
+    if chunk * (world - 1) >= vocab or weight.to_local().shape[0] != min(chunk, vocab - start):
+        return None
+    return mesh.get_group(), start
+
+
+def _fsdp2_sharded_head(hidden, tgt, mask, weight, bias, vocab_slice, dtype, temperature, softcap, chunk_size,
+                        impl, num_items_in_batch):
+    """The fused head on FSDP2's vocabulary slices (:func:`linear_logprob_entropy_data_parallel`): this rank's
+    rows, every rank's slice, never the whole head; its gradient is averaged over the ranks like FSDP2's."""
+    from edge_kernels.ops.vocab_parallel import linear_logprob_entropy_data_parallel
+
+    group, start = vocab_slice
+    w = weight.to_local()
+    b = None if bias is None else bias.to_local()
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, ent = linear_logprob_entropy_data_parallel(
+            hidden[mask].to(dtype), w.to(dtype), tgt[mask], bias=None if b is None else b.to(dtype),
+            process_group=group, vocab_start=start, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
+            impl=impl,
+            weight_grad_scale=1.0 / torch.distributed.get_world_size(group))
+    log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+    entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
+                               label_mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ Fused kernels: with ``EDGE_KERNELS_VERL_FUSED_KERNELS=1`` in the workers' enviro
 :func:`patch_verl_fused_kernels` called in them), verl's ``use_fused_kernels`` path (both
 ``fused_kernel_options.impl_backend=triton``, i.e. ``verl.utils.kernel.linear_cross_entropy``, and the
 ``torch``/``liger`` backends' ``FusedLinearForPPO``) calls :func:`edge_kernels.linear_logprob_entropy`.
-Vocabulary-parallel (Megatron tensor-parallel) heads are refused at call time.
+Megatron tensor-parallel (vocabulary-parallel) heads run the vocabulary-parallel op with verl's contract
+(partial ``d_hidden``; see :func:`edge_linear_cross_entropy`).
 
 If the entry point is not installed (e.g. running from a source tree), ``VERL_USE_EXTERNAL_MODULES=
 edge_kernels.integrations.verl`` makes verl import this module the same way.
@@ -470,21 +471,26 @@ def _kernel_impl() -> str:
 def edge_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                               temperature: float = 1.0, reduction: str = "none", dist_process_group=None):
     """Drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``: ``(log_probs, entropy)``,
-    both flat ``[N]`` (verl's layout), from ``hidden [..., D]`` and ``weight [V, D]`` at ``temperature``."""
+    both flat ``[N]`` (verl's layout), from ``hidden [..., D]`` and ``weight [V, D]`` at ``temperature``.
+
+    With verl's Megatron tensor-parallel group (``dist_process_group`` of W > 1 ranks) ``weight`` is this rank's
+    vocabulary slice and the call follows verl's kernel's contract: equal slices, rank r's starting at
+    ``r * V_r``, global ``labels``, full-vocabulary outputs on every rank, and a PARTIAL ``d_hidden`` (verl's
+    sequence-parallel reduce-scatter sums it), computed by the vocabulary-parallel op (one all-gather forward,
+    no collective backward)."""
     if reduction != "none":
         raise NotImplementedError(f"edge_linear_cross_entropy supports reduction='none' only, got {reduction!r}")
+    sharded = {}
     if dist_process_group is not None and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size(dist_process_group) > 1:
-        raise NotImplementedError(
-            "edge_kernels does not support a vocabulary-parallel LM head (Megatron tensor parallelism > 1); "
-            "unset EDGE_KERNELS_VERL_FUSED_KERNELS or use tensor_model_parallel_size=1"
-        )
+        sharded = dict(process_group=dist_process_group, reduce_hidden_grad=False,
+                       vocab_start=torch.distributed.get_rank(dist_process_group) * weight.shape[0])
     _announce_fused_kernel()
     h = hidden.reshape(-1, hidden.shape[-1])
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
     logp, ent = linear_logprob_entropy(h, weight, labels.reshape(-1), temperature=float(temperature),
-                                       impl=_kernel_impl())
+                                       impl=_kernel_impl(), **sharded)
     return logp, ent
 
 

@@ -113,7 +113,7 @@ class LogprobEntropyFunction(torch.autograd.Function):
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, inplace_backward: bool = False, softcap: Optional[float] = None,
-                    impl: str = "auto"):
+                    impl: str = "auto", process_group=None, vocab_start: Optional[int] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
 
     ``z = logits / temperature`` (``z = softcap * tanh(logits / softcap) / temperature`` with a soft-cap);
@@ -134,17 +134,29 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
             (no cap, no cost). The gradient is taken through ``tanh``.
         impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"cuda"`` (the csrc/
             extension, built on first use) or ``"torch"``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded: rank r holds the r-th
+            contiguous slice ``logits [..., V_r]``, ``targets`` are global ids (the same on every rank), and
+            every rank gets the full-vocabulary outputs; its logits gradient is its slice's
+            (:mod:`edge_kernels.ops.vocab_parallel`). ``None`` or a one-rank group: the unsharded op.
+        vocab_start: sharded only: this rank's first vocabulary id; saves the all-gather that finds it.
 
     Returns:
         ``(logp, entropy)`` float32, shaped like ``targets``.
     """
     from ..dispatch import check_softcap, resolve_impl, validate_logits_inputs
+    from . import vocab_parallel
 
-    temperature = validate_logits_inputs(logits, targets, temperature, ignore_index)
+    sharded = vocab_parallel.check_group_args(process_group, vocab_start)
+    temperature = validate_logits_inputs(logits, targets, temperature, ignore_index,
+                                         target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap))
     impl = resolve_impl(impl, logits, op="logprob_entropy", cuda_available="cuda" in _BACKENDS)
     lead_shape = targets.shape
     x3 = _as_3d(logits)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy = LogprobEntropyFunction.apply(x3, t1, params, bool(inplace_backward), impl)
+    if sharded:
+        logp, entropy = vocab_parallel.VocabParallelLogitsFunction.apply(
+            x3, t1, params, bool(inplace_backward), impl, process_group, vocab_start)
+    else:
+        logp, entropy = LogprobEntropyFunction.apply(x3, t1, params, bool(inplace_backward), impl)
     return logp.view(lead_shape), entropy.view(lead_shape)
