@@ -31,11 +31,11 @@ GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2}
 # oracle and comparisons
 
 
-def _linear_oracle(hidden, weight, bias, targets, temperature, g_logp, g_ent):
+def _linear_oracle(hidden, weight, bias, targets, temperature, g_logp, g_ent, softcap=None):
     h = hidden.double()
     w = weight.double()
     logits = (h @ w.t() + (0 if bias is None else bias.double())).requires_grad_()
-    logp, ent = oracle_logprob_entropy(logits, targets, temperature)
+    logp, ent = oracle_logprob_entropy(logits, targets, temperature, softcap=softcap)
     ((logp * g_logp.double()).sum() + (ent * g_ent.double()).sum()).backward()
     dz = logits.grad
     g_rows = (g_logp.double().abs() + g_ent.double().abs()) * 1e-6 * (1 + logits.detach().abs().max() / temperature)
@@ -63,14 +63,15 @@ def _grads(n, seed=1):
 
 
 def check_linear(rank, world, *, n=24, d=16, vocab=37, sizes=None, dtype="float32", impl="torch", bias=True,
-                 temperature=0.7, ignore_frac=0.2, scale=1.0, pass_start=True, count=True, seed=0, device="cpu"):
+                 temperature=0.7, ignore_frac=0.2, scale=1.0, pass_start=True, count=True, seed=0, device="cpu",
+                 softcap=None):
     dtype = getattr(torch, dtype)
     starts, sizes = _split(vocab, world, sizes)
     lo, hi = starts[rank], starts[rank] + sizes[rank]
     hidden, weight, b, targets = make_linear_inputs(n, d, vocab, dtype=dtype, bias=bias, ignore_frac=ignore_frac,
                                                     scale=scale, seed=seed)
     g_logp, g_ent = _grads(n)
-    ref = _linear_oracle(hidden, weight, b, targets, temperature, g_logp, g_ent)
+    ref = _linear_oracle(hidden, weight, b, targets, temperature, g_logp, g_ent, softcap=softcap)
     w_max = ref["w"].norm(dim=1).max()
     for reduce in (True, False):
         h = hidden.to(device, copy=True).requires_grad_()
@@ -78,7 +79,7 @@ def check_linear(rank, world, *, n=24, d=16, vocab=37, sizes=None, dtype="float3
         bb = None if b is None else b[lo:hi].to(device, copy=True).requires_grad_()
         with _CountCollectives() as cc:
             logp, ent = linear_logprob_entropy(h, w, targets.to(device), bias=bb, temperature=temperature, impl=impl,
-                                               process_group=dist.group.WORLD, reduce_hidden_grad=reduce,
+                                               softcap=softcap, process_group=dist.group.WORLD, reduce_hidden_grad=reduce,
                                                vocab_start=lo if pass_start else None)
             fwd_calls = cc.take()
             ((logp * g_logp.to(device)).sum() + (ent * g_ent.to(device)).sum()).backward()
@@ -233,6 +234,7 @@ def test_world2_torch_fp32_bf16_errors():
         (check_linear, dict(pass_start=False, bias=False, temperature=1.0, seed=1)),
         (check_linear, dict(dtype="bfloat16", seed=2)),
         (check_linear, dict(scale=0.05, ignore_frac=0.0, seed=4)),  # near-flat rows
+        (check_linear, dict(scale=4.0, softcap=2.0, seed=5)),  # a soft-cap that bites, through the merge
         (check_logits, dict(mask_slice=True)),
         (check_errors, dict()),
     ])
