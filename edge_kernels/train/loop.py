@@ -252,11 +252,7 @@ class Trainer:
                                             c.max_prompt_tokens)
         from .rollout import make_rollout
 
-        model_path = None
-        if c.model is not None:
-            from .model import model_dir
-
-            model_path = model_dir(self.resume_from and os.path.join(self.resume_from, "model") or c.model)
+        model_path = self._rollout_model_path()
         self.engine = make_rollout(c.rollout, self.model, self.tokenizer, model_path=model_path, seed=c.seed,
                                    batch_size=c.rollout_batch_size, dtype=str(self.dtype).replace("torch.", ""),
                                    gpu_memory_utilization=c.vllm_gpu_memory_utilization,
@@ -265,6 +261,50 @@ class Trainer:
         self.sampler = PromptSampler(len(self.train_problems), c.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.phase = "warmup" if c.warmup_steps > 0 else "rl"
+
+    def _rollout_model_path(self) -> Optional[str]:
+        """The directory a rollout engine that loads from disk (vLLM) starts from: --model, or the resumed
+        checkpoint's model; the embedded model and its tokenizer are saved into the run directory for it
+        (``vllm-model/``). The weights it starts with matter little: the loop pushes the policy's after the
+        warm-up, after a resume and after every update."""
+        c = self.cfg
+        from .model import model_dir
+
+        if self.resume_from is not None:
+            return model_dir(os.path.join(self.resume_from, "model"))
+        if c.model is not None:
+            return model_dir(c.model)
+        if c.rollout != "vllm":
+            return None
+        path = os.path.join(self.out, "vllm-model")
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def _rollout_check(self, responses, rollout_lps, packed, old_logp, advantages):
+        """``(metrics, advantages)``: the mean |engine log-prob - scoring-pass log-prob| of the sampled tokens
+        (``rollout_logp_diff``, a warning above :data:`~edge_kernels.train.rollout.LOGP_DIFF_WARN`: the weight
+        push did not take effect, or the engine's numerics differ), and with ``--rollout-is-cap`` the advantages
+        times the truncated importance weights (``docs/rollout_is.md``; per token, so ``[B, T]``). Nothing for an
+        engine without log-probs (``hf``)."""
+        from .rollout import LOGP_DIFF_WARN, logp_diff, rollout_logp, truncated_is_weights
+
+        c = self.cfg
+        got = rollout_logp(rollout_lps, responses, packed.targets, packed.mask)
+        if got is None:
+            return {}, advantages
+        lp, valid = got
+        diff = logp_diff(lp, valid, old_logp)
+        rec = {"rollout_logp_diff": diff}
+        if diff > LOGP_DIFF_WARN:
+            self.log(f"warning: step {self.step + 1}: rollout_logp_diff {diff:.4f} > {LOGP_DIFF_WARN}: the rollout "
+                     "engine's log-probs of its samples differ from the scoring pass's (a weight push that did not "
+                     "take effect, or a precision mismatch); --rollout-is-cap corrects a small mismatch")
+        if c.rollout_is_cap is not None:
+            w = truncated_is_weights(lp, valid, old_logp, c.rollout_is_cap)
+            rec["rollout_is_weight_mean"] = float((w * packed.mask).sum() / packed.mask.sum().clamp(min=1))
+            advantages = (advantages if advantages.dim() == 2 else advantages[:, None]) * w.to(advantages.dtype)
+        return rec, advantages
 
     def regeneration_horizon(self) -> int:
         """The longest sampled sequence after the prompt: a response, plus (GEC regeneration) the reflection
@@ -475,6 +515,7 @@ class Trainer:
         with oom_guard("rollout"):
             responses = self.engine.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                              top_p=c.top_p, desc="rollout")
+            rollout_responses, rollout_lps = responses, getattr(self.engine, "last_logprobs", None)
         answers = [p.answer for p in problems]
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         rewards0, correct0 = score_responses(texts, answers, c.format_reward)
@@ -505,6 +546,7 @@ class Trainer:
         r = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         advantages, eda_mode = self._advantages(r, old_logp, entropy, loss_mask)
         seq_adv = advantages if advantages.dim() == 1 else adv.masked_mean(advantages, loss_mask)
+        check, advantages = self._rollout_check(rollout_responses, rollout_lps, packed, old_logp, advantages)
 
         # update
         t1 = time.time()
@@ -577,6 +619,7 @@ class Trainer:
             "epoch": self.sampler.epoch,
             "rollout_time_s": round(t_rollout, 4),
             "update_time_s": round(t_update, 4),
+            **check,
         }
         self.step = step
         return rec
