@@ -456,8 +456,8 @@ def test_refusals(model_dir, tokenizer, tmp_path):
         make_config(tmp_path, advantage_estimator="ppo")
     with pytest.raises(ValueError, match="GEC probabilities"):
         make_config(tmp_path, gec_regenerate_prob=0.6, gec_inject_prob=0.6)
-    with pytest.raises(ValueError, match="use_vllm=True"):
-        make_trainer(model_dir, tokenizer, tmp_path, gec_enable=True, use_vllm=True)
+    with pytest.raises(ValueError, match="use_vllm=True with vllm_mode='server'"):  # colocate: tests/vllm_rollout
+        make_trainer(model_dir, tokenizer, tmp_path, gec_enable=True, use_vllm=True, vllm_mode="server")
     with pytest.raises(ValueError, match="rollout_func"):
         EdgeGRPOTrainer(model=model_dir, reward_funcs=REWARDS, processing_class=tokenizer, train_dataset=make_dataset(),
                         args=make_config(tmp_path, gec_enable=True), rollout_func=lambda prompts, trainer: {})
