@@ -8,6 +8,8 @@ from vllm_helpers import model_and_tokenizer, perturb, scoring_logp
 from edge_kernels.train.gec import GECConfig, apply_gec
 from edge_kernels.train.rollout import LOGP_DIFF_WARN, HFRollout, VLLMRollout, logp_diff, rollout_logp
 
+pytestmark = pytest.mark.vllm
+
 # fp32 engine vs fp32 scoring pass on the same weights: different kernels and summation orders only; measured
 # ~3e-7 on this model, so 1e-4 leaves a wide margin while a stale weight gives > LOGP_DIFF_WARN
 SAME_WEIGHTS_TOL = 1e-4

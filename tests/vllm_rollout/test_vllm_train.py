@@ -12,6 +12,8 @@ from edge_kernels.train.config import TrainConfig
 from edge_kernels.train.loop import Trainer
 from edge_kernels.train.rollout import LOGP_DIFF_WARN, VLLMRollout
 
+pytestmark = pytest.mark.vllm
+
 SAME_WEIGHTS_TOL = 1e-4  # as in test_vllm_engine.py: fp32 engine and scoring pass on the same weights
 
 

@@ -17,6 +17,8 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM 
 
 from edge_kernels.integrations.trl import EdgeGRPOConfig, EdgeGRPOTrainer  # noqa: E402
 
+pytestmark = pytest.mark.vllm
+
 G = 4
 SAME_WEIGHTS_TOL = 1e-4  # fp32 engine vs TRL's fp32 scoring pass on the same weights (measured ~1e-6)
 
