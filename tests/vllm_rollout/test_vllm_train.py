@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vllm_helpers import TINY_VLLM
+from vllm_helpers import TINY_VLLM, cli_flags
 from edge_kernels.train.config import TrainConfig
 from edge_kernels.train.loop import Trainer
 from edge_kernels.train.rollout import LOGP_DIFF_WARN, VLLMRollout
@@ -65,3 +65,13 @@ def test_is_cap_refused_where_it_cannot_apply(tmp_path):
         validate(TrainConfig(rollout="hf", rollout_is_cap=2.0))
     with pytest.raises(ConfigError, match="eda-entropy-source old"):
         validate(TrainConfig(rollout="vllm", rollout_is_cap=2.0, estimator="eda", eda_entropy_source="current"))
+
+
+def test_edge_train_reports_an_unsupported_head_size_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    flags = cli_flags(embedded_hidden_size=32, output=str(tmp_path / "run"))  # 2 heads of 16
+    r = subprocess.run([sys.executable, "-m", "edge_kernels.train", *flags], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "head size 16" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -26,6 +26,15 @@ TINY_VLLM = {
 }
 
 
+def cli_flags(**over):
+    """TINY_VLLM (plus overrides) as edge-train command-line flags."""
+    out = []
+    for k, v in {**TINY_VLLM, **over}.items():
+        flag = k.replace("_", "-")
+        out += [f"--{flag}" if v else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
+    return out
+
+
 def model_and_tokenizer(hidden=64, heads=2):
     from edge_kernels.train import embedded as E
 
