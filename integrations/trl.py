@@ -44,7 +44,9 @@ Refused with a clear error, never silently ignored (see :func:`_check_arguments`
 * ``use_edge_kernels`` with DeepSpeed ZeRO-3 (our backward does not re-gather the partitioned LM head), with a
   non-positive logit scale, or an MoE router auxiliary loss (a final-logit soft-cap, Gemma 2/3's
   ``final_logit_softcapping``, is passed to the kernel);
-* GEC with vLLM, tools / environments / ``rollout_func``, vision-language processors, a dataset without the
+* GEC with vLLM in server mode or with tensor parallelism (colocate mode, one engine per process, is supported:
+  the regeneration goes through TRL's engine), tools / environments / ``rollout_func``, vision-language
+  processors, a dataset without the
   needed ``answer`` / ``solution`` columns, or DeepSpeed ZeRO-3 with ``ds3_gather_for_generation=False``.
 """
 
@@ -446,7 +448,10 @@ class EdgeGRPOTrainer(GRPOTrainer):
                 install_edge_lm_head(_unwrap_parallel(self.ref_model), temperature=self.temperature,
                                      cast_lm_head_to_fp32=config.cast_lm_head_to_fp32,
                                      impl=config.edge_kernels_impl, chunk_size=config.edge_kernels_chunk_size)
+        if getattr(self, "use_vllm", False):
+            _push_through_reload_weights_on_cpu(self.vllm_generation)
         self._gec_generator = torch.Generator().manual_seed(int(config.gec_seed) + self.accelerator.process_index)
+        self._gec_regen_logprobs = None
         self._edge_batch_inputs = None
         self._edge_rewards_per_func = None
         self._edge_eda_loss_inputs = None
@@ -693,11 +698,18 @@ class EdgeGRPOTrainer(GRPOTrainer):
         total = counts[-1].clamp(min=1)
         for k, v in zip(("incorrect_frac", "regenerated_frac", "injected_frac", "replaced_frac"), counts[:-1]):
             self._metrics["train"][f"gec/{k}"].append((v / total).item())
-        return prompt_ids, new_ids, tool_mask, completions, None, extra_fields, images, tool_images
+        new_logprobs = None
+        if logprobs is not None:  # vLLM: TRL's importance sampling needs the sampling log-prob of every token
+            new_logprobs = _gec_sampling_logprobs(corrected, completion_ids, logprobs, self._gec_regen_logprobs)
+        self._gec_regen_logprobs = None
+        return prompt_ids, new_ids, tool_mask, completions, new_logprobs, extra_fields, images, tool_images
 
     def _gec_generate(self, prefixes, max_new_tokens, **_ignored):
         """The policy's continuations of ``prefixes`` (token lists), each cut after its first EOS; sampling
-        follows the trainer's generation config (temperature, top-p/k, ...) with ``max_new_tokens``."""
+        follows the trainer's generation config (temperature, top-p/k, ...) with ``max_new_tokens``. With
+        ``use_vllm=True`` through TRL's own vLLM engine (:meth:`_gec_generate_vllm`)."""
+        if self.use_vllm:
+            return self._gec_generate_vllm(prefixes, max_new_tokens)
         a = self.args
         pad_id = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         width = max(len(c) for c in prefixes)
@@ -728,6 +740,82 @@ class EdgeGRPOTrainer(GRPOTrainer):
             conts.append(cont)
         return conts
 
+    def _gec_generate_vllm(self, prefixes, max_new_tokens):
+        """GEC's regeneration through TRL's own vLLM engine (colocate mode), with the trainer's sampling settings
+        and ``max_new_tokens``: TRL's ``generate`` with its completion limit swapped for the call. Keeps the
+        continuations' sampling log-probs (cut like the tokens) for :func:`_gec_sampling_logprobs`."""
+        gen = self.vllm_generation
+        saved = gen.max_completion_length
+        gen.max_completion_length = int(max_new_tokens)
+        try:
+            _, completion_ids, logprobs, _ = gen.generate(prompts=[list(p) for p in prefixes], images=None,
+                                                          num_generations=1)
+        finally:
+            gen.max_completion_length = saved
+        eos = set(self.eos_token_ids)
+        conts, lps = [], []
+        for i, row in enumerate(completion_ids):
+            cont = []
+            for t in row:
+                cont.append(int(t))
+                if t in eos:
+                    break
+            conts.append(cont)
+            lps.append([lp[0] for lp in logprobs[i][:len(cont)]] if logprobs is not None else [None] * len(cont))
+        self._gec_regen_logprobs = lps
+        return conts
+
+
+def _gec_sampling_logprobs(corrected, completion_ids, logprobs, regen_logprobs):
+    """The vLLM sampling log-probs of GEC's corrected completions, one per token, for TRL's importance-sampling
+    correction: a kept prefix of the sampled completion keeps its log-probs, a regenerated continuation gets the
+    regeneration's (in order, one list per ``"regenerate"`` row), text vLLM did not sample (reflection,
+    injection, reference) gets ``None``, which TRL maps to NaN and then to an importance ratio of 1."""
+    regen = iter(regen_logprobs or [])
+    out = []
+    for c, old_ids, old_lp in zip(corrected, completion_ids, logprobs):
+        if c.branch in (None, "none"):
+            out.append(list(old_lp))
+            continue
+        n_keep = 0
+        while (n_keep < min(len(old_ids), len(c.tokens)) and not c.injected[n_keep]
+               and c.tokens[n_keep] == old_ids[n_keep]):
+            n_keep += 1
+        lps = list(old_lp[:n_keep])
+        lps += [None] * sum(c.injected[n_keep:])
+        if c.branch == "regenerate":
+            cont = next(regen)
+            lps += list(cont)
+        if len(lps) != len(c.tokens):  # pragma: no cover - apply_gec's layout: prefix, injected text, continuation
+            raise RuntimeError(f"GEC: {len(lps)} sampling log-probs for a {len(c.tokens)}-token corrected completion")
+        out.append(lps)
+    return out
+
+
+def _push_through_reload_weights_on_cpu(generation) -> None:
+    """On vLLM's CPU build, TRL's colocate weight push (the model's ``load_weights``, one parameter at a time)
+    fails on the prepacked Linear weights (``'Parameter' object has no attribute 'weight_loader'``) and would
+    leave the packed copy of ``lm_head`` stale. There the push goes through the worker's ``reload_weights`` with
+    TRL's own parameter iterator (names mapped, gathered one at a time), which re-runs vLLM's weight processing.
+    GPU builds keep TRL's push."""
+    if getattr(generation, "mode", None) != "colocate":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+
+    def sync_weights():
+        if generation.enable_sleep_mode:
+            generation.llm.wake_up(tags=["weights"])
+            generation._llm_weights_sleeping = False
+        # in-process engine (TRL's external_launcher executor): the iterator is consumed where it is made
+        generation.llm.collective_rpc("reload_weights", kwargs=dict(
+            weights_iterator=generation._iter_named_params(), is_checkpoint_format=True))
+        generation.llm.reset_prefix_cache()
+
+    generation.sync_weights = sync_weights
+
 
 def _field(row: dict, column: str):
     value = row.get(column)
@@ -754,9 +842,14 @@ def _check_arguments(config: EdgeGRPOConfig, params: dict) -> None:
         )
     if a.gec:
         reasons = []
-        if a.use_vllm:
-            reasons.append("use_vllm=True (prompt-and-regenerate runs the training model's generate, and the vLLM "
-                           "sampling log-probs of corrected text would be missing)")
+        if a.use_vllm and a.vllm_mode != "colocate":
+            reasons.append(f"use_vllm=True with vllm_mode={a.vllm_mode!r} (each process regenerates a different "
+                           "number of completions, which TRL's server round trip cannot split back; use "
+                           "vllm_mode='colocate')")
+        if a.use_vllm and a.vllm_mode == "colocate" and a.vllm_tensor_parallel_size > 1:
+            reasons.append(f"use_vllm=True with vllm_tensor_parallel_size={a.vllm_tensor_parallel_size} (the "
+                           "tensor-parallel group gathers equal-sized batches; GEC's regenerations differ in "
+                           "number per process)")
         if params.get("tools") or params.get("environment_factory") is not None:
             reasons.append("tools / environment_factory (tool masks and corrections would collide)")
         if params.get("rollout_func") is not None:

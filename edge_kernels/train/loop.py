@@ -48,7 +48,8 @@ class TrainError(RuntimeError):
 class Rollout(NamedTuple):
     """One step's responses: per row (``group_size`` consecutive rows per problem) the problem, its prompt,
     the response tokens, which tokens GEC injected, the rewards after GEC, and before it (``rewards0``,
-    ``correct0``); ``gec_counts`` = (regenerated, injected, replaced)."""
+    ``correct0``); ``gec_counts`` = (regenerated, injected, replaced); ``sampled``: the engine's responses
+    before GEC, with the engine's log-prob of each sampled token (``sampled_logprobs``; None for ``hf``)."""
 
     problem_ids: List[int]
     problems: List[Problem]
@@ -59,6 +60,8 @@ class Rollout(NamedTuple):
     rewards0: List[float]
     correct0: List[bool]
     gec_counts: Tuple[int, int, int]
+    sampled: Optional[List[List[int]]] = None
+    sampled_logprobs: Optional[List[List[float]]] = None
 
 
 METRIC_FIELDS = ("step", "reward_mean", "accuracy", "entropy_mean", "adv_var", "zero_adv_frac", "loss",
@@ -268,11 +271,7 @@ class Trainer:
                                             c.max_prompt_tokens)
         from .rollout import make_rollout
 
-        model_path = None
-        if c.model is not None:
-            from .model import model_dir
-
-            model_path = model_dir(self.resume_from and os.path.join(self.resume_from, "model") or c.model)
+        model_path = self._rollout_model_path()
         self.engine = make_rollout(c.rollout, self.model, self.tokenizer, model_path=model_path, seed=c.seed,
                                    batch_size=c.rollout_batch_size, dtype=str(self.dtype).replace("torch.", ""),
                                    gpu_memory_utilization=c.vllm_gpu_memory_utilization,
@@ -281,6 +280,51 @@ class Trainer:
         self.sampler = PromptSampler(len(self.train_problems), c.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.phase = "warmup" if c.warmup_steps > 0 else "rl"
+
+    def _rollout_model_path(self) -> Optional[str]:
+        """The directory a rollout engine that loads from disk (vLLM) starts from: --model, or the resumed
+        checkpoint's model; the embedded model and its tokenizer are saved into the run directory for it
+        (``vllm-model/``). The weights it starts with matter little: the loop pushes the policy's after the
+        warm-up, after a resume and after every update."""
+        c = self.cfg
+        from .model import model_dir
+
+        if self.resume_from is not None:
+            return model_dir(os.path.join(self.resume_from, "model"))
+        if c.model is not None:
+            return model_dir(c.model)
+        if c.rollout != "vllm":
+            return None
+        path = os.path.join(self.out, "vllm-model")
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def _rollout_check(self, ro: Rollout, packed, old_logp, est: Estimate) -> Tuple[Dict[str, float], Estimate]:
+        """``(metrics, estimate to train on)``: the mean |engine log-prob - scoring-pass log-prob| of the
+        sampled tokens (``rollout_logp_diff``, a warning above :data:`~edge_kernels.train.rollout.LOGP_DIFF_WARN`:
+        the weight push did not take effect, or the engine's numerics differ), and with ``--rollout-is-cap`` the
+        advantages times the truncated importance weights (``docs/algorithms.md`` section 8; per token, so
+        ``[B, T]``). Nothing for an engine without log-probs (``hf``)."""
+        from .rollout import LOGP_DIFF_WARN, logp_diff, rollout_logp, truncated_is_weights
+
+        c = self.cfg
+        got = rollout_logp(ro.sampled_logprobs, ro.sampled, packed.targets, packed.mask)
+        if got is None:
+            return {}, est
+        lp, valid = got
+        diff = logp_diff(lp, valid, old_logp)
+        rec = {"rollout_logp_diff": diff}
+        if diff > LOGP_DIFF_WARN:
+            self.log(f"warning: step {self.step + 1}: rollout_logp_diff {diff:.4f} > {LOGP_DIFF_WARN}: the rollout "
+                     "engine's log-probs of its samples differ from the scoring pass's (a weight push that did not "
+                     "take effect, or a precision mismatch); --rollout-is-cap corrects a small mismatch")
+        if c.rollout_is_cap is not None:
+            w = truncated_is_weights(lp, valid, old_logp, c.rollout_is_cap)
+            rec["rollout_is_weight_mean"] = float((w * packed.mask).sum() / packed.mask.sum().clamp(min=1))
+            a = est.advantages
+            est = est._replace(advantages=(a if a.dim() == 2 else a[:, None]) * w.to(a.dtype))
+        return rec, est
 
     def regeneration_horizon(self) -> int:
         """The longest sampled sequence after the prompt: a response, plus (GEC regeneration) the reflection
@@ -459,10 +503,11 @@ class Trainer:
         with oom_guard("rollout"):
             responses = self.engine.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                              top_p=c.top_p, desc="rollout")
+            sampled_logprobs = getattr(self.engine, "last_logprobs", None)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         rewards, correct = score_responses(texts, [p.answer for p in problems], c.format_reward)
         return Rollout([i for i in idx for _ in range(G)], problems, prompts, responses, None, rewards, rewards,
-                       correct, (0, 0, 0))
+                       correct, (0, 0, 0), responses, sampled_logprobs)
 
     def _correct(self, ro: Rollout, step: int) -> Rollout:
         """GEC on the incorrect responses (generator seeded from ``(seed, step)``), then every response is
@@ -544,18 +589,19 @@ class Trainer:
                                       impl=c.impl, autocast_dtype=self.autocast_dtype)
         r = torch.tensor(ro.rewards, dtype=torch.float32, device=self.device)
         est = self._advantages(r, old_logp, entropy, loss_mask)
+        check, trained = self._rollout_check(ro, packed, old_logp, est)
 
         t1 = time.time()
         with oom_guard("update"):
-            loss, loss_metrics, grad_norm = self._update(packed, loss_mask, old_logp, est)
+            loss, loss_metrics, grad_norm = self._update(packed, loss_mask, old_logp, trained)
         self.engine.sync_weights(self.model)
         t_update = time.time() - t1
         self.step = step
         return self._record(step, ro, packed, loss_mask, entropy, est, loss, loss_metrics, grad_norm,
-                            (round(t_rollout, 4), round(t_update, 4)))
+                            (round(t_rollout, 4), round(t_update, 4)), check)
 
     def _record(self, step, ro: Rollout, packed, loss_mask, entropy, est: Estimate, loss, m, grad_norm,
-                times) -> Dict[str, Any]:
+                times, check: Dict[str, float]) -> Dict[str, Any]:
         """The metrics line of a step. With EDA ``"current"`` the rescaled advantages live inside the loss, so
         their statistics come from the loss's metrics."""
         if est.rescale_in_loss:
@@ -588,6 +634,7 @@ class Trainer:
             "epoch": self.sampler.epoch,
             "rollout_time_s": times[0],
             "update_time_s": times[1],
+            **check,
         }
 
     # ------------------------------------------------------------------------------------------ run

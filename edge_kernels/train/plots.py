@@ -16,7 +16,10 @@ PLOTS = {
     "entropy.png": (("entropy_mean", "mean token entropy"),),
     "adv_var.png": (("adv_var", "intra-group advantage variance"),),
     "zero_adv_frac.png": (("zero_adv_frac", "zero-advantage group fraction"),),
+    # --rollout vllm only (written when a row has it)
+    "rollout_logp_diff.png": (("rollout_logp_diff", "mean |vLLM logp - scoring logp| of sampled tokens"),),
 }
+OPTIONAL_PLOTS = ("rollout_logp_diff.png",)
 
 
 def read_metrics(path: str) -> List[Dict]:
@@ -62,6 +65,8 @@ def plot_metrics(metrics_path: str, out_dir: str) -> List[str]:
     window = max(1, len(rows) // 20)
     written = []
     for name, series in PLOTS.items():
+        if name in OPTIONAL_PLOTS and not any(k in r for r in rows for k, _ in series):
+            continue
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for key, label in series:
             vals = [float(r.get(key, float("nan"))) for r in rows]

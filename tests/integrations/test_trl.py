@@ -523,8 +523,8 @@ def test_refusals(model_dir, tokenizer, tmp_path):
                      steps_per_generation=2)
     with pytest.raises(ValueError, match="sum to at most 1"):
         make_config(tmp_path, gec_p_regenerate=0.6, gec_p_inject=0.6)
-    with pytest.raises(ValueError, match="use_vllm=True"):
-        make_trainer(model_dir, tokenizer, tmp_path, gec=True, use_vllm=True)
+    with pytest.raises(ValueError, match="use_vllm=True with vllm_mode='server'"):  # colocate: tests/vllm_rollout
+        make_trainer(model_dir, tokenizer, tmp_path, gec=True, use_vllm=True, vllm_mode="server")
     with pytest.raises(ValueError, match="rollout_func"):
         EdgeGRPOTrainer(model=model_dir, reward_funcs=REWARDS, processing_class=tokenizer, train_dataset=make_dataset(),
                         args=make_config(tmp_path, gec=True), rollout_func=lambda prompts, trainer: {})

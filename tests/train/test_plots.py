@@ -3,7 +3,7 @@
 import json
 import os
 
-from edge_kernels.train.plots import PLOTS, plot_comparison, plot_metrics, read_metrics, smooth
+from edge_kernels.train.plots import OPTIONAL_PLOTS, PLOTS, plot_comparison, plot_metrics, read_metrics, smooth
 
 
 def _rows(n, scale=1.0):
@@ -16,12 +16,15 @@ def test_plot_metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _rows(30)))
     written = plot_metrics(str(path), str(tmp_path / "plots"))
-    assert sorted(os.path.basename(p) for p in written) == sorted(PLOTS)
+    assert sorted(os.path.basename(p) for p in written) == sorted(set(PLOTS) - set(OPTIONAL_PLOTS))
     for p in written:
         with open(p, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert len(read_metrics(str(path))) == 30
     assert plot_metrics(str(tmp_path / "none.jsonl"), str(tmp_path / "p2")) == []
+    vllm = tmp_path / "vllm.jsonl"  # --rollout vllm rows carry rollout_logp_diff: its plot too
+    vllm.write_text("".join(json.dumps({**r, "rollout_logp_diff": 1e-7}) + "\n" for r in _rows(5)))
+    assert sorted(os.path.basename(p) for p in plot_metrics(str(vllm), str(tmp_path / "p3"))) == sorted(PLOTS)
 
 
 def test_smooth():

@@ -1,16 +1,15 @@
-"""Rollout engines: HF generate; vLLM's thin wrapper against a fake ``vllm`` module (the real one needs CUDA)."""
+"""Rollout engines: HF generate; what of vLLM runs without it (its absence, the log-prob alignment and the
+truncated IS weights). The real vLLM engine is tested in tests/vllm_rollout."""
 
 import importlib.util
-import os
-import sys
-import types
-from types import SimpleNamespace
+import math
 
 import pytest
 import torch
 
 from train_helpers import save_model_with_sampling_defaults, tiny_model_and_tokenizer
-from edge_kernels.train.rollout import VLLM_MISSING, HFRollout, VLLMRollout, _strip, make_rollout
+from edge_kernels.train.rollout import (VLLM_MISSING, HFRollout, _strip, logp_diff, make_rollout, rollout_logp,
+                                       truncated_is_weights)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -57,17 +56,13 @@ def test_vllm_missing_is_a_clear_error():
     assert "--rollout hf" in VLLM_MISSING
 
 
-@pytest.mark.skipif(not HAS_VLLM or not torch.cuda.is_available(),
-                    reason="vllm is CUDA-only and pins torch 2.14 (not installable on CPU CI)")
-def test_vllm_rollout(tmp_path):  # pragma: no cover - runs only on a GPU machine with vllm
-    model, tok = tiny_model_and_tokenizer()
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    eng = make_rollout("vllm", model.cuda(), tok, model_path=str(tmp_path), seed=0, batch_size=8,
-                       dtype="float32", gpu_memory_utilization=0.2)
-    out = eng.generate([[5, 6, 7]] * 2, max_new_tokens=4, temperature=1.0)
-    assert len(out) == 2 and all(1 <= len(o) <= 4 for o in out)
-    eng.sync_weights(model)
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed here")
+def test_edge_train_without_vllm_says_so_without_a_traceback(tmp_path):
+    from train_helpers import run_cli, tiny_flags
+
+    r = run_cli([*tiny_flags(rollout="vllm"), "--output", str(tmp_path / "run")])
+    assert r.returncode == 2 and "edge-train: error: --rollout vllm needs the vllm package" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------------------------------ the model's own defaults
@@ -126,99 +121,42 @@ def test_hf_rollout_stops_on_every_stop_id():
     assert _strip([5, 7, 9], eng.eos_ids) == [5, 7]
 
 
-# ------------------------------------------------------------------------------------------ vLLM (fake module)
+# ------------------------------------------------------------------------------------------ vLLM's log-probs
+# (the engine itself: tests/vllm_rollout, run in CI's second environment against the real CPU build)
 
 
-class FakeSamplingParams:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+def test_rollout_logp_covers_the_sampled_prefix_the_trained_response_keeps():
+    from edge_kernels.train.batch import pack
+
+    sampled = [[5, 6, 2], [7, 8], [9, 9, 9]]
+    lps = [[-0.1, -0.2, -0.3], [-1.0, -2.0], [-0.5, -0.5, -0.5]]
+    # GEC: row 0 untouched, row 1 regenerated (stop token stripped, reflection + continuation appended),
+    # row 2 replaced by a reference solution
+    trained = [[5, 6, 2], [7, 8, 40, 41, 42], [30, 31]]
+    packed = pack([[1, 2]] * 3, trained, 0)
+    lp, valid = rollout_logp(lps, sampled, packed.targets, packed.mask)
+    assert valid.tolist() == [[True, True, True, False, False], [True, True, False, False, False], [False] * 5]
+    assert lp[0, :3].tolist() == pytest.approx([-0.1, -0.2, -0.3]) and lp[1, :2].tolist() == [-1.0, -2.0]
+    assert rollout_logp(None, sampled, packed.targets, packed.mask) is None  # hf: no engine log-probs
+    old = torch.zeros(3, 5)
+    old[0, :3] = torch.tensor([-0.1, -0.2, -0.5])
+    old[1, :2] = torch.tensor([-1.0, -2.0])
+    assert logp_diff(lp, valid, old) == pytest.approx(0.2 / 5)
+    assert math.isnan(logp_diff(lp, torch.zeros_like(valid), old))
 
 
-class FakeLLM:
-    """Records what edge-train asks of vLLM; its outputs depend on each request's seed."""
-
-    in_process = True
-
-    def __init__(self, **kw):
-        self.kw = kw
-        self.env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-        self.loaded, self.resets, self.rpc = [], 0, []
-        executor = SimpleNamespace(driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=SimpleNamespace(
-            model=SimpleNamespace(load_weights=lambda ws: self.loaded.append(list(ws)))))))
-        self.llm_engine = SimpleNamespace(model_executor=executor) if self.in_process else SimpleNamespace()
-
-    def generate(self, prompts, params, use_tqdm=True):
-        assert isinstance(params, list) and len(params) == len(prompts)
-        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[10 + p.seed % 50, 11, p.stop_token_ids[-1], 12])])
-                for p in params]
-
-    def reset_prefix_cache(self):
-        self.resets += 1
-
-    def collective_rpc(self, fn, *a, **k):
-        self.rpc.append(fn)
+def test_truncated_is_weights():
+    rollout = torch.tensor([[-1.0, -3.0, -0.5, 0.0]])
+    old = torch.tensor([[-1.0, -1.0, -1.0, -7.0]])
+    valid = torch.tensor([[True, True, True, False]])
+    w = truncated_is_weights(rollout, valid, old, cap=2.0)
+    # exp(0) = 1; exp(2) capped at 2; exp(-0.5) below 1 is kept; a token the engine did not sample: 1
+    assert w[0].tolist() == pytest.approx([1.0, 2.0, math.exp(-0.5), 1.0])
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod.LLM, mod.SamplingParams = FakeLLM, FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset-by-the-test")
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
-    return mod
+def test_is_cap_must_be_at_least_one():
+    from edge_kernels.train.config import ConfigError, TrainConfig, validate
 
-
-def test_vllm_samples_each_request_with_its_own_seed(fake_vllm):
-    _, tok = tiny_model_and_tokenizer()
-    eng = VLLMRollout("/m", tok, seed=0, dtype="bfloat16", max_model_len=99, stop_ids=[2, 5])
-    seen = []
-    real = eng.llm.generate
-    eng.llm.generate = lambda prompts, params, **k: seen.append(params) or real(prompts, params, **k)
-    torch.manual_seed(3)
-    out = eng.generate([[1, 2, 3]] * 4, max_new_tokens=6, temperature=0.9, top_p=0.95)
-    params = seen[-1]
-    assert len({p.seed for p in params}) == 4  # a group's G identical prompts get G different samples
-    assert len({tuple(o) for o in out}) > 1 and all(o[-1] == 5 and len(o) == 3 for o in out)  # cut at the stop
-    p = params[0]
-    assert (p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.stop_token_ids) == (1, 0.9, 0.95, -1, 6, [2, 5])
-    torch.manual_seed(3)  # the loop re-seeds torch from (--seed, step): the same seeds again
-    assert eng.generate([[1, 2, 3]] * 4, max_new_tokens=6, temperature=0.9, top_p=0.95) == out
-    assert [q.seed for q in seen[-1]] == [q.seed for q in params]
-    torch.manual_seed(4)
-    eng.generate([[1, 2, 3]] * 4, max_new_tokens=6)
-    assert {q.seed for q in seen[-1]}.isdisjoint(q.seed for q in params)
-    eng.generate([[1]], max_new_tokens=2, greedy=True)
-    assert seen[-1][0].temperature == 0.0
-
-
-def test_vllm_engine_in_process_with_a_bounded_context_and_an_in_memory_weight_push(fake_vllm):
-    model, tok = tiny_model_and_tokenizer()
-    eng = VLLMRollout("/m", tok, seed=0, dtype="bfloat16", max_model_len=1234, stop_ids=[tok.eos_token_id])
-    assert eng.llm.env == "0"  # set before the engine was built: its model lives in this process
-    assert eng.llm.kw["max_model_len"] == 1234 and eng.llm.kw["dtype"] == "bfloat16"
-    eng.sync_weights(model)
-    (weights,) = eng.llm.loaded
-    assert [n for n, _ in weights] == list(model.state_dict())
-    assert all(t.dtype == torch.bfloat16 for _, t in weights) and eng.llm.resets == 1
-    assert eng.llm.rpc == []
-
-
-def test_vllm_weight_push_without_an_in_process_engine_is_a_clear_error(fake_vllm, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the user's choice wins
-    monkeypatch.setattr(FakeLLM, "in_process", False)
-    model, tok = tiny_model_and_tokenizer()
-    eng = VLLMRollout("/m", tok, seed=0)
-    assert eng.llm.env == "1"
-    with pytest.raises(RuntimeError, match=r"VLLM_ENABLE_V1_MULTIPROCESSING=1.*--rollout hf"):
-        eng.sync_weights(model)
-    assert eng.llm.rpc == []  # no pickled closure / state dict through collective_rpc
-
-
-def test_make_rollout_passes_max_model_len_and_stop_ids_to_vllm(fake_vllm, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    model, tok = tiny_model_and_tokenizer()
-    eng = make_rollout("vllm", model, tok, model_path="/m", seed=1, batch_size=8, dtype="bfloat16",
-                       gpu_memory_utilization=0.3, stop_ids=[2, 9], max_model_len=777)
-    assert isinstance(eng, VLLMRollout) and eng.stop_ids == [2, 9]
-    assert eng.llm.kw["max_model_len"] == 777 and eng.llm.kw["gpu_memory_utilization"] == 0.3
+    with pytest.raises(ConfigError, match="rollout_is_cap must be >= 1"):
+        validate(TrainConfig(rollout="vllm", rollout_is_cap=0.5))
+    validate(TrainConfig(rollout="vllm", rollout_is_cap=2.0))
