@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vllm_helpers import model_and_tokenizer, perturb, scoring_logp
-from edge_kernels.train.gec import GECConfig, apply_gec
+from edge_kernels.gec import GECConfig, apply_gec
 from edge_kernels.train.rollout import LOGP_DIFF_WARN, HFRollout, VLLMRollout, logp_diff, rollout_logp
 
 pytestmark = pytest.mark.vllm
