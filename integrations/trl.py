@@ -241,26 +241,37 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
                 return _fsdp2_sharded_head(hidden, tgt, mask, weight, bias, vocab_slice, dtype, eff_temperature,
                                            eff_softcap, chunk_size, impl, num_items_in_batch)
             weight, bias = _gather_fsdp2_head(weight, bias)
-        if not bool(mask.any()):
-            # an all-masked micro-batch: a differentiable zero, connected to the backbone and the head
-            zero = (hidden.float().sum() + weight.float().sum()) * 0.0
-            log_probs = zero.expand(mask.shape)
-            return FusedCausalLMOutput(loss=zero, log_probs=log_probs, entropy=log_probs, label_mask=mask)
-        with torch.autocast(device_type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
-            logp, ent = linear_logprob_entropy(
-                hidden[mask].to(dtype), weight.to(dtype), tgt[mask],
-                bias=None if bias is None else bias.to(dtype), temperature=eff_temperature,
-                return_entropy=True, chunk_size=chunk_size, softcap=eff_softcap, impl=impl,
-            )
-        # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero)
-        log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
-        entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
-        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                                   label_mask=mask)
+        return _dense_head(hidden, tgt, mask, weight, bias, dtype, eff_temperature, eff_softcap, chunk_size, impl,
+                           num_items_in_batch)
 
     model.forward = types.MethodType(_edge_fused_forward, model)
     model._edge_kernels_lm_head = True
+
+
+def _fused_output(mask, logp, ent, num_items_in_batch):
+    """TRL's ``FusedCausalLMOutput`` from the kernel's outputs on the unmasked positions (``masked_scatter`` keeps
+    an all-masked micro-batch connected to the graph: a differentiable zero)."""
+    log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+    entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
+                               label_mask=mask)
+
+
+def _dense_head(hidden, tgt, mask, weight, bias, dtype, temperature, softcap, chunk_size, impl,
+                num_items_in_batch):
+    """The fused head on a whole (or gathered) ``lm_head`` for the unmasked positions."""
+    if not bool(mask.any()):
+        # an all-masked micro-batch: a differentiable zero, connected to the backbone and the head
+        zero = (hidden.float().sum() + weight.float().sum()) * 0.0
+        log_probs = zero.expand(mask.shape)
+        return FusedCausalLMOutput(loss=zero, log_probs=log_probs, entropy=log_probs, label_mask=mask)
+    with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+        logp, ent = linear_logprob_entropy(
+            hidden[mask].to(dtype), weight.to(dtype), tgt[mask], bias=None if bias is None else bias.to(dtype),
+            temperature=temperature, return_entropy=True, chunk_size=chunk_size, softcap=softcap, impl=impl,
+        )
+    return _fused_output(mask, logp, ent, num_items_in_batch)
 
 
 def _gather_fsdp2_head(weight, bias):
@@ -309,11 +320,7 @@ def _fsdp2_sharded_head(hidden, tgt, mask, weight, bias, vocab_slice, dtype, tem
             process_group=group, vocab_start=start, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
             impl=impl,
             weight_grad_scale=1.0 / torch.distributed.get_world_size(group))
-    log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
-    entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
-    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                               label_mask=mask)
+    return _fused_output(mask, logp, ent, num_items_in_batch)
 
 
 # ----------------------------------------------------------------------------------------------------------
