@@ -172,9 +172,9 @@ def _logits_tile(h: Tensor, w: Tensor, bias32: Optional[Tensor], inv_temp: float
 
 
 def _full_row_stats(z: Tensor, tgt: Tensor, ebuf: Tensor):
-    """``(lse, entropy, z[target])`` of fp32 logits rows ``z [r, V]`` holding the whole vocabulary; ``z`` is
-    overwritten (it becomes ``z - max``). Per cache slice: max, shift in place, exp, and the two row sums
-    ``s = sum e`` and ``b = sum e d`` (``d = z - max``) as one batched dot product."""
+    """``(lse, entropy, z[target], shift)`` of fp32 logits rows ``z [r, V]`` holding the whole vocabulary; ``z`` is
+    overwritten (it becomes ``z - shift``, ``shift`` = the row max, 0 for an all ``-inf`` row). Per cache slice: max, shift in place, exp, and the two row sums
+    ``s = sum e`` and ``b = sum e d`` (``d = z - max``, a dot product: no ``e d`` temporary)."""
     zt = z.gather(1, tgt[:, None]).squeeze(1)
     m = z.new_empty(z.shape[0])
     s, b = torch.empty_like(m), torch.empty_like(m)
@@ -184,10 +184,10 @@ def _full_row_stats(z: Tensor, tgt: Tensor, ebuf: Tensor):
         d.sub_(_safe_shift(m[r0:r1])[:, None])
         torch.exp(d, out=e)
         torch.sum(e, dim=1, out=s[r0:r1])
-        b[r0:r1] = torch.bmm(e.unsqueeze(1), d.unsqueeze(2)).view(-1)
+        torch.linalg.vecdot(e, d, dim=1, out=b[r0:r1])
         _fix_masked_b(d, e, m[r0:r1], b[r0:r1])
     lse, entropy = finalize_stats(m, s, b)
-    return lse, entropy, zt
+    return lse, entropy, zt, _safe_shift(m)
 
 
 def _fix_masked_b(d: Tensor, e: Tensor, m: Tensor, b: Tensor) -> None:
@@ -236,7 +236,7 @@ def linear_logprob_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     for r0 in range(0, h.shape[0], rows):
         r1 = min(h.shape[0], r0 + rows)
         z = _logits_tile(h[r0:r1], w, bias32, inv_temp, zbuf[: r1 - r0])
-        lse, ent, zt = _full_row_stats(z, tgt[r0:r1], ebuf)
+        lse, ent, zt, _ = _full_row_stats(z, tgt[r0:r1], ebuf)
         res[0, r0:r1], res[1, r0:r1], res[2, r0:r1] = zt - lse, ent, lse
     if idx is None:
         return res[0], res[1], res[2]
@@ -264,7 +264,7 @@ def _linear_fwd_vocab_chunks(hidden, weight, bias, targets, inv_temp, ignore_ind
     return logp, entropy, lse
 
 
-def _grad_coefs(lse, entropy, grad_logp, grad_entropy, inv_temp):
+def _grad_coefs(entropy, grad_logp, grad_entropy, inv_temp):
     """Per-row coefficients of ``dz/dlogits = inv_temp * p * (a + c log p)`` plus ``inv_temp * g_l`` at the
     target: ``a = -g_l - g_H H`` and ``c = -g_H`` (from ``dz = g_l (1[t] - p) - g_H p (log p + H)``)."""
     a = grad_logp * -inv_temp
@@ -309,7 +309,7 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     if h.shape[0] == 0:
         return (dh.to(hidden.dtype) if needs_hidden else None), dw, (db.to(bias.dtype) if needs_bias else None)
     lse, g_l = _take(lse, idx), _take(grad_logp, idx)
-    a, c = _grad_coefs(lse, _take(entropy, idx), g_l, _take(grad_entropy, idx), inv_temp)
+    a, c = _grad_coefs(_take(entropy, idx), g_l, _take(grad_entropy, idx), inv_temp)
     g_t, tgt = g_l * inv_temp, _take(targets, idx)
     mixed = _mixed_mm_ok(hidden)
     h_op = h if mixed else h.float()

@@ -415,9 +415,48 @@ def test_fused_backward_skips_entropy_gradient_unless_needed(monkeypatch):
     for kw, needs in [(dict(), False), (dict(top_entropy_quantile=0.5), False), (dict(entropy_coef=0.01), True),
                       (dict(eda="current", group_size=3), True)]:
         h = hidden.clone().requires_grad_(True)
-        loss, _ = fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch", **kw)
+        # chunk_size < V keeps the four-matmul path (the three-matmul one never calls this backward)
+        loss, _ = fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch",
+                                           chunk_size=V - 1, **kw)
         loss.backward()
         assert seen.pop() is needs, kw
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_three_matmul_path_matches_four_matmul_path(agg, dtype, monkeypatch):
+    """Token-level ratios: the gradient formed in the forward (three matmuls) equals the chunked op's
+    backward (four matmuls), for every aggregation, with KL, entropy bonus, dual clip and a bias."""
+    seen = []
+    fwd, bwd = lle_module._BACKENDS["torch"]
+    monkeypatch.setitem(lle_module._BACKENDS, "torch", (fwd, lambda *a: seen.append(1) or bwd(*a)))
+    hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
+    kw = dict(old_logp=old, ref_logp=ref, kl_coef=0.1, kl_type="k3", entropy_coef=0.02, dual_clip=3.0, agg=agg,
+              bias=bias.to(dtype), temperature=TEMP, impl="torch")
+    out = []
+    for chunk_size in (None, V - 1):  # None: three matmuls; V - 1: vocabulary chunks, four matmuls
+        h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        loss, metrics = fused_linear_policy_loss(h, w, targets, adv, mask, chunk_size=chunk_size, **kw)
+        out.append((loss, *torch.autograd.grad(2.5 * loss, (h, w)), metrics["entropy_mean"]))
+    assert seen == [1]  # only the chunked run called the op's backward
+    for a, b in zip(*out):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)  # both fp32-exact logits
+
+
+def test_fused_three_matmul_not_taken_where_inexact(monkeypatch):
+    import edge_kernels.losses as losses_module
+
+    taken = []
+    real = losses_module.fused_policy_loss_three_matmul
+    monkeypatch.setattr(losses_module, "fused_policy_loss_three_matmul", lambda *a: taken.append(1) or real(*a))
+    hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
+    for kw in (dict(top_entropy_quantile=0.5), dict(eda="current", group_size=3), dict(is_level="sequence"),
+               dict(chunk_size=V - 1)):
+        h = hidden.clone().requires_grad_(True)
+        fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch", **kw)
+    assert taken == []
+    fused_linear_policy_loss(hidden.clone().requires_grad_(True), weight, targets, adv, mask, impl="torch")
+    assert taken == [1]
 
 
 # ----------------------------------------------------------------------------------------------------------
