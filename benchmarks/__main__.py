@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--only NAME[,NAME...]] [--out DIR] [--compile | --no-compile]``
+"""``python -m benchmarks [--quick] [--only NAME[,NAME...]] [--out DIR] [--compile | --no-compile]``;
+``python -m benchmarks --only cpu``: the CPU side-by-side table (:mod:`benchmarks.bench_cpu`).
 ``python -m benchmarks --merge DIR [DIR ...] --out DIR``
 
 Runs the benchmarks and writes ``results.md`` (Markdown tables), ``results.json`` and PNG plots to
@@ -95,6 +96,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _merge(args.merge, args.out)
 
     only = [x.strip() for item in args.only for x in item.split(",") if x.strip()] or list(BENCHMARKS)
+    if only == ["cpu"]:  # the CPU side-by-side table: its own driver, one process per row (bench_cpu.py)
+        from .bench_cpu import main as cpu_main
+
+        return cpu_main(["--shape", "quick"] if args.quick else [])
     unknown = [x for x in only if x not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)

@@ -127,6 +127,7 @@ def run_row(row: str, dtype_name: str, mode: str, shape: str, reps: int) -> dict
     call()
     times, outs = [], None
     for _ in range(reps):
+        outs = None  # the previous call's outputs are not part of this call's peak
         t0 = time.perf_counter()
         outs = call()
         times.append((time.perf_counter() - t0) * 1e3)

@@ -407,3 +407,27 @@ def test_gpu_offsets_beyond_int32():
     assert (logp[idx].double() - r_logp).abs().max() <= 1e-4
     assert (ent[idx].double() - r_ent).abs().max() <= 3e-4
     assert torch.isfinite(h.grad).all() and h.grad[n - 1].abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_gpu_torch_path_bf16_uses_fp32_output_matmul():
+    """impl="torch" on CUDA bf16: where torch offers ``mm(..., out_dtype=float32)`` the logits come from it
+    (bf16 tensor cores, fp32 output, never rounded to 16 bits): values as exact as the fp32 upcast, and
+    gradients within the Triton backward's bound (its dz is rounded to bf16 for the GEMMs as well)."""
+    from edge_kernels import reference
+
+    n, d, v = 1024, 896, 32768
+    hidden, weight, bias, targets = make_linear_inputs(n, d, v, dtype=torch.bfloat16, bias=True, ignore_frac=0.05,
+                                                       seed=17, device="cuda")
+    assert reference._mixed_mm_ok(hidden) == (op_module._mixed_mm_support(hidden.device) in ("addmm", "mm"))
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, ent = linear_logprob_entropy(h, w, targets, bias=bias, temperature=0.9, impl="torch")
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    r_logp, r_ent = oracle_linear_logprob_entropy(h64, w64, targets, bias.double(), 0.9)
+    assert (logp.double() - r_logp).abs().max().item() <= 1e-4  # fp32 logits: the bound of the fp32 path
+    assert (ent.double() - r_ent).abs().max().item() <= 3e-4
+    g = torch.randn(n, device="cuda")
+    dh, dw = torch.autograd.grad((logp * g).sum() + ent.sum(), (h, w))
+    r_dh, r_dw = torch.autograd.grad((r_logp * g.double()).sum() + r_ent.sum(), (h64, w64))
+    for got, want in ((dh, r_dh), (dw, r_dw)):
+        assert rel_err(got.double(), want) <= 2e-2  # bf16 gradients (dz rounded to bf16, as Triton's)
