@@ -18,16 +18,10 @@ from pathlib import Path
 from typing import List, Optional
 
 # (benchmarks/__init__.py, which runs first, sets TRITON_INTERPRET=1 on machines without CUDA)
-from .common import (
-    RESULTS_DIR,
-    Results,
-    TimingConfig,
-    copy_bandwidth,
-    environment,
-    load_results,
-    pick_device,
-    set_deadline,
-)
+from .env import RESULTS_DIR, environment, pick_device
+from .report import Results, load_results
+from .roofline import copy_bandwidth
+from .timing import TimingConfig, set_deadline
 
 # name -> (description, "module:function"); a runner is ``run(cfg: BenchConfig, results: Results) -> None`` and
 # adds sections (tables) or sweeps to ``results``. A new op: write bench_<op>.py with such a runner, add it here.

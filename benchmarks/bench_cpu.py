@@ -214,14 +214,18 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--plan", help="only these rows, comma-separated dtype:mode:row (e.g. fp32:fb:ours)")
+    ap.add_argument("--prior", type=Path, help="JSON lines of rows already measured (this driver's stdout)")
     args = ap.parse_args(argv)
     if args.row:
         print(json.dumps(run_row(args.row, args.dtype, args.mode, args.shape, args.reps)))
         return 0
     started = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
     command = "python -m benchmarks.bench_cpu " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = []
-    for _, dt, mode, row in _plan(args.shape == "quick"):
+    results = [json.loads(x) for x in args.prior.read_text().splitlines() if x.startswith("{")] if args.prior else []
+    plan = [tuple(x.split(":")) for x in args.plan.split(",")] if args.plan else \
+        [(dt, mode, row) for _, dt, mode, row in _plan(args.shape == "quick")]
+    for dt, mode, row in plan:
         results.append(_spawn(row, dt, mode, args.shape, args.reps))
         print(json.dumps(results[-1]), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,22 +12,12 @@ from typing import List
 
 import torch
 
-from .bench_logprob_entropy import BenchConfig, Impl, _compiled, _log_row, log
-from .common import (
-    PEAK_COLUMN,
-    Results,
-    Skip,
-    dtype_name,
-    fmt_num,
-    free_memory,
-    make_linear_data,
-    matmul_roofline,
-    measure_row,
-    oracle_linear,
-    shape_tag,
-    short_reason,
-    table_columns,
-)
+from .bench_logprob_entropy import BenchConfig, Impl, compiled, log_row, log
+from .data import make_linear_data, oracle_linear
+from .env import free_memory
+from .report import PEAK_COLUMN, Results, dtype_name, fmt_num, shape_tag, table_columns
+from .roofline import matmul_roofline
+from .timing import Skip, measure_row, short_reason
 
 EPS_LOW = EPS_HIGH = 0.2
 
@@ -84,7 +74,7 @@ def policy_impls(cfg: BenchConfig) -> List[Impl]:
 
     impls = [Impl("ours (fused_linear_policy_loss)", ours_make),
              Impl("naive PyTorch (materialized logits + same loss)", lambda: naive_policy),
-             Impl("torch.compile(naive)", lambda: _compiled(naive_policy, cfg))]
+             Impl("torch.compile(naive)", lambda: compiled(naive_policy, cfg))]
     # Liger's autograd.Function runs each chunk's backward inside its forward (the gradients are stored for
     # backward), so even under no_grad its fwd row does the input-gradient work too
     liger_note = "loss_type='bnpo' (= token-mean), beta=0; computes its gradients in the forward (fwd row too)"
@@ -96,7 +86,7 @@ def policy_impls(cfg: BenchConfig) -> List[Impl]:
     return impls
 
 
-def _builder(impl: Impl, mode: str, args):
+def row_builder(impl: Impl, mode: str, args):
     hidden3, weight, targets, old, adv, mask = args
 
     def build():
@@ -149,13 +139,13 @@ def run_policy(cfg: BenchConfig, results: Results) -> None:
         mult = 1 if mode == "fwd" else 3
         rows = []
         for impl in policy_impls(cfg):
-            row = measure_row(impl.name, _builder(impl, mode, args), cfg.device, cfg.timing, check=check,
+            row = measure_row(impl.name, row_builder(impl, mode, args), cfg.device, cfg.timing, check=check,
                               warmup_first=impl.warmup_first, note=impl.note)
             if row["status"] == "ok":
                 row["tflops"] = mult * flops_unit / row["ms"] / 1e9
                 if mm.get("status") == "ok":
                     row["x_mm"] = row["ms"] / (mult * mm["ms"])
-            _log_row(f"policy {mode} {tag}", row)
+            log_row(f"policy {mode} {tag}", row)
             rows.append(row)
         notes = [
             f"loss: token-level ratio exp(logp - old), clip [{1 - EPS_LOW}, {1 + EPS_HIGH}], no KL, no entropy "

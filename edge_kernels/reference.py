@@ -119,14 +119,17 @@ def _finish(zt: Tensor, lse: Tensor, entropy: Tensor, valid: Tensor):
 # writes an fp32 tile of about TILE_ELEMENTS values with at least MIN_TILE_ROWS rows (fewer rows would
 # stream the whole weight from memory once per row block), and every elementwise pass then walks that tile
 # in row slices of about CACHE_ELEMENTS values, so the several passes a slice needs (max, shift, exp, sums)
-# hit the L2 cache instead of memory. Ignored rows (forward) and rows with zero upstream gradient (backward)
+# hit the cache instead of memory. Ignored rows (forward) and rows with zero upstream gradient (backward)
 # are compacted away first (one host sync per call): they cost no GEMM work and padding rows holding NaN
 # cannot leak into the weight gradient.
 
 TILE_ELEMENTS = 1 << 23  # 32 MiB of fp32 logits per GEMM tile
 MIN_TILE_ROWS = 256
 MIN_CHUNK_COLS = 256
-CACHE_ELEMENTS = 1 << 17  # 512 KiB: a slice and its exp() both stay in a 1-2 MiB L2
+# Elementwise slice: 16 MiB, so a slice and its exp() stay in a 32 MiB L3 between passes. Smaller (L2-sized)
+# slices measured slower on the shared 2-core machine: every op is an OpenMP parallel region, and with more
+# runnable threads than cores each region's barrier waits for a descheduled thread (milliseconds per op).
+CACHE_ELEMENTS = 1 << 22
 FULL_ROW_MAX_VOCAB = 1 << 18  # above this the forward falls back to vocabulary chunks with online statistics
 _NEG_CLAMP = -1.0e4  # log p below this has p == 0 exactly in fp32 (exp underflows below -104)
 
