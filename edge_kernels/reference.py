@@ -1,10 +1,13 @@
 """Chunked pure-PyTorch implementations of every op: the CPU path, the fallback, and the readable spec.
 
 Everything here works on flattened inputs that :mod:`edge_kernels.dispatch` has validated: ``hidden [N, D]``,
-``weight [V, D]``, ``targets [N]`` (int64), ``logits [N, V]``. No function allocates ``[N, V]``: the
-vocabulary is walked in chunks of ``chunk_size`` columns and softmax statistics are carried across chunks
-online. Logits are formed in fp32 (inputs upcast before the matmul), so this path is at least as exact as the
-Triton kernels and serves as their fallback.
+``weight [V, D]``, ``targets [N]`` (int64), ``logits [N, V]``. No function allocates ``[N, V]``. The logits-in
+ops walk the vocabulary in chunks of ``chunk_size`` columns with softmax statistics carried across chunks
+online. The hidden-states-in op tiles for the CPU (see "hidden states in" below): its forward takes row
+blocks times the whole vocabulary (or vocabulary chunks with online statistics when ``chunk_size < V``), its
+backward vocabulary chunks times row blocks. Logits are formed in fp32 and never rounded to 16 bits (16-bit
+inputs are upcast, or multiplied by ``mm(..., out_dtype=float32)`` on CUDA), so this path is at least as exact
+as the Triton kernels and serves as their fallback.
 
 The math (``../shared/algorithms.md``, notation section), with ``z = logits / T`` and ``p = softmax(z)``:
 
