@@ -94,6 +94,20 @@ def _oracle(torch, h, w, tgt):
     return torch.cat(lps), torch.cat(ents)
 
 
+def _own_matmul_ms(torch, h, w, reps: int) -> float:
+    """The fp32 matmul yardstick timed in the row's own process, right after the row (after its peak was
+    read): on a shared machine the load changes between processes, so ratios use this one."""
+    h32, w32 = h.detach().float(), w.detach().float()
+    out = torch.empty(h.shape[0], w.shape[0])
+    torch.mm(h32, w32.t(), out=out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(h32, w32.t(), out=out)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def run_row(row: str, dtype_name: str, mode: str, shape: str, reps: int) -> dict:
     """Child process: time one row, then measure its peak memory and its error."""
     import torch
@@ -133,7 +147,7 @@ def run_row(row: str, dtype_name: str, mode: str, shape: str, reps: int) -> dict
         times.append((time.perf_counter() - t0) * 1e3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     res = {"row": row, "dtype": dtype_name, "mode": mode, "ms": sorted(times)[len(times) // 2],
-           "times": [round(x, 1) for x in times], "peak_mib": peak}
+           "times": [round(x, 1) for x in times], "peak_mib": peak, "mm_ms": _own_matmul_ms(torch, h, w, reps)}
     if mode == "fwd" and row in ("naive", "ours", "trl", "verl"):
         lp64, ent64 = _oracle(torch, h.detach(), w.detach(), tgt)
         res["err"] = [float((outs[0].double() - lp64).abs().max()), float((outs[1].double() - ent64).abs().max())]
@@ -184,7 +198,9 @@ def render(results, shape, command, started) -> str:
              f"- date: {started} UTC; command: `{command}`",
              "- one process per row; time = median of the timed calls after one warm-up; peak = peak RSS of the "
              "row's process minus its RSS before the first call; error = max |x - float64|; fwd+bwd backward of "
-             "sum(logp) + sum(entropy) (kernel) or of the loss (policy); x 3mm = fwd+bwd / (3 x fp32 matmul)", ""]
+             "sum(logp) + sum(entropy) (kernel) or of the loss (policy); the ratios divide by an fp32 matmul "
+             "`h @ w.T` timed in the row's own process right after it (rows measured before that existed: by "
+             "the matmul row)", ""]
     for dt in ("fp32", "bf16"):
         mm = by.get(("matmul", dt, "fwd"), {}).get("ms")
         lines += [f"## {dt} inputs", "", "| row | fwd ms | fwd+bwd ms | fwd / 1 mm | fb / 3 mm | peak MiB fwd | "
@@ -198,9 +214,11 @@ def render(results, shape, command, started) -> str:
                 lines.append(f"| {title} | failed: {(f or {}).get('error') or fb.get('error')} |||||||")
                 continue
             fms, bms = (f or {}).get("ms"), (fb or {}).get("ms")
+            fmm, bmm = ((r or {}).get("mm_ms") or mm for r in (f, fb))  # own-process yardstick when measured
+            fmm = fms if row == "matmul" else fmm
             err = " / ".join(f"{e:.1e}" for e in (f or {}).get("err", []))
-            lines.append(f"| {title} | {_fmt(fms)} | {_fmt(bms)} | {_fmt(fms and mm and fms / mm, '.2f')} | "
-                         f"{_fmt(bms and mm and bms / (3 * mm), '.2f')} | {_fmt((f or {}).get('peak_mib'))} | "
+            lines.append(f"| {title} | {_fmt(fms)} | {_fmt(bms)} | {_fmt(fms and fmm and fms / fmm, '.2f')} | "
+                         f"{_fmt(bms and bmm and bms / (3 * bmm), '.2f')} | {_fmt((f or {}).get('peak_mib'))} | "
                          f"{_fmt((fb or {}).get('peak_mib'))} | {err} |")
         lines.append("")
     return "\n".join(lines)
