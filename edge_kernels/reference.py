@@ -180,7 +180,7 @@ def _logits_tile(h: Tensor, w: Tensor, bias32: Optional[Tensor], inv_temp: float
 def _full_row_stats(z: Tensor, tgt: Tensor, ebuf: Tensor):
     """``(lse, entropy, z[target], shift)`` of fp32 logits rows ``z [r, V]`` holding the whole vocabulary; ``z`` is
     overwritten (it becomes ``z - shift``, ``shift`` = the row max, 0 for an all ``-inf`` row). Per cache slice: max, shift in place, exp, and the two row sums
-    ``s = sum e`` and ``b = sum e d`` (``d = z - max``, a dot product: no ``e d`` temporary)."""
+    ``s = sum e`` and ``b = sum e d`` (``d = z - max``; ``e d`` formed in place in ``e``, no temporary)."""
     zt = z.gather(1, tgt[:, None]).squeeze(1)
     m = z.new_empty(z.shape[0])
     s, b = torch.empty_like(m), torch.empty_like(m)
@@ -190,19 +190,19 @@ def _full_row_stats(z: Tensor, tgt: Tensor, ebuf: Tensor):
         d.sub_(_safe_shift(m[r0:r1])[:, None])
         torch.exp(d, out=e)
         torch.sum(e, dim=1, out=s[r0:r1])
-        torch.linalg.vecdot(e, d, dim=1, out=b[r0:r1])
-        _fix_masked_b(d, e, m[r0:r1], b[r0:r1])
+        _fix_masked_b(d, e, m[r0:r1], torch.sum(e.mul_(d), dim=1, out=b[r0:r1]))
     lse, entropy = finalize_stats(m, s, b)
     return lse, entropy, zt, _safe_shift(m)
 
 
-def _fix_masked_b(d: Tensor, e: Tensor, m: Tensor, b: Tensor) -> None:
-    """Rows with a ``-inf`` logit got ``0 * -inf = NaN`` in ``b``; recompute them without it. A NaN logit
-    makes ``m`` NaN too, so such rows stay NaN (the error propagates, as in the other kernels)."""
+def _fix_masked_b(d: Tensor, ed: Tensor, m: Tensor, b: Tensor) -> None:
+    """Rows with a ``-inf`` logit got ``0 * -inf = NaN`` in ``ed = e * d`` and ``b``; recompute them without
+    it. A NaN logit makes ``m`` NaN too, so such rows stay NaN (the error propagates, as in the other kernels)."""
     bad = torch.isnan(b) & ~torch.isnan(m)
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(1)
-        dd, ee = d.index_select(0, idx), e.index_select(0, idx)
+        dd = d.index_select(0, idx)
+        ee = torch.exp(dd)
         b.index_copy_(0, idx, (torch.where(ee > 0, dd, torch.zeros_like(dd)) * ee).sum(dim=1))
 
 
