@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--only NAME[,NAME...]] [--out DIR] [--compile | --no-compile]``
+"""``python -m benchmarks [--quick] [--only NAME[,NAME...]] [--out DIR] [--compile | --no-compile]``;
+``python -m benchmarks --only cpu``: the CPU side-by-side table (:mod:`benchmarks.bench_cpu`).
 ``python -m benchmarks --merge DIR [DIR ...] --out DIR``
 
 Runs the benchmarks and writes ``results.md`` (Markdown tables), ``results.json`` and PNG plots to
@@ -17,16 +18,10 @@ from pathlib import Path
 from typing import List, Optional
 
 # (benchmarks/__init__.py, which runs first, sets TRITON_INTERPRET=1 on machines without CUDA)
-from .common import (
-    RESULTS_DIR,
-    Results,
-    TimingConfig,
-    copy_bandwidth,
-    environment,
-    load_results,
-    pick_device,
-    set_deadline,
-)
+from .env import RESULTS_DIR, environment, pick_device
+from .report import Results, load_results
+from .roofline import copy_bandwidth
+from .timing import TimingConfig, set_deadline
 
 # name -> (description, "module:function"); a runner is ``run(cfg: BenchConfig, results: Results) -> None`` and
 # adds sections (tables) or sweeps to ``results``. A new op: write bench_<op>.py with such a runner, add it here.
@@ -95,6 +90,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _merge(args.merge, args.out)
 
     only = [x.strip() for item in args.only for x in item.split(",") if x.strip()] or list(BENCHMARKS)
+    if only == ["cpu"]:  # the CPU side-by-side table: its own driver, one process per row (bench_cpu.py)
+        from .bench_cpu import main as cpu_main
+
+        return cpu_main(["--shape", "quick"] if args.quick else [])
     unknown = [x for x in only if x not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)

@@ -20,26 +20,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import (
-    PEAK_COLUMN,
-    Results,
-    Skip,
-    TimingConfig,
-    describe_entropy,
-    dtype_name,
-    entropy_stats,
-    fmt_num,
-    free_memory,
-    make_linear_data,
-    make_logits_data,
-    matmul_roofline,
-    measure_row,
-    oracle_linear,
-    oracle_logits,
-    shape_tag,
-    short_reason,
-    table_columns,
-)
+from .data import describe_entropy, entropy_stats, make_linear_data, make_logits_data, oracle_linear, oracle_logits
+from .env import free_memory
+from .report import PEAK_COLUMN, Results, dtype_name, fmt_num, shape_tag, table_columns
+from .roofline import matmul_roofline
+from .timing import Skip, TimingConfig, measure_row, short_reason
 
 # TRL's default vocabulary chunk for ChunkedLogProbFunction (``_CHUNKED_LOGPROB_CHUNK_SIZE`` in
 # trl/trainer/utils.py, trl 1.16); hard-coded so that the forward does not import trl.trainer (slow).
@@ -65,7 +50,7 @@ def log(msg: str) -> None:
     print(f"[benchmarks] {msg}", file=sys.stderr, flush=True)
 
 
-def _log_row(prefix: str, row: Dict[str, Any]) -> None:
+def log_row(prefix: str, row: Dict[str, Any]) -> None:
     if row["status"] == "ok":
         extra = ""
         if row.get("err_logp") is not None:
@@ -119,7 +104,7 @@ def _need_cuda(device: torch.device, what: str) -> None:
         raise Skip(f"{what} needs CUDA tensors")
 
 
-def _compiled(fn: Callable, cfg: BenchConfig) -> Callable:
+def compiled(fn: Callable, cfg: BenchConfig) -> Callable:
     if not cfg.compile:
         raise Skip("torch.compile rows off (--no-compile, or --quick without --compile)")
     try:
@@ -241,7 +226,7 @@ def linear_impls(cfg: BenchConfig, n: int, d: int, vocab: int, *, sweep: bool = 
                               note="Triton interpreter: checks results, time is not kernel time"))
     impls.append(Impl("naive PyTorch (materialized logits)", lambda: naive_linear))
     if not sweep:
-        impls.append(Impl("torch.compile(naive)", lambda: _compiled(naive_linear, cfg)))
+        impls.append(Impl("torch.compile(naive)", lambda: compiled(naive_linear, cfg)))
 
     def trl_make():
         try:
@@ -332,7 +317,7 @@ def logits_impls(cfg: BenchConfig, n: int, vocab: int) -> List[Impl]:
                               timing=INTERPRETER_TIMING,
                               note="Triton interpreter: checks results, time is not kernel time"))
     impls.append(Impl("naive PyTorch (log_softmax in input dtype)", lambda: naive_logits))
-    impls.append(Impl("torch.compile(naive)", lambda: _compiled(naive_logits, cfg)))
+    impls.append(Impl("torch.compile(naive)", lambda: compiled(naive_logits, cfg)))
 
     def trl_make():
         _need_cuda(dev, "TRL's Triton selective_log_softmax_and_entropy")
@@ -449,7 +434,7 @@ def run_linear(cfg: BenchConfig, results: Results) -> None:
                     row["tflops"] = mult * flops_unit / row["ms"] / 1e9
                     if mm.get("status") == "ok":
                         row["x_mm"] = row["ms"] / (mult * mm["ms"])
-                _log_row(f"linear {mode} {tag}", row)
+                log_row(f"linear {mode} {tag}", row)
                 rows.append(row)
             notes = [
                 f"{describe_entropy(stats)}; temperature 1, no ignored rows",
@@ -512,7 +497,7 @@ def run_logits(cfg: BenchConfig, results: Results) -> None:
                     row["tbps"] = nbytes / row["ms"] / 1e9
                     if copy.get("status") == "ok":
                         row["x_copy"] = row["ms"] / (nbytes / (copy["tbps"] * 1e9))
-                _log_row(f"logits {mode} {tag}", row)
+                log_row(f"logits {mode} {tag}", row)
                 rows.append(row)
             notes = [
                 f"{describe_entropy(stats)}; temperature 1, no ignored rows",
@@ -581,7 +566,7 @@ def _sweep(cfg: BenchConfig, results: Results, sweep_id: str, x_name: str, xs: L
                 row = measure_row(impl.name, _linear_builder(impl, mode, data.hidden, data.weight, data.targets,
                                                              g_logp, g_ent),
                                   cfg.device, cfg.sweep_timing, warmup_first=impl.warmup_first)
-                _log_row(f"{sweep_id} {mode} {x_name}={x}", row)
+                log_row(f"{sweep_id} {mode} {x_name}={x}", row)
                 pt = {"x": x, "status": row["status"]}
                 for k in ("ms", "p20", "p80", "peak_gib", "reason"):
                     if k in row:

@@ -1,39 +1,23 @@
-"""Fused linear policy loss benchmark (hook for ``edge_kernels.losses.fused_linear_policy_loss``).
+"""Fused linear policy loss benchmark: ``edge_kernels.losses.fused_linear_policy_loss``.
 
 Rows: ours, naive (``[N, V]`` logits in the input dtype + the same clipped-surrogate loss), ``torch.compile`` of
 the naive code, and Liger's ``LigerFusedLinearGRPOLoss`` when importable. The loss compared is the default
 of docs/algorithms.md section 6: token-level ratio, clip 0.2/0.2, no KL, no entropy bonus, "token-mean"
-aggregation over the response mask. While ``edge_kernels.losses`` or the function is missing, the section only
-says so.
-
-Our function's signature is not fixed yet, so :func:`_call_ours` maps its parameters by name (hidden/weight/
-targets/old log-probs/advantages/mask and common aliases); a parameter it cannot map makes the row
-``skipped`` with the signature in the reason, so the adapter is the one place to update.
+aggregation over the response mask (on the PyTorch path, the three-matmul mode).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Dict, List
+from typing import List
 
 import torch
 
-from .bench_logprob_entropy import BenchConfig, Impl, _compiled, _log_row, log
-from .common import (
-    PEAK_COLUMN,
-    Results,
-    Skip,
-    dtype_name,
-    fmt_num,
-    free_memory,
-    make_linear_data,
-    matmul_roofline,
-    measure_row,
-    oracle_linear,
-    shape_tag,
-    short_reason,
-    table_columns,
-)
+from .bench_logprob_entropy import BenchConfig, Impl, compiled, log_row, log
+from .data import make_linear_data, oracle_linear
+from .env import free_memory
+from .report import PEAK_COLUMN, Results, dtype_name, fmt_num, shape_tag, table_columns
+from .roofline import matmul_roofline
+from .timing import Skip, measure_row, short_reason
 
 EPS_LOW = EPS_HIGH = 0.2
 
@@ -55,87 +39,20 @@ def naive_policy(hidden3, weight, targets, old_logp, adv_tok, mask):
     return clipped_token_mean(logp, old_logp, adv_tok, mask)
 
 
-_ALIASES = {
-    "hidden": ("hidden", "hidden_states", "h", "x", "input", "_input"),
-    "weight": ("weight", "lm_head_weight", "w", "lm_head", "lin_weight"),
-    "targets": ("targets", "labels", "input_ids", "token_ids", "selected_token_ids", "completion_ids", "tokens"),
-    "old_logp": ("old_logp", "old_logprobs", "old_log_probs", "old_log_prob", "logp_old", "old_per_token_logps"),
-    "advantages": ("advantages", "advantage", "adv"),
-    "mask": ("mask", "loss_mask", "response_mask", "completion_mask", "attention_mask"),
-}
-
-
 def _loss_of(out) -> torch.Tensor:
-    if isinstance(out, dict):
-        out = out["loss"]
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    elif hasattr(out, "loss"):
-        out = out.loss
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"could not find the loss tensor in the output ({type(out).__name__})")
-    return out
-
-
-def _ours_adapter(fn: Callable) -> Callable:
-    """Map ``fn``'s parameters onto ``(hidden, weight, targets, old_logp, advantages, mask)``."""
-    sig = inspect.signature(fn)
-    mapping: Dict[str, str] = {}
-    for pname, p in sig.parameters.items():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        role = next((r for r, names in _ALIASES.items() if pname in names), None)
-        if role is not None:
-            mapping[pname] = role
-        elif p.default is inspect.Parameter.empty:
-            raise Skip(f"cannot map required parameter {pname!r} of fused_linear_policy_loss{sig}; "
-                       "update benchmarks/bench_policy_loss.py::_ALIASES")
-    missing = {"hidden", "weight", "targets"} - set(mapping.values())
-    if missing:
-        raise Skip(f"fused_linear_policy_loss{sig} has no parameter for {sorted(missing)}")
-
-    def call(values: Dict[str, Any]):
-        return _loss_of(fn(**{p: values[r] for p, r in mapping.items()}))
-    return call
-
-
-def _call_ours(call, hidden3, weight, targets, old_logp, adv_tok, mask):
-    """Try the ``[B, T]`` layout, then the flat ``[N]`` one; the loss is reduced to a scalar if needed."""
-    b, t, d = hidden3.shape
-    layouts = [
-        dict(hidden=hidden3, weight=weight, targets=targets, old_logp=old_logp, advantages=adv_tok, mask=mask),
-        dict(hidden=hidden3.reshape(b * t, d), weight=weight, targets=targets.reshape(-1),
-             old_logp=old_logp.reshape(-1), advantages=adv_tok.reshape(-1), mask=mask.reshape(-1)),
-    ]
-    first_err = None
-    for values in layouts:
-        try:
-            loss = call(values)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            first_err = first_err or exc  # report the [B, T] layout's error: that is the documented one
-            continue
-        if loss.dim() > 0:  # per-token losses: aggregate like the naive row
-            m = values["mask"].to(loss.dtype).reshape(loss.shape)
-            loss = (loss * m).sum() / m.sum().clamp_min(1)
-        return loss
-    raise first_err
+    """Liger returns ``(loss, metrics...)``; ours returns ``(loss, metrics)``."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def policy_impls(cfg: BenchConfig) -> List[Impl]:
     dev = cfg.device
 
     def ours_make():
-        try:
-            from edge_kernels import losses
-        except Exception as exc:  # noqa: BLE001
-            raise Skip(f"edge_kernels.losses not importable ({short_reason(exc)})") from None
-        fn = getattr(losses, "fused_linear_policy_loss", None)
-        if fn is None:
-            raise Skip("edge_kernels.losses has no fused_linear_policy_loss yet")
-        call = _ours_adapter(fn)
+        from edge_kernels.losses import fused_linear_policy_loss
 
         def f(h3, w, t, old, adv, mask):
-            return _call_ours(call, h3, w, t, old, adv, mask)
+            return fused_linear_policy_loss(h3, w, t, adv, mask, old_logp=old, clip_low=EPS_LOW,
+                                            clip_high=EPS_HIGH)[0]
         return f
 
     def liger_make():
@@ -157,7 +74,7 @@ def policy_impls(cfg: BenchConfig) -> List[Impl]:
 
     impls = [Impl("ours (fused_linear_policy_loss)", ours_make),
              Impl("naive PyTorch (materialized logits + same loss)", lambda: naive_policy),
-             Impl("torch.compile(naive)", lambda: _compiled(naive_policy, cfg))]
+             Impl("torch.compile(naive)", lambda: compiled(naive_policy, cfg))]
     # Liger's autograd.Function runs each chunk's backward inside its forward (the gradients are stored for
     # backward), so even under no_grad its fwd row does the input-gradient work too
     liger_note = "loss_type='bnpo' (= token-mean), beta=0; computes its gradients in the forward (fwd row too)"
@@ -169,7 +86,7 @@ def policy_impls(cfg: BenchConfig) -> List[Impl]:
     return impls
 
 
-def _builder(impl: Impl, mode: str, args):
+def row_builder(impl: Impl, mode: str, args):
     hidden3, weight, targets, old, adv, mask = args
 
     def build():
@@ -200,25 +117,6 @@ def run_policy(cfg: BenchConfig, results: Results) -> None:
     tag = shape_tag(B=b, T=t, D=d, V=vocab) + f"-{dtype_name(dtype)}"
     title = f"fused_linear_policy_loss, %s: B={b} T={t} (N={n}) D={d} V={vocab} {dtype_name(dtype)}"
 
-    # is there anything to benchmark?
-    try:
-        from edge_kernels import losses
-
-        available = hasattr(losses, "fused_linear_policy_loss")
-        why = "" if available else "edge_kernels.losses has no fused_linear_policy_loss yet"
-    except Exception as exc:  # noqa: BLE001
-        available, why = False, f"edge_kernels.losses not importable ({short_reason(exc)})"
-    if not available:
-        log(f"policy: skipped ({why})")
-        results.add_section({
-            "id": f"policy/{tag}", "group": f"policy_{tag}", "mode": "fwd+bwd", "op": "fused_linear_policy_loss",
-            "placeholder": True,
-            "title": title % "skipped", "notes": [f"skipped: {why}; rerun `python -m benchmarks --only policy` once "
-                                                  "it exists"],
-            "columns": POLICY_COLUMNS,
-            "rows": [{"impl": "ours (fused_linear_policy_loss)", "status": "skipped", "reason": why, "note": ""}],
-        })
-        return
 
     results.remove_section(f"policy/{tag}")  # a "skipped" placeholder from an earlier, merged run
     data = make_linear_data(n, d, vocab, dtype, cfg.device, seed=2)
@@ -241,13 +139,13 @@ def run_policy(cfg: BenchConfig, results: Results) -> None:
         mult = 1 if mode == "fwd" else 3
         rows = []
         for impl in policy_impls(cfg):
-            row = measure_row(impl.name, _builder(impl, mode, args), cfg.device, cfg.timing, check=check,
+            row = measure_row(impl.name, row_builder(impl, mode, args), cfg.device, cfg.timing, check=check,
                               warmup_first=impl.warmup_first, note=impl.note)
             if row["status"] == "ok":
                 row["tflops"] = mult * flops_unit / row["ms"] / 1e9
                 if mm.get("status") == "ok":
                     row["x_mm"] = row["ms"] / (mult * mm["ms"])
-            _log_row(f"policy {mode} {tag}", row)
+            log_row(f"policy {mode} {tag}", row)
             rows.append(row)
         notes = [
             f"loss: token-level ratio exp(logp - old), clip [{1 - EPS_LOW}, {1 + EPS_HIGH}], no KL, no entropy "

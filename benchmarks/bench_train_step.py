@@ -32,10 +32,12 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-from .bench_logprob_entropy import BenchConfig, _log_row, log
+from .bench_logprob_entropy import BenchConfig, log_row, log
 from .bench_policy_loss import EPS_HIGH, EPS_LOW, clipped_token_mean
-from .common import (PEAK_COLUMN, Results, Skip, dtype_name, free_memory, measure_row, oracle_linear, shape_tag,
-                     short_reason, table_columns)
+from .data import oracle_linear
+from .env import free_memory
+from .report import PEAK_COLUMN, Results, dtype_name, shape_tag, table_columns
+from .timing import Skip, measure_row, short_reason
 
 # |loss - fp64 reference loss| every row must stay within (the quick test asserts the fp32 one)
 LOSS_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
@@ -196,7 +198,7 @@ def run_cases(cfg: BenchConfig) -> Dict[str, Any]:
             row = measure_row(name, build, dev, cfg.timing, check=check, note=note)
             if row["status"] == "ok":
                 row["tok_s"] = batch["tokens"] / (row["ms"] / 1e3)
-            _log_row("train_step", row)
+            log_row("train_step", row)
             rows.append(row)
     b, t = s["B"], s["T"]
     tol = LOSS_TOL.get(s["dtype"], 5e-2)

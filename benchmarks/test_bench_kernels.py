@@ -25,7 +25,8 @@ from benchmarks.bench_logprob_entropy import (  # noqa: E402
     naive_linear,
     naive_logits,
 )
-from benchmarks.common import make_linear_data, make_logits_data, pick_device, sync  # noqa: E402
+from benchmarks.data import make_linear_data, make_logits_data  # noqa: E402
+from benchmarks.env import pick_device, sync  # noqa: E402
 
 DEVICE = pick_device()
 if DEVICE.type == "cuda":
@@ -101,10 +102,10 @@ def test_logprob_entropy(benchmark, logits_data, impl, mode):
 
 @pytest.mark.parametrize("impl", ["ours", "naive"])
 def test_fused_linear_policy_loss(benchmark, linear_data, impl):
-    """Forward+backward of the policy loss; skipped until edge_kernels.losses.fused_linear_policy_loss exists."""
-    from benchmarks.bench_policy_loss import _builder, naive_policy, policy_impls
+    """Forward+backward of the policy loss (edge_kernels.losses.fused_linear_policy_loss)."""
+    from benchmarks.bench_policy_loss import naive_policy, policy_impls, row_builder
     from benchmarks.bench_logprob_entropy import BenchConfig
-    from benchmarks.common import Skip
+    from benchmarks.timing import Skip
 
     data, _ = linear_data
     n, d, vocab, dtype = LINEAR_SHAPE
@@ -121,7 +122,7 @@ def test_fused_linear_policy_loss(benchmark, linear_data, impl):
     else:
         spec = Impl("naive", lambda: naive_policy)
     try:
-        fn = _builder(spec, "fwd+bwd", args)()
+        fn = row_builder(spec, "fwd+bwd", args)()
     except Skip as exc:
         pytest.skip(str(exc))
     _run(benchmark, fn, "fused_linear_policy_loss fwd+bwd", shape=f"B={b} T={t} D={d} V={vocab} {dtype}",

@@ -37,8 +37,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .dispatch import check_same_device
+from .dispatch import check_same_device, check_softcap, validate_linear_inputs
 from .ops.linear_logprob_entropy import linear_logprob_entropy
+from .policy_loss_torch import fused_policy_loss_three_matmul, three_matmul_applies
 
 Tensor = torch.Tensor
 
@@ -478,6 +479,15 @@ def fused_linear_policy_loss(
                         top_entropy_quantile, agg, max_len)
     tgt = targets.to(torch.int64)
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
+    loss_kwargs = dict(ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                       is_level=is_level, kl_coef=kl_coef, kl_type=kl_type, entropy_coef=entropy_coef,
+                       top_entropy_quantile=top_entropy_quantile, agg=agg, max_len=max_len,
+                       group_size=group_size, group_ids=group_ids)
+    if process_group is None and three_matmul_applies(impl, hidden, weight, bias, advantages, eda, is_level,
+                                                      top_entropy_quantile, chunk_size):
+        inv_temp = 1.0 / validate_linear_inputs(hidden, weight, tgt, bias, temperature, chunk_size, _IGNORE_INDEX)
+        return fused_policy_loss_three_matmul(hidden, weight, tgt, bias, inv_temp, _IGNORE_INDEX,
+                                              (old_logp, advantages, mask), loss_kwargs, check_softcap(softcap))
     logp, entropy = linear_logprob_entropy(hidden, weight, tgt, bias=bias, temperature=temperature,
                                            ignore_index=_IGNORE_INDEX, return_entropy=True,
                                            chunk_size=chunk_size, softcap=softcap, impl=impl,
@@ -487,13 +497,8 @@ def fused_linear_policy_loss(
     if eda == "current":
         advantages, eda_scale = _eda_current(advantages, entropy, mask, group_size, group_ids, eda_eps, eda_clamp)
 
-    loss, metrics = policy_loss(
-        logp, old_logp, advantages, mask,
-        entropy=entropy if entropy_coef != 0.0 else entropy.detach(),
-        ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, is_level=is_level,
-        kl_coef=kl_coef, kl_type=kl_type, entropy_coef=entropy_coef, top_entropy_quantile=top_entropy_quantile,
-        agg=agg, max_len=max_len, group_size=group_size, group_ids=group_ids,
-    )
+    loss, metrics = policy_loss(logp, old_logp, advantages, mask,
+                                entropy=entropy if entropy_coef != 0.0 else entropy.detach(), **loss_kwargs)
     if eda_scale is not None:
         metrics["eda_scale_mean"] = eda_scale.detach().mean()
     return loss, metrics

@@ -415,9 +415,70 @@ def test_fused_backward_skips_entropy_gradient_unless_needed(monkeypatch):
     for kw, needs in [(dict(), False), (dict(top_entropy_quantile=0.5), False), (dict(entropy_coef=0.01), True),
                       (dict(eda="current", group_size=3), True)]:
         h = hidden.clone().requires_grad_(True)
-        loss, _ = fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch", **kw)
+        # chunk_size < V keeps the four-matmul path (the three-matmul one never calls this backward)
+        loss, _ = fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch",
+                                           chunk_size=V - 1, **kw)
         loss.backward()
         assert seen.pop() is needs, kw
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_three_matmul_path_matches_four_matmul_path(agg, dtype, monkeypatch):
+    """Token-level ratios: the gradient formed in the forward (three matmuls) equals the chunked op's
+    backward (four matmuls), for every aggregation, with KL, entropy bonus, dual clip and a bias."""
+    seen = []
+    fwd, bwd = lle_module._BACKENDS["torch"]
+    monkeypatch.setitem(lle_module._BACKENDS, "torch", (fwd, lambda *a: seen.append(1) or bwd(*a)))
+    hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
+    kw = dict(old_logp=old, ref_logp=ref, kl_coef=0.1, kl_type="k3", entropy_coef=0.02, dual_clip=3.0, agg=agg,
+              bias=bias.to(dtype), temperature=TEMP, impl="torch")
+    out = []
+    for chunk_size in (None, V - 1):  # None: three matmuls; V - 1: vocabulary chunks, four matmuls
+        h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        loss, metrics = fused_linear_policy_loss(h, w, targets, adv, mask, chunk_size=chunk_size, **kw)
+        out.append((loss, *torch.autograd.grad(2.5 * loss, (h, w)), metrics["entropy_mean"]))
+    assert seen == [1]  # only the chunked run called the op's backward
+    # both form fp32-exact logits and fp32 gradients; only the final rounding to bf16 may differ, by one ulp
+    # (2^-8 to 2^-7 relative) where the two summation orders land on either side of a rounding boundary
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_fused_three_matmul_path_with_softcap(agg):
+    """A soft-cap that bites: the three-matmul path's chain rule through tanh equals the chunked op's."""
+    hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
+    cap = 1.5
+    raw = hidden @ weight.t() + bias
+    assert raw.abs().max() > 2 * cap  # the cap changes the logits
+    kw = dict(old_logp=old, entropy_coef=0.02, agg=agg, bias=bias, temperature=TEMP, impl="torch", softcap=cap)
+    out = []
+    for chunk_size in (None, V - 1):  # three matmuls, then four
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss, _ = fused_linear_policy_loss(h, w, targets, adv, mask, chunk_size=chunk_size, **kw)
+        out.append((loss, *torch.autograd.grad(loss, (h, w))))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    uncapped, _ = fused_linear_policy_loss(hidden, weight, targets, adv, mask, **{**kw, "softcap": None})
+    assert abs(uncapped.item() - out[0][0].item()) > 1e-4
+
+
+def test_fused_three_matmul_not_taken_where_inexact(monkeypatch):
+    import edge_kernels.losses as losses_module
+
+    taken = []
+    real = losses_module.fused_policy_loss_three_matmul
+    monkeypatch.setattr(losses_module, "fused_policy_loss_three_matmul", lambda *a: taken.append(1) or real(*a))
+    hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
+    for kw in (dict(top_entropy_quantile=0.5), dict(eda="current", group_size=3), dict(is_level="sequence"),
+               dict(chunk_size=V - 1)):
+        h = hidden.clone().requires_grad_(True)
+        fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch", **kw)
+    assert taken == []
+    fused_linear_policy_loss(hidden.clone().requires_grad_(True), weight, targets, adv, mask, impl="torch")
+    assert taken == [1]
 
 
 # ----------------------------------------------------------------------------------------------------------

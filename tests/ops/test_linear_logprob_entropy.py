@@ -412,3 +412,55 @@ def test_gpu_offsets_beyond_int32():
     assert (logp[idx].double() - r_logp).abs().max() <= 1e-4
     assert (ent[idx].double() - r_ent).abs().max() <= 3e-4
     assert torch.isfinite(h.grad).all() and h.grad[n - 1].abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_gpu_torch_path_bf16_uses_fp32_output_matmul():
+    """impl="torch" on CUDA bf16: where torch offers ``mm(..., out_dtype=float32)`` the logits come from it
+    (bf16 tensor cores, fp32 output, never rounded to 16 bits): values as exact as the fp32 upcast, and
+    gradients within the Triton backward's bound (its dz is rounded to bf16 for the GEMMs as well)."""
+    from edge_kernels import reference
+
+    n, d, v = 1024, 896, 32768
+    hidden, weight, bias, targets = make_linear_inputs(n, d, v, dtype=torch.bfloat16, bias=True, ignore_frac=0.05,
+                                                       seed=17, device="cuda")
+    assert reference._mixed_mm_ok(hidden) == (op_module._mixed_mm_support(hidden.device) in ("addmm", "mm"))
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, ent = linear_logprob_entropy(h, w, targets, bias=bias, temperature=0.9, impl="torch")
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    r_logp, r_ent = oracle_linear_logprob_entropy(h64, w64, targets, bias.double(), 0.9)
+    assert (logp.double() - r_logp).abs().max().item() <= 1e-4  # fp32 logits: the bound of the fp32 path
+    assert (ent.double() - r_ent).abs().max().item() <= 3e-4
+    g = torch.randn(n, device="cuda")
+    dh, dw = torch.autograd.grad((logp * g).sum() + ent.sum(), (h, w))
+    r_dh, r_dw = torch.autograd.grad((r_logp * g.double()).sum() + r_ent.sum(), (h64, w64))
+    for got, want in ((dh, r_dh), (dw, r_dw)):
+        assert rel_err(got.double(), want) <= 2e-2  # bf16 gradients (dz rounded to bf16, as Triton's)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_many_row_blocks_and_slices(dtype, monkeypatch):
+    """The PyTorch path with tiny tiles: several row blocks per call, several cache slices per block, rows of
+    one slice split across vocabulary chunks in the backward; against the float64 oracle, with ignored rows,
+    a -inf bias entry and both upstream gradients."""
+    from edge_kernels import reference
+
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 7 * 61)
+    monkeypatch.setattr(reference, "MIN_TILE_ROWS", 5)
+    monkeypatch.setattr(reference, "CACHE_ELEMENTS", 2 * 61)
+    n, d, v = 37, 24, 61
+    hidden, weight, bias, targets = make_linear_inputs(n, d, v, dtype=dtype, bias=True, ignore_frac=0.2, seed=21)
+    bias = bias.clone()
+    bias[5] = float("-inf")
+    targets = torch.where(targets == 5, torch.full_like(targets, 6), targets)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, ent = linear_logprob_entropy(h, w, targets, bias=bias, temperature=0.8, impl="torch")
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    r_logp, r_ent = oracle_linear_logprob_entropy(h64, w64, targets, bias.double(), 0.8)
+    assert (logp.double() - r_logp).abs().max().item() <= 1e-5  # fp32 logits of exact (bf16-valued) inputs
+    assert (ent.double() - r_ent).abs().max().item() <= 1e-5
+    g1, g2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    dh, dw = torch.autograd.grad((logp * g1.float()).sum() + (ent * g2.float()).sum(), (h, w))
+    r_dh, r_dw = torch.autograd.grad((r_logp * g1).sum() + (r_ent * g2).sum(), (h64, w64))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the gradients themselves are rounded to bf16
+    assert rel_err(dh, r_dh) <= tol and rel_err(dw, r_dw) <= tol
