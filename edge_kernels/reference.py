@@ -207,10 +207,14 @@ def _cap_factor(z: Tensor, inv_temp: float, softcap: Optional[float]) -> Optiona
 
 
 def _full_row_stats(z: Tensor, tgt: Tensor, ebuf: Tensor):
-    """``(lse, entropy, z[target], shift)`` of fp32 logits rows ``z [r, V]`` holding the whole vocabulary; ``z`` is
-    overwritten (it becomes ``z - shift``, ``shift`` = the row max, 0 for an all ``-inf`` row). Per cache slice: max, shift in place, exp, and the two row sums
-    ``s = sum e`` and ``b = sum e d`` (``d = z - max``; ``e d`` formed in place in ``e``, no temporary)."""
-    zt = z.gather(1, tgt[:, None]).squeeze(1)
+    """``(lse, entropy, z[target], shift)`` of fp32 logits rows ``z [r, V]`` holding the whole vocabulary; ``z``
+    is overwritten (it becomes ``z - shift``, ``shift`` = the row max, 0 for an all ``-inf`` row). Per cache
+    slice: max, shift in place, exp, and the two row sums ``s = sum e`` and ``b = sum e d`` (``d = z - max``;
+    ``e d`` formed in place in ``e``, no temporary)."""
+    # targets outside [0, V) (a vocabulary shard's rows whose target another shard owns) read 0, as the chunked
+    # forward's masked gather gives
+    local, inside = _local_targets(tgt, 0, z.shape[1])
+    zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), torch.zeros((), device=z.device))
     m = z.new_empty(z.shape[0])
     s, b = torch.empty_like(m), torch.empty_like(m)
     for r0, r1 in _slices(z.shape[0], z.shape[1]):
