@@ -106,10 +106,11 @@ def make_task(seed: int, n_train: int, n_eval: int, task: TaskConfig = TaskConfi
 
 # How an unboxed demonstration ends instead of " The answer is \\boxed{r}.": several phrasings whose first
 # tokens differ from each other, from the boxed ending's and from GEC's "Wait!", so each holds only
-# unboxed_frac / len(...) of the demonstrations at the point where the endings part. With a single unboxed phrasing ("The answer is r.") the box was a coin flip
-# there at unboxed_frac 0.5, and greedy decoding after the warm-up tipped to one side per seed: seed 1 never
-# boxed (eval pass@1 0.000). Now the boxed ending is the greedy choice for any unboxed_frac below
-# len/(len + 1) = 0.75, while sampled rollouts (temperature 1) still omit the box unboxed_frac of the time.
+# unboxed_frac / len(...) of the demonstrations at the point where the endings part. With a single unboxed
+# phrasing ("The answer is r.") the box was a coin flip there at unboxed_frac 0.5, and greedy decoding after
+# the warm-up tipped to one side per seed: seed 1 never boxed (eval pass@1 0.000). Now the boxed ending is the
+# greedy choice for any unboxed_frac below len/(len + 1) = 0.75, while sampled rollouts (temperature 1) still
+# omit the box about unboxed_frac of the time.
 UNBOXED_ENDINGS = (" So we get {r}.", " Hence {r}.", " Thus {r}.")
 BOXED_ENDING = " The answer is \\boxed{{{r}}}."
 
