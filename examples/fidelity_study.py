@@ -100,7 +100,6 @@ def run_arm(seed, arm, out, steps, eval_every):
     with open(record_path + ".tmp", "w") as fh:
         json.dump(record, fh, indent=1)
     os.replace(record_path + ".tmp", record_path)
-    shutil.rmtree(os.path.join(run, "checkpoint"), ignore_errors=True)  # weights are not needed afterwards
     return record
 
 
