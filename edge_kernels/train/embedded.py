@@ -9,13 +9,14 @@
 * **Model** - a small randomly initialised ``Qwen2ForCausalLM`` (the real models' architecture), built from a
   ``Qwen2Config``. A short supervised warm-up on the reference solutions (done by the loop) makes rewards
   non-zero before RL starts.
-* **Warm-up demonstrations** - the reference solutions, half of which (``--embedded-unboxed-frac``) state the
-  answer without ``\\boxed{}``: the warmed-up policy, like a base model, follows the boxed-answer instruction
-  only part of the time and gets its arithmetic partly right. The reward needs both, so RL has something real
-  to learn in the few minutes a CPU allows. On the default seed, greedy eval pass@1 goes from 0.165 after
-  the warm-up (45 of 200 answers boxed, 131 with the right final number) to 0.695 after 80 EDGE-GRPO steps
-  (200 boxed, 139 right): the gain is mostly format compliance, the arithmetic improves only a little. The
-  task's own ``solution`` fields (GEC's reference replacement) all keep their box.
+* **Warm-up demonstrations** - the reference solutions, half of which (``--embedded-unboxed-frac``) end
+  without ``\\boxed{}`` in one of three other phrasings (:data:`UNBOXED_ENDINGS`): sampled at temperature 1
+  (the rollouts), the warmed-up policy, like a base model, follows the boxed-answer instruction only part of
+  the time and gets its arithmetic partly right. The reward needs both, so RL has something real to learn in
+  the few minutes a CPU allows. Greedy decoding (the eval) takes the boxed ending, the most likely single
+  continuation, on every seed: with one unboxed phrasing the box was a coin flip and seed 1's warm-up never
+  boxed (pass@1 0.000; now 0.405). The task's own ``solution`` fields (GEC's reference replacement) all keep
+  their box.
 
 Everything is deterministic under the seed.
 """
