@@ -52,6 +52,14 @@ METRICS = {  # key in a run's record: label
 EXTRA = ("reward_mean", "accuracy", "entropy_mean", "gec_applied", "gec_regenerate", "gec_inject",
          "gec_reference", "response_len_mean", "adv_abs_mean", "clip_frac")
 
+SECONDARY = {  # label: value of a run's record
+    "eval change from warm-up": lambda r: r["eval_final"] - r["eval_warmup"],
+    "reward, last 20 steps": lambda r: r["reward_last20"],
+    "entropy (run mean)": lambda r: r["run_means"]["entropy_mean"],
+    "GEC-modified responses per step (of 64)": lambda r: r["run_means"]["gec_applied"],
+    "trained length (tokens)": lambda r: r["run_means"]["response_len_mean"],
+}
+
 
 def edge_train(args, log_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -148,6 +156,8 @@ def analyse(records, arms, seeds):
                 entry["diff_to_grpo"] = {"per_seed": diffs, **bootstrap_ci(diffs),
                                          "wins": sum(d > 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
             stats[arm][key] = entry
+        rs = [by[(s, arm)] for s in seeds]
+        stats[arm]["secondary"] = {k: bootstrap_ci([f(r) for r in rs]) for k, f in SECONDARY.items()}
     return stats
 
 
@@ -168,6 +178,11 @@ def table(stats, arms, warm, steps, seeds):
             cells = [f"{fmt(stats[arm][k]['diff_to_grpo'])} ({stats[arm][k]['diff_to_grpo']['wins']}/"
                      f"{stats[arm][k]['diff_to_grpo']['losses']})" for k in METRICS]
             lines.append(f"| {arm} - GRPO | " + " | ".join(cells) + " |")
+    lines += ["", "Logged during training, mean over seeds [95% interval] (reward after GEC; entropy and length over the trained batch, "
+              "GEC's added text included):", "", "| arm | " + " | ".join(SECONDARY) + " |",
+              "|---" * (len(SECONDARY) + 1) + "|"]
+    for arm in arms:
+        lines.append(f"| {arm} | " + " | ".join(fmt(stats[arm]['secondary'][k]) for k in SECONDARY) + " |")
     lines += ["", "Warm-up eval pass@1 per seed: " + ", ".join(f"{s}: {warm[s]:.3f}" for s in seeds)]
     return "\n".join(lines) + "\n"
 
