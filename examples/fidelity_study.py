@@ -178,8 +178,8 @@ def table(stats, arms, warm, steps, seeds):
             cells = [f"{fmt(stats[arm][k]['diff_to_grpo'])} ({stats[arm][k]['diff_to_grpo']['wins']}/"
                      f"{stats[arm][k]['diff_to_grpo']['losses']})" for k in METRICS]
             lines.append(f"| {arm} - GRPO | " + " | ".join(cells) + " |")
-    lines += ["", "Logged during training, mean over seeds [95% interval] (reward after GEC; entropy and length over the trained batch, "
-              "GEC's added text included):", "", "| arm | " + " | ".join(SECONDARY) + " |",
+    lines += ["", "Logged during training, mean over seeds [95% interval] (reward after GEC; entropy and length "
+              "over the trained batch, GEC's added text included):", "", "| arm | " + " | ".join(SECONDARY) + " |",
               "|---" * (len(SECONDARY) + 1) + "|"]
     for arm in arms:
         lines.append(f"| {arm} | " + " | ".join(fmt(stats[arm]['secondary'][k]) for k in SECONDARY) + " |")
@@ -220,6 +220,7 @@ def report(out, records, arms, seeds, steps, wall_s):
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"steps": steps, "seeds": seeds, "arms": {a: ARMS[a] for a in arms}, "metrics": METRICS,
                    "stats": stats, "warmup_eval": warm, "wall_time_s_this_invocation": round(wall_s, 1),
+                   "wall_time_s_sum_of_runs": round(sum(r["wall_time_s"] for r in records), 1),
                    "runs": records}, fh, indent=1)
     plot_intervals(stats, arms, os.path.join(out, "fidelity_intervals.png"))
     runs = {a: [[{"step": i + 1, **{k: r["curves"][k][i] for k in r["curves"]}} for i in range(steps)]
