@@ -9,13 +9,14 @@
 * **Model** - a small randomly initialised ``Qwen2ForCausalLM`` (the real models' architecture), built from a
   ``Qwen2Config``. A short supervised warm-up on the reference solutions (done by the loop) makes rewards
   non-zero before RL starts.
-* **Warm-up demonstrations** - the reference solutions, half of which (``--embedded-unboxed-frac``) state the
-  answer without ``\\boxed{}``: the warmed-up policy, like a base model, follows the boxed-answer instruction
-  only part of the time and gets its arithmetic partly right. The reward needs both, so RL has something real
-  to learn in the few minutes a CPU allows. On the default seed, greedy eval pass@1 goes from 0.165 after
-  the warm-up (45 of 200 answers boxed, 131 with the right final number) to 0.695 after 80 EDGE-GRPO steps
-  (200 boxed, 139 right): the gain is mostly format compliance, the arithmetic improves only a little. The
-  task's own ``solution`` fields (GEC's reference replacement) all keep their box.
+* **Warm-up demonstrations** - the reference solutions, half of which (``--embedded-unboxed-frac``) end
+  without ``\\boxed{}`` in one of three other phrasings (:data:`UNBOXED_ENDINGS`): sampled at temperature 1
+  (the rollouts), the warmed-up policy, like a base model, follows the boxed-answer instruction only part of
+  the time and gets its arithmetic partly right. The reward needs both, so RL has something real to learn in
+  the few minutes a CPU allows. Greedy decoding (the eval) takes the boxed ending, the most likely single
+  continuation, on every seed: with one unboxed phrasing the box was a coin flip and seed 1's warm-up never
+  boxed (pass@1 0.000; now 0.405). The task's own ``solution`` fields (GEC's reference replacement) all keep
+  their box.
 
 Everything is deterministic under the seed.
 """
@@ -104,18 +105,32 @@ def make_task(seed: int, n_train: int, n_eval: int, task: TaskConfig = TaskConfi
     return rows[:n_train], rows[n_train:]
 
 
+# How an unboxed demonstration ends instead of " The answer is \\boxed{r}.": several phrasings whose first
+# tokens differ from each other, from the boxed ending's and from GEC's "Wait!", so each holds only
+# unboxed_frac / len(...) of the demonstrations at the point where the endings part. With a single unboxed
+# phrasing ("The answer is r.") the box was a coin flip there at unboxed_frac 0.5, and greedy decoding after
+# the warm-up tipped to one side per seed: seed 1 never boxed (eval pass@1 0.000). Now the boxed ending is the
+# greedy choice for any unboxed_frac below len/(len + 1) = 0.75, while sampled rollouts (temperature 1) still
+# omit the box about unboxed_frac of the time.
+UNBOXED_ENDINGS = (" So we get {r}.", " Hence {r}.", " Thus {r}.")
+BOXED_ENDING = " The answer is \\boxed{{{r}}}."
+
+
 def warmup_demonstrations(rows: Sequence[Dict[str, str]], unboxed_frac: float, seed: int) -> List[str]:
     """Demonstrations for the supervised warm-up: the reference solutions, of which a seeded ``unboxed_frac``
-    state the answer without ``\\boxed{}`` ("The answer is 7."), like a base model that follows the
-    boxed-answer instruction only some of the time. The reward needs the box, so RL has a real, quickly
-    learnable improvement to find on top of the arithmetic; the task's own ``solution`` fields (used by GEC's
-    reference replacement) all keep their box."""
+    end without ``\\boxed{}`` in one of :data:`UNBOXED_ENDINGS` (drawn uniformly), like a base model that
+    follows the boxed-answer instruction only some of the time. The reward needs the box, so RL has a real,
+    quickly learnable improvement to find on top of the arithmetic; the task's own ``solution`` fields (used by
+    GEC's reference replacement) all keep their box."""
     rng = random.Random(f"edge-train-demos-{seed}")
     out = []
     for r in rows:
         sol = r["solution"]
         if rng.random() < unboxed_frac:
-            sol = sol.replace("\\boxed{" + r["answer"] + "}", r["answer"])
+            boxed = BOXED_ENDING.format(r=r["answer"])
+            if not sol.endswith(boxed):
+                raise ValueError(f"solution does not end with {boxed!r}: {sol!r}")
+            sol = sol[:-len(boxed)] + rng.choice(UNBOXED_ENDINGS).format(r=r["answer"])
         out.append(sol)
     return out
 

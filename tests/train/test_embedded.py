@@ -43,3 +43,29 @@ def test_model_is_a_small_qwen2():
     assert m1.config.vocab_size == len(tok)
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_warmup_demos_make_the_boxed_ending_the_greedy_choice():
+    """Where a demonstration's ending parts from the work (the first token after "... = r."), the boxed ending
+    must hold a clear plurality at the default unboxed_frac 0.5 on every seed, so greedy decoding after the
+    warm-up boxes its answers (with one unboxed phrasing it was a coin flip, and seed 1 never boxed)."""
+    from collections import Counter
+
+    from edge_kernels.train.config import DEFAULT_INJECTION, DEFAULT_REFLECTION
+
+    for seed in range(10):
+        tr, _ = E.make_task(seed, 1000, 0)  # the tokenizer as edge-train builds it
+        tok = E.build_tokenizer(E.tokenizer_corpus(tr, extra=[DEFAULT_REFLECTION, DEFAULT_INJECTION,
+                                                             E.SYSTEM_PROMPT]), vocab_size=512)
+        demos = E.warmup_demonstrations(tr, 0.5, seed)
+        unboxed = sum("\\boxed{" not in d for d in demos) / len(demos)
+        assert 0.45 < unboxed < 0.55  # the format gap RL closes is still there
+        first = Counter()
+        for row, demo in zip(tr, demos):
+            work = row["solution"][:-len(E.BOXED_ENDING.format(r=row["answer"]))]
+            assert demo.startswith(work) and row["answer"] in demo[len(work):]
+            n = len(tok.encode(work, add_special_tokens=False))
+            first[tok.encode(demo, add_special_tokens=False)[n]] += 1
+        boxed_tok = tok.encode(E.BOXED_ENDING.format(r=7), add_special_tokens=False)[0]
+        top_other = max(c for t, c in first.items() if t != boxed_tok)
+        assert first[boxed_tok] > 2 * top_other, (seed, first.most_common(3))
