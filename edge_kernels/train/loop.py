@@ -718,7 +718,7 @@ class Trainer:
         if w is not None:
             lines.append(f"  eval pass@1 after warm-up: {w['correct']}/{w['total']} = {w['pass_at_1']:.4f}")
         if f is not None:
-            lines.append(f"  eval pass@1 after GRPO:    {f['correct']}/{f['total']} = {f['pass_at_1']:.4f}")
+            lines.append(f"  eval pass@1 after RL:      {f['correct']}/{f['total']} = {f['pass_at_1']:.4f}")
         if w is not None and f is not None:
             lines.append(f"  change: {f['pass_at_1'] - w['pass_at_1']:+.4f}")
         return "\n".join(lines)
