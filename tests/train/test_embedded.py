@@ -51,7 +51,7 @@ def test_warmup_demos_make_the_boxed_ending_the_greedy_choice():
     warm-up boxes its answers (with one unboxed phrasing it was a coin flip, and seed 1 never boxed)."""
     from collections import Counter
 
-    from edge_kernels.train.config import DEFAULT_INJECTION, DEFAULT_REFLECTION
+    from edge_kernels.gec import DEFAULT_INJECTION, DEFAULT_REFLECTION
 
     for seed in range(10):
         tr, _ = E.make_task(seed, 1000, 0)  # the tokenizer as edge-train builds it
