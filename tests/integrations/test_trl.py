@@ -13,7 +13,6 @@ entropies agree to a few fp32 ulps of the logits (~1e-6). We assert 1e-5 absolut
 from __future__ import annotations
 
 import re
-import string
 
 import pytest
 import torch
@@ -21,16 +20,15 @@ import torch
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     Gemma2Config,
     Gemma2ForCausalLM,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 from trl import GRPOConfig  # noqa: E402
 
+from char_tokenizer import make_tokenizer  # noqa: E402
 from edge_kernels import advantages as A  # noqa: E402
 from edge_kernels.integrations.trl import (  # noqa: E402
     ESTIMATORS,
@@ -54,16 +52,6 @@ def _few_threads():
 
 # ----------------------------------------------------------------------------------------------------------
 # tiny offline model, tokenizer, data, rewards
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for c in string.digits + string.ascii_letters + string.punctuation + " \n":
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the regeneration goes through TRL's vLLM engine, the weight push works on the CP
 stays at fp32 rounding for every token vLLM sampled, GEC's regenerated continuations included."""
 
 import re
-import string
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ import torch
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("trl")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from char_tokenizer import make_tokenizer  # noqa: E402
 
 from edge_kernels.integrations.trl import EdgeGRPOConfig, EdgeGRPOTrainer  # noqa: E402
 
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.vllm
 
 G = 4
 SAME_WEIGHTS_TOL = 1e-4  # fp32 engine vs TRL's fp32 scoring pass on the same weights (measured ~1e-6)
-
-
-def _tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for c in string.digits + string.ascii_letters + string.punctuation + " \n":
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def _accuracy(completions, answer, **kwargs):
@@ -47,7 +37,7 @@ def _noise(completions, **kwargs):  # varied rewards below GEC's correctness thr
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = _tokenizer()
+    tok = make_tokenizer()
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,

@@ -3,27 +3,10 @@
 import torch
 
 from edge_kernels.train.batch import pack, score
+from train.train_helpers import TINY
 
 # the edge-train tests' TINY configuration with a head size of 32 (TINY's is 16, which the CPU build refuses)
-TINY_VLLM = {
-    "embedded_train_size": 48,
-    "embedded_eval_size": 8,
-    "embedded_hidden_size": 64,
-    "embedded_intermediate_size": 128,
-    "embedded_layers": 1,
-    "embedded_heads": 2,
-    "embedded_vocab_size": 300,
-    "warmup_steps": 3,
-    "warmup_batch_size": 8,
-    "prompts_per_step": 2,
-    "group_size": 4,
-    "max_new_tokens": 8,
-    "gec_max_new_tokens": 4,
-    "max_steps": 2,
-    "progress": False,
-    "lr": 1e-3,
-    "rollout": "vllm",
-}
+TINY_VLLM = {**TINY, "embedded_hidden_size": 64, "embedded_intermediate_size": 128, "rollout": "vllm"}
 
 
 def cli_flags(**over):
