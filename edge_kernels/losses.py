@@ -1,23 +1,26 @@
-"""Policy losses: the clipped GRPO/PPO objective on per-token log-probs, and its fused hidden-states-in front.
+"""Policy losses: every policy objective on per-token log-probs, and its fused hidden-states-in front.
 
-The math is ``docs/algorithms.md`` section 6 (section 2 for ``eda="current"``). Everything works on
-``[B, T]`` tensors (``B`` responses, ``T`` response positions) with a response mask ``m`` (1 on tokens that
-count; any non-negative float weights are accepted and act as token weights).
+The math is ``docs/algorithms.md`` section 6 (section 2 for ``eda="current"``, section 8 for the rollout
+correction); the options are one :class:`edge_kernels.policy_options.PolicyLossOptions`, validated once.
+Everything works on ``[B, T]`` tensors (``B`` responses, ``T`` response positions) with a response mask ``m``
+(1 on tokens that count; any non-negative float weights are accepted and act as token weights).
 
 Per token, with ``l`` the current log-prob, ``l_old`` the sampling policy's, ``l_ref`` the reference's,
-``A`` the advantage and ``H`` the entropy::
+``A`` the advantage and ``H`` the entropy, the default objective (``"clip"``) is::
 
     rho   = exp(l - l_old)                                   (is_level="token")
           = exp(mean_t[l - l_old])  for every token of i     (is_level="sequence", GSPO)
     L     = max(-rho A, -clip(rho, 1 - clip_low, 1 + clip_high) A)
     L     = min(L, dual_clip * |A|)  where A < 0             (dual_clip set; verl's dual clip)
-    L    += kl_coef * k(l, l_ref) - entropy_coef * H
+    L     = L * w_rollout * keep_offpolicy                   (rollout correction, off-policy mask)
+    L    += kl_coef * k(l, l_ref) [* rho] - entropy_coef * H
 
-then ``L`` is aggregated over the kept tokens by ``agg``. Numerical guards, the same as verl's: the log-ratio
-(token or sequence) is clamped to ``[-20, 20]`` before ``exp``; masked positions never enter a non-linearity,
-so garbage (even ``inf``/``NaN`` log-probs) under a zero mask cannot reach the loss or its gradient.
+then ``L`` is aggregated over the kept tokens by ``agg``; CISPO, SAPO, LUSPO, VESPO, Clip-Cov and KL-Cov replace
+the first lines (:func:`_surrogate`). Numerical guards, the same as verl's: the log-ratio (token or sequence) is
+clamped to ``[-20, 20]`` before ``exp``; masked positions never enter a non-linearity, so garbage (even
+``inf``/``NaN`` log-probs) under a zero mask cannot reach the loss or its gradient.
 
-Differences from verl 0.9 (``verl.trainer.ppo.core_algos``), all deliberate:
+Differences from verl 0.9 (``verl.trainer.ppo.core_algos``) and TRL 1.16, all deliberate (the tests state each):
 
 * GSPO (``is_level="sequence"``): the gradient flows through the masked mean, ``d s_i / d l_{i,t} = s_i m_t / |o_i|``
   (the GSPO paper's sequence ratio). verl's ``compute_policy_loss_gspo`` uses the straight-through
@@ -28,50 +31,36 @@ Differences from verl 0.9 (``verl.trainer.ppo.core_algos``), all deliberate:
 * Aggregation: see :func:`aggregate`; ``seq-mean-token-sum-norm`` divides by ``B * max_len`` (all rows) as the
   spec and Dr.GRPO do, where verl divides by the number of non-empty rows times ``max_len``; the batch-wide
   ``token-mean`` of an all-masked batch is 0 here, ``NaN`` in verl.
+* The entropy filter removes a token from every term (KL and entropy bonus included); TRL filters only the
+  policy-gradient term. The rollout weight and the off-policy mask scale the policy-gradient term only, as in
+  TRL and verl.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .dispatch import check_same_device, check_softcap, validate_linear_inputs
 from .ops.linear_logprob_entropy import linear_logprob_entropy
-from .policy_loss_torch import fused_policy_loss_three_matmul, three_matmul_applies
+from .policy_loss_torch import fused_policy_loss_three_matmul, in_forward_unavailable
+from .policy_options import AGG_MODES, IS_LEVELS, KL_TYPES, PolicyLossOptions, options_from
 
 Tensor = torch.Tensor
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_TYPES = ("k1", "k2", "k3")
-IS_LEVELS = ("token", "sequence")
-EDA_MODES = ("off", "current")
 LOG_RATIO_CLAMP = 20.0  # verl's clamp of log(rho) before exp()
+VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of VESPO's log sequence weight
+GRADIENT_STRATEGIES = ("auto", "in_forward", "recompute")
 _IGNORE_INDEX = -100
 
-__all__ = ["policy_loss", "fused_linear_policy_loss", "aggregate", "AGG_MODES", "KL_TYPES", "IS_LEVELS"]
+__all__ = ["policy_loss", "fused_linear_policy_loss", "aggregate", "PolicyLossOptions", "AGG_MODES", "KL_TYPES",
+           "IS_LEVELS", "GRADIENT_STRATEGIES"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# validation (argument-naming errors; the kernels' own inputs are validated in dispatch)
-
-
-def _check_choice(name: str, value, choices: Sequence[str]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_float(name: str, value, *, min_value: Optional[float] = None, min_inclusive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if min_value is not None and (v < min_value or (v == min_value and not min_inclusive)):
-        rel = ">=" if min_inclusive else ">"
-        raise ValueError(f"{name} must be {rel} {min_value}, got {value!r}")
-    return v
+# input validation (argument-naming errors; the options validate themselves, the kernels' inputs in dispatch)
 
 
 def _check_tensor(name: str, t, *, floating: bool = False) -> None:
@@ -102,23 +91,33 @@ def _check_advantages(advantages: Tensor, shape: Tuple[int, int], check_nan: boo
         raise ValueError("advantages contains NaN")
 
 
-def _validate_loss_options(clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
-                           top_entropy_quantile, agg, max_len):
-    clip_low = _check_float("clip_low", clip_low, min_value=0.0)
-    clip_high = _check_float("clip_high", clip_high, min_value=0.0)
-    if dual_clip is not None:
-        dual_clip = _check_float("dual_clip", dual_clip, min_value=1.0, min_inclusive=False)
-    _check_choice("is_level", is_level, IS_LEVELS)
-    kl_coef = _check_float("kl_coef", kl_coef)
-    _check_choice("kl_type", kl_type, KL_TYPES)
-    entropy_coef = _check_float("entropy_coef", entropy_coef)
-    q = _check_float("top_entropy_quantile", top_entropy_quantile)
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"top_entropy_quantile must lie in (0, 1], got {top_entropy_quantile!r}")
-    _check_choice("agg", agg, AGG_MODES)
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
-        raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
-    return clip_low, clip_high, dual_clip, kl_coef, entropy_coef, q
+def _options(options: Optional[PolicyLossOptions], overrides: Dict[str, Any]) -> PolicyLossOptions:
+    """The call's options: ``options`` (or the defaults) with the keyword ``overrides`` applied."""
+    if options is not None and not isinstance(options, PolicyLossOptions):
+        raise TypeError(f"options must be a PolicyLossOptions, got {type(options).__name__}")
+    if not overrides:
+        return PolicyLossOptions() if options is None else options
+    return options_from(options, **overrides)
+
+
+def _check_needs(o: PolicyLossOptions, shape, advantages: Tensor, entropy, ref_logp, rollout_logp, group_size,
+                 group_ids) -> None:
+    """The inputs each option needs (one place for the loss and its fused front)."""
+    if o.kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("kl_coef != 0 needs ref_logp")
+    if o.entropy_coef != 0.0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    if o.top_entropy_quantile < 1.0 and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 needs entropy")
+    if o.rollout_is != "off" and rollout_logp is None:
+        raise ValueError(f"rollout_is={o.rollout_is!r} needs rollout_logp (the rollout engine's log-probs)")
+    if o.eda == "current":
+        if entropy is None:
+            raise ValueError("eda='current' needs entropy (with its gradient)")
+        if advantages.dim() != 1:
+            raise ValueError(f"eda='current' needs per-sequence advantages [B], got {tuple(advantages.shape)}")
+        if group_size is None and group_ids is None:
+            raise ValueError("eda='current' needs group_size or group_ids")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,7 +144,8 @@ def aggregate(loss_mat: Tensor, mask: Tensor, agg: str = "token-mean", max_len: 
     verl divides by (non-empty rows) * ``max_len``; here all ``B`` rows count, as in the spec, so the two agree
     when no row is fully masked.
     """
-    _check_choice("agg", agg, AGG_MODES)
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {list(AGG_MODES)}, got {agg!r}")
     lm = loss_mat * mask
     if agg == "token-mean":
         return _safe_div(lm.sum(), mask.sum())
@@ -210,20 +210,13 @@ def policy_loss(
     *,
     entropy: Optional[Tensor] = None,
     ref_logp: Optional[Tensor] = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    is_level: str = "token",
-    kl_coef: float = 0.0,
-    kl_type: str = "k1",
-    entropy_coef: float = 0.0,
-    top_entropy_quantile: float = 1.0,
-    agg: str = "token-mean",
-    max_len: Optional[int] = None,
+    rollout_logp: Optional[Tensor] = None,
+    options: Optional[PolicyLossOptions] = None,
     group_size: Optional[int] = None,
     group_ids: Optional[Tensor] = None,
+    **option_overrides: Any,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Clipped policy-gradient loss with optional KL, entropy bonus and entropy token filter (section 6).
+    """Policy-gradient loss (section 6): the chosen objective, KL, entropy terms, filters, rollout correction.
 
     Args:
         logp: ``[B, T]`` current-policy log-probs of the sampled tokens (differentiable).
@@ -231,122 +224,150 @@ def policy_loss(
             (``old = logp.detach()``, so ``rho = 1`` with the gradient of ``exp(l - sg[l])``).
         advantages: ``[B]`` (broadcast over tokens) or ``[B, T]``. May carry a gradient (``eda="current"``).
         mask: ``[B, T]`` response mask (bool, int or float weights >= 0).
-        entropy: ``[B, T]`` token entropies; needed by ``entropy_coef != 0`` (its gradient is used) and by
-            ``top_entropy_quantile < 1`` (detached); when given, ``entropy_mean`` is reported.
+        entropy: ``[B, T]`` token entropies; needed by ``entropy_coef != 0`` and ``eda="current"`` (their
+            gradients are used) and by ``top_entropy_quantile < 1`` (detached); when given, ``entropy_mean`` is
+            reported.
         ref_logp: ``[B, T]`` reference-policy log-probs (no gradient); needed when ``kl_coef != 0``.
-        clip_low, clip_high: ``eps_low``/``eps_high`` of ``clip(rho, 1 - eps_low, 1 + eps_high)``; DAPO's
-            clip-higher is ``clip_high=0.28``.
-        dual_clip: ``c > 1`` enables dual-clip PPO exactly as verl's ``compute_policy_loss_vanilla``: on tokens
-            with ``A < 0``, ``L = min(L^clip, -c A) = min(L^clip, c |A|)`` (bounds the loss of a very large ratio
-            on a negative advantage). ``None`` (default) disables it.
-        is_level: ``"token"`` or ``"sequence"`` (GSPO: ``s_i = exp(mean_t[l - l_old])`` for every token of row
-            ``i``, gradient through the mean).
-        kl_coef: ``beta`` of the KL-to-reference term; ``kl_type`` ``"k1"``, ``"k2"`` or ``"k3"`` (section 6).
-        entropy_coef: per-token bonus ``-entropy_coef * H``.
-        top_entropy_quantile: ``rho`` in ``(0, 1]``; below 1 only tokens with ``H`` at or above the ``(1 - rho)``
-            quantile of the batch's masked-token entropies (detached) enter the loss (all terms) and its
-            denominators. ``rho = 0.2`` keeps the top 20% high-entropy "forking" tokens.
-        agg: aggregation mode, see :func:`aggregate`; ``max_len`` is the ``seq-mean-token-sum-norm`` horizon
-            (default ``T``).
+        rollout_logp: ``[B, T]`` the rollout engine's log-probs of the sampled tokens (no gradient; ``NaN`` where
+            the engine gave none: weight 1 there); needed by ``rollout_is``; used by the off-policy mask in
+            place of ``old_logp`` when given.
+        options: a :class:`edge_kernels.policy_options.PolicyLossOptions` (default: its defaults); keyword
+            ``option_overrides`` (its field names: ``clip_high=0.28``, ``objective="cispo"``, ...) are applied
+            on top of it and validated with it.
         group_size, group_ids: optional group layout (contiguous groups of ``group_size`` rows, or a group-id
-            per row); with ``[B]`` advantages it adds ``adv_group_var`` and ``zero_adv_group_frac``.
+            per row): needed by ``eda="current"``; with ``[B]`` advantages it adds ``adv_group_var`` and
+            ``zero_adv_group_frac``.
 
     Returns:
         ``(loss, metrics)``: a 0-d loss, and a dict of detached 0-d tensors (left on the device, never
-        ``.item()``-ed; computed from values already in hand), averaged over the masked tokens (``mask``, before
-        the entropy filter) unless said otherwise:
+        ``.item()``-ed except where Clip-Cov/KL-Cov count their tokens), averaged over the masked tokens
+        (``mask``, before the entropy filter) unless said otherwise:
 
         * ``ratio_mean``: mean ``rho`` (``s_i`` per token at sequence level).
-        * ``clip_frac_low`` / ``clip_frac_high``: fraction of tokens where the lower clip (``A < 0`` and
-          ``rho < 1 - clip_low``) / upper clip (``A > 0`` and ``rho > 1 + clip_high``) is active; their sum is
-          verl's ``pg_clipfrac``.
+        * ``clip_frac_low`` / ``clip_frac_high`` (hard-clip objectives: clip, luspo, clip_cov, cispo): tokens
+          where the lower clip (``A < 0`` and ``rho < 1 - clip_low``) / upper clip (``A > 0`` and
+          ``rho > 1 + clip_high``) is active; for CISPO the weight's clip, whatever the sign of ``A``.
         * ``clip_frac_dual`` (dual clip only): verl's ``pg_clipfrac_lower``, tokens with ``A < 0`` and
           ``L^clip > c |A|``.
-        * ``approx_kl``: k3 estimate of KL(old || current) from tokens sampled under the old policy,
-          ``mean(exp(l - l_old) - 1 - (l - l_old))`` (unbiased for that direction), from the clamped token
-          log-ratio (always token level).
-        * ``kl_ref`` (when ``ref_logp`` is given): mean of the chosen ``kl_type`` estimator.
-        * ``entropy_mean`` (when ``entropy`` is given).
-        * ``keep_frac`` (entropy filter only): kept tokens' share of the masked tokens.
-        * ``adv_mean``, ``adv_std``: token-weighted mean and unbiased std of the advantages (verl's
-          ``critic/advantages`` statistics).
-        * ``adv_group_var``, ``zero_adv_group_frac``: see :mod:`edge_kernels.advantages` (``[B]`` advantages
-          with a group layout only); ``adv_batch_var``: the unbiased variance of the ``[B]`` advantages over the
-          whole batch, the quantity EDGE-GRPO's official trainer logs.
+        * ``cov_frac`` (clip_cov, kl_cov): tokens whose gradient Clip-Cov dropped / KL-Cov penalised;
+          ``vespo_phi_mean`` (vespo); ``off_policy_mask_frac``: responses the off-policy mask dropped (share
+          of the non-empty rows); ``rollout_is_*`` (rollout correction, section 8): ``weight_mean``, ``ess``,
+          ``clipped_frac``, ``masked_frac``.
+        * ``approx_kl``: k3 estimate of KL(old || current), ``mean(exp(l - l_old) - 1 - (l - l_old))``.
+        * ``kl_ref`` (when ``ref_logp`` is given): mean of the chosen ``kl_type`` estimator (before the bias
+          correction).
+        * ``entropy_mean`` (when ``entropy`` is given); ``keep_frac`` (entropy filter only); ``eda_scale_mean``
+          (``eda="current"``: the mean over rows of the scale).
+        * ``adv_mean``, ``adv_std``: token-weighted mean and unbiased std of the advantages used (verl's
+          ``critic/advantages`` statistics; after EDA's rescaling).
+        * ``adv_group_var``, ``zero_adv_group_frac``, ``adv_batch_var``: see :mod:`edge_kernels.advantages`
+          (``[B]`` advantages with a group layout only).
 
     Raises:
-        ValueError: a bad shape, an unknown mode string, ``clip_low``/``clip_high`` < 0, ``dual_clip <= 1``,
-            ``top_entropy_quantile`` outside ``(0, 1]``, NaN advantages, or a missing ``entropy``/``ref_logp``.
+        ValueError / TypeError: a bad shape or dtype, NaN advantages, a missing input an option needs, or an
+            option value or combination :class:`PolicyLossOptions` refuses (the message names the option).
     """
-    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, q = _check_policy_inputs(
-        logp, old_logp, advantages, mask, entropy, ref_logp, group_ids, clip_low, clip_high, dual_clip, is_level,
-        kl_coef, kl_type, entropy_coef, top_entropy_quantile, agg, max_len)
+    o = _options(options, option_overrides)
+    _check_tensor("logp", logp, floating=True)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
+    shape = (logp.shape[0], logp.shape[1])
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
+                    ("rollout_logp", rollout_logp)):
+        _check_bt(name, t, shape)
+    _check_bt("mask", mask, shape, floating=False)
+    _check_advantages(advantages, shape)
+    _check_needs(o, shape, advantages, entropy, ref_logp, rollout_logp, group_size, group_ids)
+    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, entropy=entropy,
+                      ref_logp=ref_logp, rollout_logp=rollout_logp, group_ids=group_ids)
+    return _policy_loss(o, logp, old_logp, advantages, mask, entropy, ref_logp, rollout_logp, group_size, group_ids)
+
+
+def _policy_loss(o: PolicyLossOptions, logp, old_logp, advantages, mask, entropy, ref_logp, rollout_logp,
+                 group_size, group_ids) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`policy_loss` on checked inputs."""
     shape = (logp.shape[0], logp.shape[1])
     dtype = torch.promote_types(logp.dtype, torch.float32)
     m = mask.to(dtype)
     valid = m != 0
     zero = torch.zeros((), dtype=dtype, device=logp.device)
-    l = logp.to(dtype)
-    l_old = l.detach() if old_logp is None else old_logp.detach().to(dtype)
-    adv = advantages.to(dtype)
-    adv = adv[:, None].expand(shape) if adv.dim() == 1 else adv
-    adv = torch.where(valid, adv, zero)
-
-    log_ratio, ratio = _importance_ratio(l, l_old, m, valid, is_level)
-    per_token, pg_clip = _clipped_surrogate(adv, ratio, clip_low, clip_high, dual_clip)
-    kl = None if ref_logp is None else _kl(torch.where(valid, l - ref_logp.detach().to(dtype), zero), kl_type)
+    l = torch.where(valid, logp.to(dtype), zero)
+    l_old = l.detach() if old_logp is None else torch.where(valid, old_logp.detach().to(dtype), zero)
     ent = None if entropy is None else torch.where(valid, entropy.to(dtype), zero)
-    if kl_coef != 0.0:
-        per_token = per_token + kl_coef * kl
-    if entropy_coef != 0.0:
-        per_token = per_token - entropy_coef * ent
-    keep = _entropy_quantile_keep(ent.detach(), valid, q) if q < 1.0 else None
+    extra: Dict[str, Tensor] = {}
+    adv_in = advantages
+    if o.eda == "current":
+        adv_in, scale = _eda_current(advantages, ent, m, group_size, group_ids, o.eda_eps, o.eda_clamp)
+        extra["eda_scale_mean"] = scale.detach().mean()
+    adv = adv_in.to(dtype)
+    adv = torch.where(valid, adv[:, None].expand(shape) if adv.dim() == 1 else adv, zero)
+
+    log_ratio, ratio = _importance_ratio(l, l_old, m, valid, o.is_level)
+    is_w = None
+    if o.rollout_is != "off":
+        is_w, is_metrics = _rollout_weights(o, l_old, rollout_logp.detach().to(dtype), m, valid)
+        extra.update(is_metrics)
+    per_token, pg_clip, info = _surrogate(o, l, log_ratio, ratio, adv, m, valid, is_w)
+    extra.update(info)
+    if is_w is not None and o.objective != "vespo":  # VESPO folds the weights into its sequence ratio
+        per_token = per_token * is_w
+    if o.off_policy_mask_threshold is not None:
+        keep_rows = _off_policy_keep(o, l, l_old, rollout_logp, adv, m, valid)
+        per_token = per_token * keep_rows
+        rows = valid.any(-1)
+        extra["off_policy_mask_frac"] = _safe_div(((keep_rows == 0).any(-1) & rows).to(dtype).sum(),
+                                                  rows.to(dtype).sum())
+    kl = None if ref_logp is None else _kl(torch.where(valid, l - ref_logp.detach().to(dtype), zero), o.kl_type)
+    if o.kl_coef != 0.0:
+        per_token = per_token + o.kl_coef * (kl * ratio if o.kl_bias_correction else kl)
+    if o.entropy_coef != 0.0:
+        per_token = per_token - o.entropy_coef * ent
+    keep = _entropy_quantile_keep(ent.detach(), valid, o.top_entropy_quantile) if o.top_entropy_quantile < 1 else None
     loss_mask = m if keep is None else m * keep.to(dtype)
-    loss = aggregate(per_token, loss_mask, agg, max_len)
+    loss = aggregate(per_token, loss_mask, o.agg, o.max_len)
 
     with torch.no_grad():
-        metrics = _loss_metrics(m, log_ratio, ratio, adv, pg_clip, kl, ent, loss_mask if keep is not None else None,
-                                clip_low, clip_high, dual_clip)
+        metrics = _loss_metrics(o, m, log_ratio, ratio, adv, pg_clip, kl, ent, loss_mask if keep is not None else None)
+        metrics.update(extra)
         if advantages.dim() == 1 and (group_size is not None or group_ids is not None):
-            metrics.update(_group_metrics(advantages, group_size, group_ids))
+            metrics.update(_group_metrics(adv_in, group_size, group_ids))
     return loss, metrics
-
-
-def _check_policy_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, group_ids, clip_low, clip_high,
-                         dual_clip, is_level, kl_coef, kl_type, entropy_coef, top_entropy_quantile, agg, max_len):
-    """Shapes, devices and options of :func:`policy_loss`; returns the checked numbers."""
-    _check_tensor("logp", logp, floating=True)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
-    shape = (logp.shape[0], logp.shape[1])
-    _check_bt("old_logp", old_logp, shape)
-    _check_bt("ref_logp", ref_logp, shape)
-    _check_bt("entropy", entropy, shape)
-    _check_bt("mask", mask, shape, floating=False)
-    checked = _validate_loss_options(clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
-                                     top_entropy_quantile, agg, max_len)
-    _check_advantages(advantages, shape)
-    kl_coef, entropy_coef, q = checked[3], checked[4], checked[5]
-    if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError("kl_coef != 0 needs ref_logp")
-    if entropy_coef != 0.0 and entropy is None:
-        raise ValueError("entropy_coef != 0 needs entropy")
-    if q < 1.0 and entropy is None:
-        raise ValueError("top_entropy_quantile < 1 needs entropy")
-    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, entropy=entropy,
-                      ref_logp=ref_logp, group_ids=group_ids)
-    return checked
 
 
 def _importance_ratio(l: Tensor, l_old: Tensor, m: Tensor, valid: Tensor, is_level: str) -> Tuple[Tensor, Tensor]:
     """``(log_ratio, rho)`` ``[B, T]``: token level, or GSPO's sequence ratio (gradient through the masked mean).
-    Masked positions are replaced by 0 before any ``exp``; the log-ratio is clamped to ``[-20, 20]``."""
+    Masked positions are 0 before any ``exp``; the log-ratio is clamped to ``[-20, 20]``."""
     log_ratio = torch.where(valid, l - l_old, torch.zeros_like(l))
     if is_level == "sequence":
         seq_log_ratio = (log_ratio * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)  # the spec's masked mean
         seq_log_ratio = seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return log_ratio, torch.exp(seq_log_ratio)[:, None].expand(l.shape)
     return log_ratio, torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the objectives (section 6; one definition each)
+
+
+def _surrogate(o: PolicyLossOptions, l: Tensor, log_ratio: Tensor, ratio: Tensor, adv: Tensor, m: Tensor,
+               valid: Tensor, is_w: Optional[Tensor]) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+    """The per-token policy-gradient term of ``o.objective``: ``(L [B, T], L before the dual clip, metrics)``."""
+    if o.objective in ("clip", "luspo"):  # LUSPO: GSPO's surrogate; its length scaling is agg (token sum)
+        per_token, pg_clip = _clipped_surrogate(adv, ratio, o.clip_low, o.clip_high, o.dual_clip)
+        return per_token, pg_clip, {}
+    if o.objective == "cispo":
+        w = ratio.detach().clamp(1.0 - o.clip_low, 1.0 + o.clip_high)
+        return -w * adv * l, ratio, {}
+    if o.objective == "sapo":
+        tau = torch.where(adv > 0, o.sapo_tau_pos, o.sapo_tau_neg).to(ratio.dtype)
+        per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+        return per_token, per_token, {}
+    if o.objective == "vespo":
+        phi = _vespo_weight(o, log_ratio, adv, m, is_w)
+        return -phi * adv * l, phi, {"vespo_phi_mean": _masked_mean(phi, m)}
+    if o.objective == "clip_cov":
+        return _clip_cov(o, l, ratio, adv, m, valid)
+    return _kl_cov(o, l, log_ratio, ratio, adv, m, valid)
 
 
 def _clipped_surrogate(adv: Tensor, ratio: Tensor, clip_low: float, clip_high: float,
@@ -361,9 +382,103 @@ def _clipped_surrogate(adv: Tensor, ratio: Tensor, clip_low: float, clip_high: f
     return torch.where(adv < 0, torch.minimum(pg_clip, -adv * dual_clip), pg_clip), pg_clip
 
 
-def _loss_metrics(m: Tensor, log_ratio: Tensor, ratio: Tensor, adv: Tensor, pg_clip: Tensor, kl: Optional[Tensor],
-                  ent: Optional[Tensor], kept_mask: Optional[Tensor], clip_low: float, clip_high: float,
-                  dual_clip: Optional[float]) -> Dict[str, Tensor]:
+def _vespo_weight(o: PolicyLossOptions, log_ratio: Tensor, adv: Tensor, m: Tensor, is_w: Optional[Tensor]) -> Tensor:
+    """VESPO's detached gamma weight ``phi(w) = exp(lambda + k log w - lambda w)`` of the sequence ratio
+    ``w = exp(sum_t clamp(l - l_old) [+ sum_t log w_rollout])``, ``log w`` clamped to ``[log 1e-8, 20]``."""
+    with torch.no_grad():
+        seq = (log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
+        if is_w is not None:
+            seq = seq + (torch.log(is_w).clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
+        log_w = seq.clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, o.vespo_k_pos, o.vespo_k_neg).to(log_w.dtype)
+        lam = torch.where(nonneg, o.vespo_lambda_pos, o.vespo_lambda_neg).to(log_w.dtype)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _token_cov(l: Tensor, adv: Tensor, m: Tensor, valid: Tensor) -> Tensor:
+    """Clip-Cov / KL-Cov's per-token covariance ``(A - mean A)(l - mean l)`` over the masked tokens (detached)."""
+    a, lp = adv.detach(), l.detach()
+    return (a - _masked_mean(a, valid.to(a.dtype))) * (lp - _masked_mean(lp, valid.to(lp.dtype)))
+
+
+def _clip_cov(o: PolicyLossOptions, l, ratio, adv, m, valid):
+    """Clip-Cov as verl's ``compute_policy_loss_clip_cov``: among the tokens the hard clip left alone whose
+    covariance lies in ``(lb, ub)``, ``max(1, int(cov_ratio * n))`` drawn at random (``torch.randperm`` on the
+    global CPU generator, as verl) lose their gradient (loss multiplied by 0)."""
+    per_token, _ = _clipped_surrogate(adv, ratio, o.clip_low, o.clip_high, None)
+    with torch.no_grad():
+        clipped = (-adv * ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high) > -adv * ratio) & valid
+        cov = _token_cov(l, adv, m, valid)
+        cand = ~clipped & valid & (cov > o.clip_cov_lb) & (cov < o.clip_cov_ub)
+        n_clip = max(int(o.cov_ratio * int(valid.sum())), 1)  # host syncs: verl's token count and nonzero
+        idx = torch.nonzero(cand)
+        idx = idx[torch.randperm(len(idx))[:n_clip].to(idx.device)]
+        corr = torch.ones_like(per_token)
+        corr[idx[:, 0], idx[:, 1]] = 0.0
+    return per_token * corr, per_token, {"cov_frac": _masked_mean((corr == 0).to(m.dtype), m)}
+
+
+def _kl_cov(o: PolicyLossOptions, l, log_ratio, ratio, adv, m, valid):
+    """KL-Cov as verl's ``compute_policy_loss_kl_cov``: the unclipped ``-A rho`` everywhere, plus
+    ``kl_cov_coef * |l - l_old|`` on the ``max(1, int(cov_ratio * n))`` masked tokens of largest covariance."""
+    per_token = -adv * ratio
+    with torch.no_grad():
+        flat_valid = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+        pick = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+        if flat_valid.numel():
+            cov = _token_cov(l, adv, m, valid).reshape(-1)[flat_valid]
+            k = max(1, int(flat_valid.numel() * o.cov_ratio))
+            pick[flat_valid[torch.topk(cov, k, largest=True).indices]] = True
+        pick = pick.view(valid.shape)
+    per_token = torch.where(pick, per_token + o.kl_cov_coef * log_ratio.abs(), per_token)
+    return per_token, per_token, {"cov_frac": _masked_mean(pick.to(m.dtype), m)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rollout correction and the off-policy sequence mask (section 8)
+
+
+def _rollout_weights(o: PolicyLossOptions, l_old: Tensor, l_mu: Tensor, m: Tensor,
+                     valid: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """``w`` ``[B, T]`` (detached, 1 where the engine gave no log-prob, i.e. ``NaN``) and its metrics: TRL's
+    ``vllm_importance_sampling_mode`` semantics, the log-weight clamped to ``[-20, 20]`` (verl's bound)."""
+    diff = torch.where(valid & ~torch.isnan(l_mu), l_old - torch.nan_to_num(l_mu), torch.zeros_like(l_old))
+    if o.rollout_is.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True).expand(diff.shape)
+    raw = torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    lo = -math.inf if o.rollout_is_min is None else o.rollout_is_min
+    hi = math.inf if o.rollout_is_max is None else o.rollout_is_max
+    out = (raw < lo) | (raw > hi)
+    if o.rollout_is.endswith("truncate"):
+        w, metrics = raw.clamp(lo, hi), {"rollout_is_clipped_frac": _masked_mean(out.to(m.dtype), m)}
+    else:
+        w, metrics = torch.where(out, torch.zeros_like(raw), raw), {
+            "rollout_is_masked_frac": _masked_mean(out.to(m.dtype), m)}
+    wm = (w * m).sum()
+    metrics["rollout_is_weight_mean"] = _safe_div(wm, m.sum())
+    metrics["rollout_is_ess"] = _safe_div(wm * wm, m.sum() * (w * w * m).sum())  # (sum w)^2 / (n sum w^2)
+    return w, metrics
+
+
+def _off_policy_keep(o: PolicyLossOptions, l, l_old, rollout_logp, adv, m, valid) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask, as TRL's ``get_off_policy_mask``: keep a token unless its
+    ``A < 0`` and its response's mean ``log mu - sg[l]`` exceeds the threshold (``mu`` the engine's log-probs
+    when given, else ``l_old``; ``NaN`` counts as 0)."""
+    with torch.no_grad():
+        mu = l_old if rollout_logp is None else rollout_logp.detach().to(l.dtype)
+        kl = torch.where(valid, torch.nan_to_num(mu - l, nan=0.0), torch.zeros_like(l))
+        mean_kl = (kl * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        return ((adv >= 0) | (mean_kl <= o.off_policy_mask_threshold)).to(l.dtype)
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return _safe_div((x * m).sum(), m.sum())
+
+
+def _loss_metrics(o: PolicyLossOptions, m: Tensor, log_ratio: Tensor, ratio: Tensor, adv: Tensor, pg_clip: Tensor,
+                  kl: Optional[Tensor], ent: Optional[Tensor], kept_mask: Optional[Tensor]) -> Dict[str, Tensor]:
     """The metrics of :func:`policy_loss`, averaged over the masked tokens (no host sync)."""
     n_tok = m.sum()
 
@@ -372,14 +487,15 @@ def _loss_metrics(m: Tensor, log_ratio: Tensor, ratio: Tensor, adv: Tensor, pg_c
 
     lr_tok = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     a, r = adv.detach(), ratio.detach()
-    metrics: Dict[str, Tensor] = {
-        "ratio_mean": mmean(r),
-        "clip_frac_low": mmean((a < 0) & (r < 1.0 - clip_low)),
-        "clip_frac_high": mmean((a > 0) & (r > 1.0 + clip_high)),
-        "approx_kl": mmean(torch.expm1(lr_tok) - lr_tok),
-    }
-    if dual_clip is not None:
-        metrics["clip_frac_dual"] = mmean((a < 0) & (pg_clip.detach() > -a * dual_clip))
+    metrics: Dict[str, Tensor] = {"ratio_mean": mmean(r), "approx_kl": mmean(torch.expm1(lr_tok) - lr_tok)}
+    if o.objective == "cispo":
+        metrics["clip_frac_low"] = mmean(r < 1.0 - o.clip_low)
+        metrics["clip_frac_high"] = mmean(r > 1.0 + o.clip_high)
+    elif o.clip_low is not None:
+        metrics["clip_frac_low"] = mmean((a < 0) & (r < 1.0 - o.clip_low))
+        metrics["clip_frac_high"] = mmean((a > 0) & (r > 1.0 + o.clip_high))
+    if o.dual_clip is not None:
+        metrics["clip_frac_dual"] = mmean((a < 0) & (pg_clip.detach() > -a * o.dual_clip))
     if kl is not None:
         metrics["kl_ref"] = mmean(kl.detach())
     if ent is not None:
@@ -404,6 +520,10 @@ def _eda_current(advantages: Tensor, entropy: Tensor, mask: Tensor, group_size, 
     return advantages.to(p.dtype) * s, s
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the fused front: hidden states and the LM head in, no logits
+
+
 def fused_linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -415,76 +535,68 @@ def fused_linear_policy_loss(
     temperature: float = 1.0,
     old_logp: Optional[Tensor] = None,
     ref_logp: Optional[Tensor] = None,
-    eda: str = "off",
+    rollout_logp: Optional[Tensor] = None,
+    options: Optional[PolicyLossOptions] = None,
     group_size: Optional[int] = None,
     group_ids: Optional[Tensor] = None,
-    eda_eps: float = 1e-6,
-    eda_clamp: Optional[Tuple[float, float]] = None,
     impl: str = "auto",
     chunk_size: Optional[int] = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    is_level: str = "token",
-    kl_coef: float = 0.0,
-    kl_type: str = "k1",
-    entropy_coef: float = 0.0,
-    top_entropy_quantile: float = 1.0,
-    agg: str = "token-mean",
-    max_len: Optional[int] = None,
+    gradient: str = "auto",
     softcap: Optional[float] = None,
     process_group=None,
     reduce_hidden_grad: bool = True,
     vocab_start: Optional[int] = None,
+    **option_overrides: Any,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Policy loss from hidden states and the LM head, without ``[B, T, V]`` logits (section 6; section 2 for EDA).
+    """:func:`policy_loss` from hidden states and the LM head, without ``[B, T, V]`` logits (sections 6, 2, 8).
 
     Log-probs and full-vocabulary entropies come from :func:`edge_kernels.linear_logprob_entropy` at
     ``temperature``; masked positions get ``ignore_index`` targets, so their targets may be anything (padding)
     and their gradient is 0 (the Triton kernel skips a 128-row block whose rows are all masked; the cuBLAS
-    matmuls and the PyTorch path still run over every row). The entropy is always computed (free in the forward, and reported as
-    ``entropy_mean``) but enters the graph only where its gradient is needed (``entropy_coef != 0`` or
-    ``eda="current"``); otherwise a detached copy is used and the backward does no entropy-gradient work.
+    matmuls and the PyTorch path still run over every row). The entropy is always computed (free in the
+    forward, and reported as ``entropy_mean``) but enters the graph only where its gradient is needed
+    (``entropy_coef != 0`` or ``eda="current"``); otherwise a detached copy is used and the backward does no
+    entropy-gradient work.
 
     Args:
         hidden: ``[B, T, D]`` final hidden states at the response positions (already aligned with ``targets``).
         weight: ``[V, D]`` LM head, same dtype as ``hidden``; ``bias``: optional ``[V]``.
         targets: ``[B, T]`` integer sampled tokens.
-        advantages: ``[B]`` or ``[B, T]`` (``[B]`` required by ``eda="current"``).
-        mask: ``[B, T]`` response mask.
+        advantages, mask, old_logp, ref_logp, rollout_logp, options, group_size, group_ids,
+            ``option_overrides``: as in :func:`policy_loss` (``eda="current"``: EDGE-GRPO's Entropy-Driven
+            Advantage with the entropy computed here, section 2).
         temperature: the sampling temperature the logits are divided by.
-        old_logp, ref_logp: ``[B, T]``, as in :func:`policy_loss`.
-        eda: ``"off"`` or ``"current"``: EDGE-GRPO's Entropy-Driven Advantage with the entropy of the policy being
-            updated (the official code's variant): ``P_i = mean_t[H_{i,t}]`` with gradient and
-            ``A^_i = A_i * sg[mean_g P] / (P_i + eda_eps)`` (gradient flows through ``1 / P_i``), the scale
-            optionally clamped to ``eda_clamp = (s_min, s_max)``. Needs ``group_size`` or ``group_ids``. The
-            ``"old"`` variant (detached entropy of the scoring pass) is applied to the advantages before the loss
-            with :func:`edge_kernels.advantages.eda_advantages`.
-        group_size, group_ids: the group layout (EDA, and the group metrics of :func:`policy_loss`).
         impl, chunk_size: passed to :func:`edge_kernels.linear_logprob_entropy`.
-        clip_low ... max_len: as in :func:`policy_loss`.
-        softcap: the model's final-logit soft-cap (Gemma 2/3), passed to
-            :func:`edge_kernels.linear_logprob_entropy`; None for none.
+        gradient: how the gradient is formed (the answer differs only by round-off):
+
+            * ``"in_forward"``: three matmuls. The PyTorch backend walks row blocks over the whole vocabulary,
+              and since each token's loss gradient is then known (it needs the options' ``token_local``: token
+              ratios, objective clip/cispo/sapo, no entropy filter, no EDA, no off-policy mask, advantages
+              without gradient), it forms ``d_hidden`` and ``d_weight`` in the forward. Cost: ``d_hidden``
+              (``N x D``) and an fp32 ``d_weight`` (``4 V D`` bytes, twice a 16-bit head; plus the head's fp32
+              copy on the CPU) held from the forward to the backward. Needs ``impl`` ``"torch"`` (or ``"auto"``
+              on the CPU), no ``process_group``, ``chunk_size`` None or ``>= V``, and ``V <=``
+              :data:`edge_kernels.reference.FULL_ROW_MAX_VOCAB`; refused naming the reason otherwise.
+            * ``"recompute"``: four matmuls: the op's forward, and a backward that recomputes the logits chunk
+              by chunk; holds only chunk-sized fp32 buffers.
+            * ``"auto"`` (default): ``"in_forward"`` on the CPU (PyTorch backend) wherever it applies, else
+              ``"recompute"``; on CUDA always ``"recompute"`` unless ``impl="torch"`` is asked for.
+        softcap: the model's final-logit soft-cap (Gemma 2/3), passed to the op; None for none.
         process_group, reduce_hidden_grad, vocab_start: a vocabulary-sharded LM head (``weight``/``bias`` are
             this rank's slice), passed to :func:`edge_kernels.linear_logprob_entropy`; every rank gets the same
             loss and metrics, its own ``d_weight`` slice and the summed (or partial) ``d_hidden``.
 
     Returns:
-        ``(loss, metrics)`` as :func:`policy_loss` (the advantage metrics describe the EDA-rescaled
-        advantages); with EDA also ``eda_scale_mean``, the mean over rows of the (clamped) scale
-        ``sg[mean_g P] / (P_i + eps)``.
+        ``(loss, metrics)`` as :func:`policy_loss` (the advantage metrics describe the EDA-rescaled advantages).
     """
-    _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, eda, group_size, group_ids,
-                        clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
-                        top_entropy_quantile, agg, max_len)
+    o = _options(options, option_overrides)
+    _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, rollout_logp, o, group_size,
+                        group_ids, gradient)
     tgt = targets.to(torch.int64)
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
-    loss_kwargs = dict(ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                       is_level=is_level, kl_coef=kl_coef, kl_type=kl_type, entropy_coef=entropy_coef,
-                       top_entropy_quantile=top_entropy_quantile, agg=agg, max_len=max_len,
-                       group_size=group_size, group_ids=group_ids)
-    if process_group is None and three_matmul_applies(impl, hidden, weight, bias, advantages, eda, is_level,
-                                                      top_entropy_quantile, chunk_size):
+    loss_kwargs = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, options=o, group_size=group_size,
+                       group_ids=group_ids)
+    if _use_in_forward(gradient, impl, hidden, weight, bias, advantages, o, chunk_size, process_group):
         inv_temp = 1.0 / validate_linear_inputs(hidden, weight, tgt, bias, temperature, chunk_size, _IGNORE_INDEX)
         return fused_policy_loss_three_matmul(hidden, weight, tgt, bias, inv_temp, _IGNORE_INDEX,
                                               (old_logp, advantages, mask), loss_kwargs, check_softcap(softcap))
@@ -493,37 +605,40 @@ def fused_linear_policy_loss(
                                            chunk_size=chunk_size, softcap=softcap, impl=impl,
                                            process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
                                            vocab_start=vocab_start)
-    eda_scale = None
-    if eda == "current":
-        advantages, eda_scale = _eda_current(advantages, entropy, mask, group_size, group_ids, eda_eps, eda_clamp)
-
-    loss, metrics = policy_loss(logp, old_logp, advantages, mask,
-                                entropy=entropy if entropy_coef != 0.0 else entropy.detach(), **loss_kwargs)
-    if eda_scale is not None:
-        metrics["eda_scale_mean"] = eda_scale.detach().mean()
-    return loss, metrics
+    with_grad = o.entropy_coef != 0.0 or o.eda != "off"
+    return policy_loss(logp, old_logp, advantages, mask, entropy=entropy if with_grad else entropy.detach(),
+                       **loss_kwargs)
 
 
-def _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, eda, group_size, group_ids,
-                        clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
-                        top_entropy_quantile, agg, max_len) -> None:
-    """Shapes and options of :func:`fused_linear_policy_loss` (before the kernel runs)."""
+def _use_in_forward(gradient: str, impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    advantages: Tensor, o: PolicyLossOptions, chunk_size: Optional[int], process_group) -> bool:
+    """The gradient strategy of :func:`fused_linear_policy_loss` (see its ``gradient`` argument)."""
+    if gradient == "recompute":
+        return False
+    reason = ("process_group is set (the vocabulary-parallel op recomputes)" if process_group is not None else
+              in_forward_unavailable(impl, hidden, weight, bias, advantages, o, chunk_size))
+    if gradient == "in_forward":
+        if reason is not None:
+            raise ValueError(f"gradient='in_forward' does not apply: {reason}")
+        return True
+    return reason is None and not (impl == "auto" and hidden.is_cuda)
+
+
+def _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, rollout_logp, o, group_size,
+                        group_ids, gradient) -> None:
+    """Shapes and arguments of :func:`fused_linear_policy_loss` (before the kernel runs)."""
     _check_tensor("hidden", hidden, floating=True)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
     shape = (hidden.shape[0], hidden.shape[1])
     _check_bt("targets", targets, shape, floating=False)
-    _check_bt("mask", mask, shape, floating=False)
-    _check_choice("eda", eda, EDA_MODES)
-    _validate_loss_options(clip_low, clip_high, dual_clip, is_level, kl_coef, kl_type, entropy_coef,
-                           top_entropy_quantile, agg, max_len)
-    _check_bt("old_logp", old_logp, shape)
-    _check_bt("ref_logp", ref_logp, shape)
-    _check_advantages(advantages, shape, check_nan=False)  # policy_loss checks for NaN (EDA propagates it)
-    if eda == "current":
-        if advantages.dim() != 1:
-            raise ValueError(f"eda='current' needs per-sequence advantages [B], got {tuple(advantages.shape)}")
-        if group_size is None and group_ids is None:
-            raise ValueError("eda='current' needs group_size or group_ids")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    _check_bt("mask", mask, shape, floating=False)
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
+        _check_bt(name, t, shape)
+    _check_advantages(advantages, shape, check_nan=False)  # policy_loss checks for NaN (EDA propagates it)
+    _check_needs(o, shape, advantages, hidden if o.needs_entropy else None, ref_logp, rollout_logp, group_size,
+                 group_ids)  # the entropy comes from the kernel
+    if gradient not in GRADIENT_STRATEGIES:
+        raise ValueError(f"gradient must be one of {list(GRADIENT_STRATEGIES)}, got {gradient!r}")

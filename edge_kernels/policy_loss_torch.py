@@ -1,7 +1,7 @@
 """``fused_linear_policy_loss`` in three matmuls on the PyTorch path: the backward is formed in the forward.
 
-With token-level ratios (``is_level="token"``), every aggregation mode, no entropy filter and no
-``eda="current"``, a token's loss gradient ``(dL/dl_t, dL/dH_t)`` depends only on its own log-prob (and on
+With token-local options (``PolicyLossOptions.token_local``: token-level ratios, the clip/cispo/sapo objectives,
+every aggregation mode, no entropy filter, no ``eda="current"``, no off-policy mask), a token's loss gradient ``(dL/dl_t, dL/dH_t)`` depends only on its own log-prob (and on
 constants: advantages, old/ref log-probs, the mask's denominators), so it is known as soon as the token's row
 log-sum-exp is. This module walks the tokens in row blocks, each with the whole vocabulary: one GEMM forms
 the block's fp32 logits, the statistics give ``l`` and ``H``, the per-token gradient comes from
@@ -12,8 +12,8 @@ into ``d_hidden`` rows and a ``d_weight`` contribution. Forward plus backward is
 
 Where a token's gradient depends on other tokens' log-probs or entropies the four-matmul path stays:
 ``eda="current"`` (the scale needs every row's mean entropy), ``top_entropy_quantile < 1`` (the threshold
-needs every entropy), GSPO (``is_level="sequence"``, the ratio is a mean over the row), and advantages that
-carry a gradient. So does ``chunk_size < V`` (the caller asked for vocabulary chunks) and a vocabulary above
+needs every entropy), sequence ratios (GSPO, LUSPO, VESPO's weight, the off-policy mask: means over the row),
+Clip-Cov/KL-Cov (batch covariances), and advantages that carry a gradient. So does ``chunk_size < V`` (the caller asked for vocabulary chunks) and a vocabulary above
 :data:`edge_kernels.reference.FULL_ROW_MAX_VOCAB`.
 
 Memory trade-off: the gradients are computed before the backward is called, so ``d_hidden`` (``N x D``) and
@@ -34,17 +34,24 @@ from . import reference as ref
 Tensor = torch.Tensor
 
 
-def three_matmul_applies(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], advantages: Tensor,
-                         eda: str, is_level: str, top_entropy_quantile: float,
-                         chunk_size: Optional[int]) -> bool:
-    """Whether :func:`fused_linear_policy_loss` can take the three-matmul path (see the module docstring)."""
-    if impl not in ("auto", "torch") or (impl == "auto" and hidden.is_cuda):
-        return False
-    wants_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return (torch.is_grad_enabled() and wants_grad and not advantages.requires_grad and eda == "off"
-            and is_level == "token" and float(top_entropy_quantile) == 1.0
-            and (chunk_size is None or chunk_size >= weight.shape[0])
-            and weight.shape[0] <= ref.FULL_ROW_MAX_VOCAB)
+def in_forward_unavailable(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], advantages: Tensor,
+                           options, chunk_size: Optional[int]) -> Optional[str]:
+    """Why :func:`fused_linear_policy_loss` cannot form its gradient in the forward here (None: it can; see the
+    module docstring). ``options`` is the call's :class:`edge_kernels.policy_options.PolicyLossOptions`."""
+    if impl not in ("auto", "torch"):
+        return f"impl={impl!r} is not the PyTorch backend"
+    if not options.token_local:
+        return ("a token's gradient depends on other tokens under these options (sequence ratios, vespo, "
+                "clip_cov, kl_cov, the entropy filter, eda='current' or the off-policy mask)")
+    if advantages.requires_grad:
+        return "the advantages carry a gradient"
+    if chunk_size is not None and chunk_size < weight.shape[0]:
+        return f"chunk_size={chunk_size} < V={weight.shape[0]} asks for vocabulary chunks"
+    if weight.shape[0] > ref.FULL_ROW_MAX_VOCAB:
+        return f"V={weight.shape[0]} > FULL_ROW_MAX_VOCAB={ref.FULL_ROW_MAX_VOCAB}"
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        return "no gradient is wanted (grad mode off, or no input requires grad)"
+    return None
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -84,7 +91,7 @@ def fused_policy_loss_three_matmul(hidden: Tensor, weight: Tensor, targets: Tens
     shape, d = targets.shape, hidden.shape[-1]
     h2, flat_t = hidden.reshape(-1, d), targets.reshape(-1)
     n = flat_t.shape[0]
-    with_entropy = float(loss_kwargs.get("entropy_coef", 0.0)) != 0.0
+    with_entropy = loss_kwargs["options"].entropy_coef != 0.0
     stats = torch.zeros((2, n), device=hidden.device)  # logp, entropy of every token (0 where ignored)
     idx = ref._compact(flat_t != ignore_index)
     h, tgt = ref._take(h2, idx), ref._take(flat_t, idx)
