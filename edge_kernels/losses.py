@@ -359,7 +359,7 @@ def _surrogate(o: PolicyLossOptions, l: Tensor, log_ratio: Tensor, ratio: Tensor
         w = ratio.detach().clamp(1.0 - o.clip_low, 1.0 + o.clip_high)
         return -w * adv * l, ratio, {}
     if o.objective == "sapo":
-        tau = torch.where(adv > 0, o.sapo_tau_pos, o.sapo_tau_neg).to(ratio.dtype)
+        tau = torch.where(adv > 0, adv.new_tensor(o.sapo_tau_pos), adv.new_tensor(o.sapo_tau_neg))
         per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
         return per_token, per_token, {}
     if o.objective == "vespo":
@@ -391,8 +391,8 @@ def _vespo_weight(o: PolicyLossOptions, log_ratio: Tensor, adv: Tensor, m: Tenso
             seq = seq + (torch.log(is_w).clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
         log_w = seq.clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
         nonneg = adv >= 0
-        k = torch.where(nonneg, o.vespo_k_pos, o.vespo_k_neg).to(log_w.dtype)
-        lam = torch.where(nonneg, o.vespo_lambda_pos, o.vespo_lambda_neg).to(log_w.dtype)
+        k = torch.where(nonneg, log_w.new_tensor(o.vespo_k_pos), log_w.new_tensor(o.vespo_k_neg))
+        lam = torch.where(nonneg, log_w.new_tensor(o.vespo_lambda_pos), log_w.new_tensor(o.vespo_lambda_neg))
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
         return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
