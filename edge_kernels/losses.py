@@ -211,6 +211,7 @@ def policy_loss(
     entropy: Optional[Tensor] = None,
     ref_logp: Optional[Tensor] = None,
     rollout_logp: Optional[Tensor] = None,
+    rollout_is_weights: Optional[Tensor] = None,
     options: Optional[PolicyLossOptions] = None,
     group_size: Optional[int] = None,
     group_ids: Optional[Tensor] = None,
@@ -231,6 +232,9 @@ def policy_loss(
         rollout_logp: ``[B, T]`` the rollout engine's log-probs of the sampled tokens (no gradient; ``NaN`` where
             the engine gave none: weight 1 there); needed by ``rollout_is``; used by the off-policy mask in
             place of ``old_logp`` when given.
+        rollout_is_weights: ``[B, T]`` rollout-correction weights a framework computed already (verl's
+            ``rollout_is_weights``; detached, ``>= 0``), applied like the weights of ``rollout_is`` (section 8);
+            only with ``rollout_is="off"``.
         options: a :class:`edge_kernels.policy_options.PolicyLossOptions` (default: its defaults); keyword
             ``option_overrides`` (its field names: ``clip_high=0.28``, ``objective="cispo"``, ...) are applied
             on top of it and validated with it.
@@ -273,18 +277,23 @@ def policy_loss(
         raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
     shape = (logp.shape[0], logp.shape[1])
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
-                    ("rollout_logp", rollout_logp)):
+                    ("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights)):
         _check_bt(name, t, shape)
     _check_bt("mask", mask, shape, floating=False)
     _check_advantages(advantages, shape)
     _check_needs(o, shape, advantages, entropy, ref_logp, rollout_logp, group_size, group_ids)
+    if rollout_is_weights is not None and o.rollout_is != "off":
+        raise ValueError(f"rollout_is_weights (precomputed) and rollout_is={o.rollout_is!r} (computed here) "
+                         "exclude each other")
     check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, entropy=entropy,
-                      ref_logp=ref_logp, rollout_logp=rollout_logp, group_ids=group_ids)
-    return _policy_loss(o, logp, old_logp, advantages, mask, entropy, ref_logp, rollout_logp, group_size, group_ids)
+                      ref_logp=ref_logp, rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights,
+                      group_ids=group_ids)
+    return _policy_loss(o, logp, old_logp, advantages, mask, entropy, ref_logp, rollout_logp, rollout_is_weights,
+                        group_size, group_ids)
 
 
 def _policy_loss(o: PolicyLossOptions, logp, old_logp, advantages, mask, entropy, ref_logp, rollout_logp,
-                 group_size, group_ids) -> Tuple[Tensor, Dict[str, Tensor]]:
+                 rollout_is_weights, group_size, group_ids) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`policy_loss` on checked inputs."""
     shape = (logp.shape[0], logp.shape[1])
     dtype = torch.promote_types(logp.dtype, torch.float32)
@@ -307,6 +316,9 @@ def _policy_loss(o: PolicyLossOptions, logp, old_logp, advantages, mask, entropy
     if o.rollout_is != "off":
         is_w, is_metrics = _rollout_weights(o, l_old, rollout_logp.detach().to(dtype), m, valid)
         extra.update(is_metrics)
+    elif rollout_is_weights is not None:
+        is_w = torch.where(valid, rollout_is_weights.detach().to(dtype), zero)
+        extra.update(_weight_metrics(is_w, m))
     per_token, pg_clip, info = _surrogate(o, l, log_ratio, ratio, adv, m, valid, is_w)
     extra.update(info)
     if is_w is not None and o.objective != "vespo":  # VESPO folds the weights into its sequence ratio
@@ -456,10 +468,16 @@ def _rollout_weights(o: PolicyLossOptions, l_old: Tensor, l_mu: Tensor, m: Tenso
     else:
         w, metrics = torch.where(out, torch.zeros_like(raw), raw), {
             "rollout_is_masked_frac": _masked_mean(out.to(m.dtype), m)}
-    wm = (w * m).sum()
-    metrics["rollout_is_weight_mean"] = _safe_div(wm, m.sum())
-    metrics["rollout_is_ess"] = _safe_div(wm * wm, m.sum() * (w * w * m).sum())  # (sum w)^2 / (n sum w^2)
+    metrics.update(_weight_metrics(w, m))
     return w, metrics
+
+
+def _weight_metrics(w: Tensor, m: Tensor) -> Dict[str, Tensor]:
+    """Mean rollout weight and the normalised effective sample size ``(sum w)^2 / (n sum w^2)`` over the masked
+    tokens (verl's ``rollout_is_eff_sample_size``)."""
+    wm = (w * m).sum()
+    return {"rollout_is_weight_mean": _safe_div(wm, m.sum()),
+            "rollout_is_ess": _safe_div(wm * wm, m.sum() * (w * w * m).sum())}
 
 
 def _off_policy_keep(o: PolicyLossOptions, l, l_old, rollout_logp, adv, m, valid) -> Tensor:

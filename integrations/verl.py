@@ -10,7 +10,15 @@ Importing this module (which ``import verl`` does by itself once edge-kernels is
     verl's ``vanilla``;
   - ``edge_gspo``: sequence-level importance ratio (GSPO); forward equal to verl's ``gspo`` (while the sequence
     log-ratio is <= 10), gradient through the masked mean as in the GSPO paper (verl uses a straight-through
-    estimator), see :mod:`edge_kernels.losses`.
+    estimator), see :mod:`edge_kernels.losses`;
+  - ``edge_cispo``, ``edge_sapo``, ``edge_clip_cov``, ``edge_kl_cov``: the objectives of the same names
+    (``docs/algorithms.md`` section 6), equal to verl's ``cispo``, ``sapo``, ``clip_cov``, ``kl_cov`` (verl's
+    ``sapo`` always aggregates ``seq-mean-token-mean``; ``edge_sapo`` honours ``loss_agg_mode``);
+  - ``edge_luspo`` (needs ``loss_agg_mode=seq-mean-token-sum``) and ``edge_vespo``, which verl does not have
+    (VESPO at its default ``k``/``lambda``; verl's rollout weights enter its sequence ratio, as in TRL).
+
+  Each maps the actor config onto one :class:`edge_kernels.policy_options.PolicyLossOptions`
+  (:func:`_verl_options`); verl's ``rollout_is_weights`` scale the policy-gradient term (section 8).
 
 * advantage estimators (``algorithm.adv_estimator=...``): ``edge_grpo``, ``edge_eda``, ``edge_egpo``,
   ``edge_prog_grpo``, ``edge_ep_grpo`` (``docs/algorithms.md`` sections 1, 2, 4, 5). Their options live under
@@ -58,12 +66,14 @@ import torch
 from edge_kernels.estimators import DEFAULTS as _EST_DEFAULTS
 from edge_kernels.estimators import compute_advantages, needed_inputs, options_from
 from edge_kernels.losses import policy_loss as _policy_loss
+from edge_kernels.policy_options import PolicyLossOptions
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VERL = "0.9.1"
-POLICY_LOSSES = ("edge_vanilla", "edge_gspo")
+POLICY_LOSSES = ("edge_vanilla", "edge_gspo", "edge_cispo", "edge_sapo", "edge_luspo", "edge_vespo", "edge_clip_cov",
+                 "edge_kl_cov")
 ESTIMATORS = ("edge_grpo", "edge_eda", "edge_egpo", "edge_prog_grpo", "edge_ep_grpo")
 
 #: ``algorithm.edge.*`` keys and defaults: the estimator options of :class:`edge_kernels.estimators.EstimatorOptions`
@@ -115,38 +125,56 @@ def _global_factor(agg: str, mask: torch.Tensor, gbi: dict) -> tuple[str, float]
     raise ValueError(f"Invalid loss_agg_mode: {agg}")
 
 
-def _make_policy_loss(is_level: str, dual_clip: bool):
+def _verl_options(name: str, config, loss_agg_mode: str, gbi: dict, mask: torch.Tensor):
+    """verl's actor config mapped onto :class:`PolicyLossOptions` for the loss ``name``, plus the factor that
+    turns the local aggregation into verl's global one (names: verl's ``clip_ratio*``, ``clip_ratio_c``,
+    ``tau_pos``/``tau_neg``, ``policy_loss.clip_cov_*``, ``kl_cov_ratio``, ``ppo_kl_coef``)."""
+    objective, is_level = _LOSS_SPECS[name]
+    if objective == "luspo" and loss_agg_mode != "seq-mean-token-sum":
+        raise ValueError(f"edge_luspo scales each response's loss by its length: it needs "
+                         f"loss_agg_mode='seq-mean-token-sum', got loss_agg_mode={loss_agg_mode!r}")
+    agg, factor = _global_factor(loss_agg_mode, mask, gbi)
+    lsf = gbi.get("loss_scale_factor")
+    kw = dict(objective=objective, is_level=is_level, agg=agg,
+              max_len=int(lsf) if lsf is not None and agg == "seq-mean-token-sum-norm" else None)
+    if objective in ("clip", "cispo", "luspo", "clip_cov"):
+        clip = config.clip_ratio
+        kw["clip_low"] = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+        kw["clip_high"] = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+    pl = getattr(config, "policy_loss", None)
+    if name == "edge_vanilla":
+        c = config.get("clip_ratio_c", 3.0)
+        if not c > 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {c}")
+        kw["dual_clip"] = c
+    elif objective == "sapo":
+        kw.update(sapo_tau_pos=config.tau_pos, sapo_tau_neg=config.tau_neg)
+    elif objective == "clip_cov":
+        kw.update(cov_ratio=pl.clip_cov_ratio, clip_cov_lb=pl.clip_cov_lb, clip_cov_ub=pl.clip_cov_ub)
+    elif objective == "kl_cov":
+        kw.update(cov_ratio=pl.kl_cov_ratio, kl_cov_coef=pl.ppo_kl_coef)
+    return PolicyLossOptions(**kw), factor
+
+
+def _make_policy_loss(name: str):
     def edge_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                          response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
                          rollout_is_weights: Optional[torch.Tensor] = None):
         if config is None:
             raise ValueError("edge policy losses need the actor config (verl passes ActorConfig as `config`)")
-        clip = config.clip_ratio
-        low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
-        high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
-        c = config.get("clip_ratio_c", 3.0) if dual_clip else None
-        if c is not None and not c > 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1.0 for dual-clip PPO, got {c}")
         mask = response_mask.bool()
-        adv = advantages
-        if rollout_is_weights is not None:
-            # w >= 0 scales the whole clipped term: w * max(-A r, -A clip(r)) == max(-(wA) r, -(wA) clip(r)), and
-            # likewise for the dual clip; moving w into the advantage keeps the denominators verl's.
-            adv = (adv * rollout_is_weights).expand_as(log_prob)
         gbi = dict(getattr(config, "global_batch_info", None) or {})
-        agg, factor = _global_factor(loss_agg_mode, mask, gbi)
-        lsf = gbi.get("loss_scale_factor")
-        loss, m = _policy_loss(log_prob, old_log_prob, adv, mask, clip_low=low, clip_high=high, dual_clip=c,
-                               is_level=is_level, agg=agg, max_len=None if lsf is None else int(lsf))
+        opts, factor = _verl_options(name, config, loss_agg_mode, gbi, mask)
+        w = None if rollout_is_weights is None else rollout_is_weights.expand_as(log_prob)
+        loss, m = _policy_loss(log_prob, old_log_prob, advantages.expand_as(log_prob), mask, rollout_is_weights=w,
+                               options=opts)
         with torch.no_grad():
-            if rollout_is_weights is not None:  # clip fractions of the advantages themselves, as verl reports
-                _, m = _policy_loss(log_prob.detach(), old_log_prob, advantages.expand_as(log_prob), mask,
-                                    clip_low=low, clip_high=high, dual_clip=c, is_level=is_level, agg=agg)
             # verl clamps the token log-ratio to +-20 before its ppo_kl metric
             log_ratio = (log_prob - old_log_prob).detach().clamp(-20.0, 20.0)
             ppo_kl = (-log_ratio * mask).sum() / mask.sum().clamp(min=1)
+            clipfrac = m["cov_frac"] if "cov_frac" in m else m.get("clip_frac_low", 0.0) + m.get("clip_frac_high", 0.0)
             metrics = {
-                "actor/pg_clipfrac": float(m["clip_frac_low"] + m["clip_frac_high"]),
+                "actor/pg_clipfrac": float(clipfrac),
                 "actor/ppo_kl": float(ppo_kl),
                 "actor/pg_clipfrac_lower": float(m.get("clip_frac_dual", torch.tensor(0.0))),
                 "actor/edge_ratio_mean": float(m["ratio_mean"]),
@@ -154,12 +182,24 @@ def _make_policy_loss(is_level: str, dual_clip: bool):
             }
         return loss * factor, metrics
 
-    edge_policy_loss.__name__ = f"edge_policy_loss_{is_level}"
+    edge_policy_loss.__name__ = f"{name}_policy_loss"
     return edge_policy_loss
 
 
-edge_vanilla_policy_loss = _make_policy_loss("token", dual_clip=True)
-edge_gspo_policy_loss = _make_policy_loss("sequence", dual_clip=False)
+#: ``edge_*`` loss name -> (objective, ratio level) of :class:`PolicyLossOptions`
+_LOSS_SPECS = {
+    "edge_vanilla": ("clip", "token"),
+    "edge_gspo": ("clip", "sequence"),
+    "edge_cispo": ("cispo", "token"),
+    "edge_sapo": ("sapo", "token"),
+    "edge_luspo": ("luspo", "sequence"),
+    "edge_vespo": ("vespo", "token"),
+    "edge_clip_cov": ("clip_cov", "token"),
+    "edge_kl_cov": ("kl_cov", "token"),
+}
+_LOSS_FNS = {name: _make_policy_loss(name) for name in _LOSS_SPECS}
+edge_vanilla_policy_loss = _LOSS_FNS["edge_vanilla"]
+edge_gspo_policy_loss = _LOSS_FNS["edge_gspo"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,7 +346,6 @@ def _make_estimator(name: str):
 
 
 _ESTIMATOR_FNS = {name: _make_estimator(name) for name in ESTIMATORS}
-_LOSS_FNS = {"edge_vanilla": edge_vanilla_policy_loss, "edge_gspo": edge_gspo_policy_loss}
 
 
 def register() -> None:
