@@ -112,8 +112,8 @@ class PolicyLossOptions:
     EDA (fused loss or an entropy-carrying call): eda ``"off"``/``"current"`` (section 2); eda_eps (1e-6),
         eda_clamp ``(s_min, s_max)``; both only with ``eda="current"``.
     Rollout correction: rollout_is one of :data:`ROLLOUT_IS_MODES`, with bounds rollout_is_min /
-        rollout_is_max (truncate modes need ``rollout_is_max``; mask modes at least one bound); needs the
-        engine's log-probs at call time. ``vespo`` folds token weights into its sequence ratio (token modes only).
+        rollout_is_max (``min <= 1 <= max``; truncate modes need ``rollout_is_max``; mask modes at least one
+        bound); needs the engine's log-probs at call time. ``vespo`` folds token weights into its sequence ratio (token modes only).
     """
 
     objective: str = "clip"
@@ -248,8 +248,11 @@ class PolicyLossOptions:
             raise ValueError(f"rollout_is={self.rollout_is!r} needs rollout_is_max (the truncation cap)")
         if self.rollout_is.endswith("mask") and lo is None and hi is None:
             raise ValueError(f"rollout_is={self.rollout_is!r} needs rollout_is_min or rollout_is_max")
-        if lo is not None and hi is not None and not lo <= hi:
-            raise ValueError(f"rollout_is_min must be <= rollout_is_max, got {lo} and {hi}")
+        # a bound on the wrong side of 1 would reweight or drop even the tokens the engine got exactly right
+        if lo is not None and lo > 1.0:
+            raise ValueError(f"rollout_is_min must be <= 1 (an on-policy token has weight 1), got {lo}")
+        if hi is not None and hi < 1.0:
+            raise ValueError(f"rollout_is_max must be >= 1 (an on-policy token has weight 1), got {hi}")
         if self.objective == "vespo" and self.rollout_is.startswith("sequence"):
             raise ValueError(f"rollout_is={self.rollout_is!r} does not apply to objective='vespo': VESPO folds "
                              "token IS weights into its own sequence ratio (use token_truncate or token_mask)")

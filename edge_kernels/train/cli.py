@@ -11,7 +11,7 @@ import json
 import sys
 from typing import List, Optional
 
-from .config import ConfigError, DEFAULT_SYSTEM_PROMPT, add_arguments, build_config
+from .config import ConfigError, DEFAULT_SYSTEM_PROMPT, add_arguments, build_config, loss_help
 
 DESCRIPTION = """\
 EDGE-GRPO end to end: sample G responses per problem, reward them with math-verify, apply Guided Error
@@ -36,7 +36,7 @@ def _user_errors():
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-train", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog="edge-train", description=DESCRIPTION, epilog=loss_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from edge_kernels import estimators as _est_mod
 from edge_kernels import gec as _gec_mod
+from edge_kernels import policy_options as _po
 from edge_kernels.advantages import EGPO_MODES, SCALES
 from edge_kernels.estimators import EDA_SOURCES, EGPO_UNCERTAINTIES, ESTIMATORS
 
@@ -43,6 +44,28 @@ def _f(default, help: str, choices: Optional[Sequence[str]] = None, group: str =
 def _est(name: str, choices: Optional[Sequence[str]] = None):
     """An estimator option: its default and help come from :class:`edge_kernels.estimators.EstimatorOptions`."""
     return _f(getattr(_est_mod.DEFAULTS, name), _est_mod.option_help(name), choices, group="advantages")
+
+
+def _loss(name: str, default, help: str, choices: Optional[Sequence[str]] = None):
+    """A policy-loss option: a field of :class:`edge_kernels.policy_options.PolicyLossOptions` (same name)."""
+    assert name in _po.FIELDS, name
+    return _f(default, help, choices, group="loss")
+
+
+#: the TrainConfig fields that are PolicyLossOptions fields of the same name (loss_agg is ``agg``)
+LOSS_FIELDS = ("objective", "is_level", "clip_low", "clip_high", "dual_clip", "entropy_coef", "top_entropy_quantile",
+               "off_policy_mask_threshold", "sapo_tau_pos", "sapo_tau_neg", "vespo_k_pos", "vespo_lambda_pos",
+               "vespo_k_neg", "vespo_lambda_neg", "cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_coef",
+               "rollout_is", "rollout_is_min", "rollout_is_max")
+
+
+def loss_help() -> str:
+    """edge-train --help's list of the objectives and rollout corrections, one line each."""
+    lines = ["policy objectives (--objective):"]
+    lines += [f"  {k:<10} {v}" for k, v in _po.OBJECTIVE_HELP.items()]
+    lines += ["rollout corrections (--rollout-is, bounds --rollout-is-min/--rollout-is-max):"]
+    lines += [f"  {k:<18} {v}" for k, v in _po.ROLLOUT_IS_HELP.items()]
+    return "\n".join(lines)
 
 
 def _gec(name: str):
@@ -108,9 +131,6 @@ class TrainConfig:
     rollout_batch_size: int = _f(64, "sequences per generate() call", group="rollout")
     eval_temperature: float = _f(0.0, "eval sampling temperature (0: greedy)", group="rollout")
     vllm_gpu_memory_utilization: float = _f(0.3, "vLLM's share of GPU memory (colocated)", group="rollout")
-    rollout_is_cap: Optional[float] = _f(None, "truncated importance sampling against the rollout engine's "
-                                               "log-probs: per-token weight min(exp(logp_old - logp_vllm), C) on "
-                                               "the advantages (--rollout vllm; off by default)", group="rollout")
     # ---- advantages (names, defaults and help: edge_kernels.estimators.EstimatorOptions)
     estimator: str = _f("eda", "advantage estimator (dr_grpo: grpo with adv_scale none)", choices=ESTIMATORS,
                         group="advantages")
@@ -154,14 +174,43 @@ class TrainConfig:
     lr: Optional[float] = _f(None, "RL learning rate (auto: 1e-4 embedded, 1e-6 with --model)", group="optim")
     weight_decay: float = _f(0.0, "AdamW weight decay", group="optim")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)", group="optim")
-    clip_low: float = _f(0.2, "PPO clip eps_low", group="optim")
-    clip_high: float = _f(0.2, "PPO clip eps_high (DAPO clip-higher: 0.28)", group="optim")
+    clip_low: Optional[float] = _f(None, "PPO clip eps_low (auto: 0.2 where the objective clips; CISPO: the "
+                                         "weight's lower bound)", group="optim")
+    clip_high: Optional[float] = _f(None, "PPO clip eps_high (auto: 0.2 where the objective clips; DAPO "
+                                          "clip-higher: 0.28)", group="optim")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient", group="optim")
-    loss_agg: str = _f("auto", "loss aggregation (auto: seq-mean-token-sum-norm for dr_grpo, else "
-                               "token-mean)", choices=AGGS, group="optim")
+    loss_agg: str = _f("auto", "loss aggregation (auto: seq-mean-token-sum-norm for dr_grpo, seq-mean-token-sum "
+                               "for --objective luspo, else token-mean = TRL's bnpo)", choices=AGGS, group="optim")
     ppo_epochs: int = _f(1, "passes over each rollout batch", group="optim")
     micro_batch_size: int = _f(0, "rows per forward/backward in scoring and update (0: all; a multiple of "
                                   "--group-size)", group="optim")
+    # ---- policy loss and rollout correction (names and meaning: edge_kernels.policy_options.PolicyLossOptions;
+    # "auto" = the objective's default where the objective uses the option; see the list after the options)
+    objective: str = _loss("objective", "clip", "policy objective (each listed below)", choices=_po.OBJECTIVES)
+    is_level: str = _loss("is_level", "token", "importance ratio: token, or sequence (GSPO; luspo needs it)",
+                          choices=_po.IS_LEVELS)
+    dual_clip: Optional[float] = _loss("dual_clip", None, "dual-clip c > 1 on A < 0 (clip only; off by default)")
+    top_entropy_quantile: float = _loss("top_entropy_quantile", 1.0, "keep the top rho of each micro-batch's "
+                                        "tokens by entropy (1: all)")
+    off_policy_mask_threshold: Optional[float] = _loss("off_policy_mask_threshold", None, "DeepSeek-V3.2 "
+                                                       "off-policy mask: drop A < 0 responses whose mean "
+                                                       "log mu - log pi exceeds this (off by default)")
+    sapo_tau_pos: Optional[float] = _loss("sapo_tau_pos", None, "SAPO gate temperature, A > 0 (auto: 1.0)")
+    sapo_tau_neg: Optional[float] = _loss("sapo_tau_neg", None, "SAPO gate temperature, A <= 0 (auto: 1.05)")
+    vespo_k_pos: Optional[float] = _loss("vespo_k_pos", None, "VESPO k, A >= 0 (auto: 2)")
+    vespo_lambda_pos: Optional[float] = _loss("vespo_lambda_pos", None, "VESPO lambda, A >= 0 (auto: 3)")
+    vespo_k_neg: Optional[float] = _loss("vespo_k_neg", None, "VESPO k, A < 0 (auto: 3)")
+    vespo_lambda_neg: Optional[float] = _loss("vespo_lambda_neg", None, "VESPO lambda, A < 0 (auto: 2)")
+    cov_ratio: Optional[float] = _loss("cov_ratio", None, "share of tokens Clip-Cov clips / KL-Cov penalises "
+                                       "(auto: 2e-4)")
+    clip_cov_lb: Optional[float] = _loss("clip_cov_lb", None, "Clip-Cov covariance lower bound (auto: 1)")
+    clip_cov_ub: Optional[float] = _loss("clip_cov_ub", None, "Clip-Cov covariance upper bound (auto: 5)")
+    kl_cov_coef: Optional[float] = _loss("kl_cov_coef", None, "KL-Cov penalty coefficient (auto: 0.1)")
+    rollout_is: str = _loss("rollout_is", "off", "rollout correction against the engine's log-probs (each listed "
+                            "below; --rollout vllm)", choices=_po.ROLLOUT_IS_MODES)
+    rollout_is_min: Optional[float] = _loss("rollout_is_min", None, "lower bound C_min of the rollout weight")
+    rollout_is_max: Optional[float] = _loss("rollout_is_max", None, "upper bound C_max of the rollout weight "
+                                            "(2 is a common truncation cap)")
     # ---- supervised warm-up (embedded default)
     warmup_steps: Optional[int] = _f(None, "supervised warm-up steps on reference solutions before RL "
                                            "(auto: 300 embedded, 0 with --model)", group="warmup")
@@ -380,17 +429,26 @@ def gec_options(cfg: TrainConfig) -> _gec_mod.GECConfig:
     return _gec_mod.gec_config_from(cfg, max_new_tokens=_gec_mod.DEFAULTS.max_new_tokens if n is None else n)
 
 
+def loss_options(cfg: TrainConfig, T: Optional[int] = None) -> _po.PolicyLossOptions:
+    """The :class:`PolicyLossOptions` of ``cfg`` (``T``: the Dr.GRPO horizon, for ``seq-mean-token-sum-norm``).
+    EDA with the current policy's entropy is an estimator option (``--eda-entropy-source current``)."""
+    kw = {name: getattr(cfg, name) for name in LOSS_FIELDS}
+    agg = None if cfg.loss_agg == "auto" else cfg.loss_agg
+    eda = cfg.estimator == "eda" and cfg.eda_entropy_source == "current"
+    eda_kw = dict(eda="current", eda_eps=cfg.eda_eps,
+                  eda_clamp=None if cfg.eda_clamp is None else tuple(cfg.eda_clamp)) if eda else {}
+    try:
+        return _po.PolicyLossOptions(**kw, **eda_kw, agg=agg,
+                                     max_len=T if agg == "seq-mean-token-sum-norm" and T is not None else None)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def _validate_rollout_is(cfg: TrainConfig) -> None:
-    if cfg.rollout_is_cap is None:
-        return
-    if not cfg.rollout_is_cap >= 1:  # a cap below 1 would down-weight even on-policy tokens (weight 1)
-        raise ConfigError(f"rollout_is_cap must be >= 1 (or unset), got {cfg.rollout_is_cap}")
-    if cfg.rollout != "vllm":
-        raise ConfigError("--rollout-is-cap needs --rollout vllm: with --rollout hf the policy samples itself and "
-                          "every weight would be 1")
-    if cfg.estimator == "eda" and cfg.eda_entropy_source == "current":
-        raise ConfigError("--rollout-is-cap weights each token's advantage, but --eda-entropy-source current "
-                          "rescales per-sequence advantages inside the loss; use --eda-entropy-source old")
+    loss_options(cfg)
+    if cfg.rollout_is != "off" and cfg.rollout != "vllm":
+        raise ConfigError(f"--rollout-is {cfg.rollout_is} needs --rollout vllm: with --rollout hf the policy samples "
+                          "itself and every weight would be 1")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -412,7 +470,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if c.save_every is None:
         c.save_every = 1 if embedded else 50
     if c.loss_agg == "auto":
-        c.loss_agg = "seq-mean-token-sum-norm" if c.estimator == "dr_grpo" else "token-mean"
+        c.loss_agg = ("seq-mean-token-sum" if c.objective == "luspo" else
+                      "seq-mean-token-sum-norm" if c.estimator == "dr_grpo" else "token-mean")
     validate(c)
     return c
 

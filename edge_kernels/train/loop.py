@@ -35,7 +35,7 @@ from edge_kernels import losses as _losses
 
 from . import checkpoint as ckpt
 from .batch import decoder_and_head, head_inputs, head_softcap, pack, response_hidden, score
-from .config import TrainConfig, estimator_options, gec_options, resolve, save_yaml
+from .config import TrainConfig, estimator_options, gec_options, loss_options, resolve, save_yaml
 from .data import DataError, Problem, PromptSampler, encode_prompts, load_problems, write_problems
 from .evaluate import EvalResult, evaluate
 from .rewards import score_responses
@@ -66,6 +66,9 @@ class Rollout(NamedTuple):
 
 METRIC_FIELDS = ("step", "reward_mean", "accuracy", "entropy_mean", "adv_var", "zero_adv_frac", "loss",
                  "gec_applied", "step_time_s")
+
+#: loss metrics of the objectives and the off-policy mask written to metrics.jsonl (besides ``rollout_is_*``)
+_OBJECTIVE_METRICS = ("off_policy_mask_frac", "cov_frac", "vespo_phi_mean", "keep_frac")
 
 _OOM_HINTS = {
     "rollout": "lower --rollout-batch-size, --max-new-tokens or --gec-max-new-tokens",
@@ -300,31 +303,25 @@ class Trainer:
         self.tokenizer.save_pretrained(path)
         return path
 
-    def _rollout_check(self, ro: Rollout, packed, old_logp, est: Estimate) -> Tuple[Dict[str, float], Estimate]:
-        """``(metrics, estimate to train on)``: the mean |engine log-prob - scoring-pass log-prob| of the
-        sampled tokens (``rollout_logp_diff``, a warning above :data:`~edge_kernels.train.rollout.LOGP_DIFF_WARN`:
-        the weight push did not take effect, or the engine's numerics differ), and with ``--rollout-is-cap`` the
-        advantages times the truncated importance weights (``docs/algorithms.md`` section 8; per token, so
-        ``[B, T]``). Nothing for an engine without log-probs (``hf``)."""
-        from .rollout import LOGP_DIFF_WARN, logp_diff, rollout_logp, truncated_is_weights
+    def _rollout_check(self, ro: Rollout, packed, old_logp) -> Tuple[Dict[str, float], Optional[torch.Tensor]]:
+        """``(metrics, engine log-probs)``: the mean |engine log-prob - scoring-pass log-prob| of the sampled
+        tokens (``rollout_logp_diff``, a warning above :data:`~edge_kernels.train.rollout.LOGP_DIFF_WARN`: the
+        weight push did not take effect, or the engine's numerics differ), and the engine's log-probs ``[B, T]``
+        (``NaN`` on text it did not sample) for the loss's rollout correction (``--rollout-is``,
+        ``docs/algorithms.md`` section 8). Nothing for an engine without log-probs (``hf``)."""
+        from .rollout import LOGP_DIFF_WARN, logp_diff, rollout_logp
 
-        c = self.cfg
         got = rollout_logp(ro.sampled_logprobs, ro.sampled, packed.targets, packed.mask)
         if got is None:
-            return {}, est
+            return {}, None
         lp, valid = got
         diff = logp_diff(lp, valid, old_logp)
-        rec = {"rollout_logp_diff": diff}
         if diff > LOGP_DIFF_WARN:
             self.log(f"warning: step {self.step + 1}: rollout_logp_diff {diff:.4f} > {LOGP_DIFF_WARN}: the rollout "
                      "engine's log-probs of its samples differ from the scoring pass's (a weight push that did not "
-                     "take effect, or a precision mismatch); --rollout-is-cap corrects a small mismatch")
-        if c.rollout_is_cap is not None:
-            w = truncated_is_weights(lp, valid, old_logp, c.rollout_is_cap)
-            rec["rollout_is_weight_mean"] = float((w * packed.mask).sum() / packed.mask.sum().clamp(min=1))
-            a = est.advantages
-            est = est._replace(advantages=(a if a.dim() == 2 else a[:, None]) * w.to(a.dtype))
-        return rec, est
+                     "take effect, or a precision mismatch); --rollout-is corrects a small mismatch")
+        nan = torch.full_like(old_logp, float("nan"))
+        return {"rollout_logp_diff": diff}, torch.where(valid, lp.to(old_logp.dtype), nan)
 
     def regeneration_horizon(self) -> int:
         """The longest sampled sequence after the prompt: a response, plus (GEC regeneration) the reflection
@@ -527,7 +524,8 @@ class Trainer:
         return ro._replace(responses=responses, injected=[f.injected for f in fixed], rewards=rewards,
                            gec_counts=branch_counts(fixed))
 
-    def _update(self, packed, loss_mask, old_logp, est: Estimate) -> Tuple[float, Dict[str, float], float]:
+    def _update(self, packed, loss_mask, old_logp, est: Estimate,
+                rollout_lp: Optional[torch.Tensor] = None) -> Tuple[float, Dict[str, float], float]:
         """``ppo_epochs`` optimizer steps with the fused loss, micro-batched by whole groups; returns the loss,
         the loss metrics (weighted like the loss) and the gradient norm."""
         c = self.cfg
@@ -536,11 +534,9 @@ class Trainer:
         B, T = packed.targets.shape
         mb = c.micro_batch_size or B
         n_tok = loss_mask.sum().clamp(min=1)
-        o = self.estimator_options
-        loss_kw = dict(temperature=c.temperature, eda="current" if est.rescale_in_loss else "off",
-                       group_size=c.group_size, eda_eps=o.eda_eps, eda_clamp=o.eda_clamp, impl=c.impl,
-                       clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef, agg=c.loss_agg,
-                       max_len=max(self.response_horizon(), T),  # fixed Dr.GRPO denominator
+        opts = loss_options(c, max(self.response_horizon(), T))  # a fixed Dr.GRPO denominator
+        assert (opts.eda == "current") == est.rescale_in_loss
+        loss_kw = dict(temperature=c.temperature, group_size=c.group_size, impl=c.impl, options=opts,
                        softcap=head_softcap(self.model))
         advantages = est.base if est.rescale_in_loss else est.advantages
         total, acc, grad_norm = 0.0, {}, float("nan")
@@ -551,8 +547,9 @@ class Trainer:
                 part = packed.select(sl)
                 h, w_, b_ = head_inputs(response_hidden(self.model, part, self.autocast_dtype), weight, bias,
                                         self.autocast_dtype)
-                loss, m = _losses.fused_linear_policy_loss(h, w_, part.targets, advantages[sl], loss_mask[sl],
-                                                           bias=b_, old_logp=old_logp[sl], **loss_kw)
+                loss, m = _losses.fused_linear_policy_loss(
+                    h, w_, part.targets, advantages[sl], loss_mask[sl], bias=b_, old_logp=old_logp[sl],
+                    rollout_logp=None if opts.rollout_is == "off" else rollout_lp[sl], **loss_kw)
                 w = (loss_mask[sl].sum() / n_tok).item() if c.loss_agg == "token-mean" else part.rows / B
                 (loss * w).backward()
                 total += loss.item() * w / c.ppo_epochs
@@ -589,11 +586,11 @@ class Trainer:
                                       impl=c.impl, autocast_dtype=self.autocast_dtype)
         r = torch.tensor(ro.rewards, dtype=torch.float32, device=self.device)
         est = self._advantages(r, old_logp, entropy, loss_mask)
-        check, trained = self._rollout_check(ro, packed, old_logp, est)
+        check, rollout_lp = self._rollout_check(ro, packed, old_logp)
 
         t1 = time.time()
         with oom_guard("update"):
-            loss, loss_metrics, grad_norm = self._update(packed, loss_mask, old_logp, trained)
+            loss, loss_metrics, grad_norm = self._update(packed, loss_mask, old_logp, est, rollout_lp)
         self.engine.sync_weights(self.model)
         t_update = time.time() - t1
         self.step = step
@@ -635,6 +632,7 @@ class Trainer:
             "rollout_time_s": times[0],
             "update_time_s": times[1],
             **check,
+            **{k: v for k, v in m.items() if k.startswith("rollout_is_") or k in _OBJECTIVE_METRICS},
         }
 
     # ------------------------------------------------------------------------------------------ run

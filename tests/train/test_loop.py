@@ -87,7 +87,7 @@ def test_dr_grpo_divides_by_a_fixed_horizon(tmp_path, monkeypatch):
     real = L.fused_linear_policy_loss
 
     def spy(hidden, weight, targets, *a, **k):
-        seen.append((k["agg"], k["max_len"], targets.shape[1]))
+        seen.append((k["options"].agg, k["options"].max_len, targets.shape[1]))
         return real(hidden, weight, targets, *a, **k)
 
     monkeypatch.setattr(L, "fused_linear_policy_loss", spy)

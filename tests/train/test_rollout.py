@@ -1,5 +1,5 @@
 """Rollout engines: HF generate; what of vLLM runs without it (its absence, the log-prob alignment and the
-truncated IS weights). The real vLLM engine is tested in tests/vllm_rollout."""
+rollout-correction options). The real vLLM engine is tested in tests/vllm_rollout."""
 
 import importlib.util
 import math
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from train_helpers import save_model_with_sampling_defaults, tiny_model_and_tokenizer
-from edge_kernels.train.rollout import (VLLM_MISSING, HFRollout, _strip, logp_diff, make_rollout, rollout_logp,
-                                       truncated_is_weights)
+from edge_kernels.train.rollout import VLLM_MISSING, HFRollout, _strip, logp_diff, make_rollout, rollout_logp
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -145,18 +144,13 @@ def test_rollout_logp_covers_the_sampled_prefix_the_trained_response_keeps():
     assert math.isnan(logp_diff(lp, torch.zeros_like(valid), old))
 
 
-def test_truncated_is_weights():
-    rollout = torch.tensor([[-1.0, -3.0, -0.5, 0.0]])
-    old = torch.tensor([[-1.0, -1.0, -1.0, -7.0]])
-    valid = torch.tensor([[True, True, True, False]])
-    w = truncated_is_weights(rollout, valid, old, cap=2.0)
-    # exp(0) = 1; exp(2) capped at 2; exp(-0.5) below 1 is kept; a token the engine did not sample: 1
-    assert w[0].tolist() == pytest.approx([1.0, 2.0, math.exp(-0.5), 1.0])
-
-
-def test_is_cap_must_be_at_least_one():
+def test_rollout_correction_options_are_checked_at_startup():
     from edge_kernels.train.config import ConfigError, TrainConfig, validate
 
-    with pytest.raises(ConfigError, match="rollout_is_cap must be >= 1"):
-        validate(TrainConfig(rollout="vllm", rollout_is_cap=0.5))
-    validate(TrainConfig(rollout="vllm", rollout_is_cap=2.0))
+    with pytest.raises(ConfigError, match="rollout_is_max must be >= 1"):
+        validate(TrainConfig(rollout="vllm", rollout_is="token_truncate", rollout_is_max=0.5))
+    with pytest.raises(ConfigError, match="needs rollout_is_max"):
+        validate(TrainConfig(rollout="vllm", rollout_is="token_truncate"))
+    with pytest.raises(ConfigError, match="rollout_is_max applies only with rollout_is"):
+        validate(TrainConfig(rollout="vllm", rollout_is_max=2.0))
+    validate(TrainConfig(rollout="vllm", rollout_is="sequence_mask", rollout_is_min=0.5, rollout_is_max=2.0))

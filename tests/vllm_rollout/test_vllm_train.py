@@ -1,6 +1,6 @@
 """``edge-train --rollout vllm`` on the embedded default with the real engine: the model saved for vLLM, the push
 after the warm-up, every update and a resume (``rollout_logp_diff`` stays at fp32 rounding; a skipped push
-fails it), GEC's regeneration and the evaluation through vLLM, ``--rollout-is-cap``."""
+fails it), GEC's regeneration and the evaluation through vLLM, ``--rollout-is token_truncate``."""
 
 import json
 import os
@@ -25,7 +25,7 @@ def _rows(out):
 def test_train_resume_gec_eval_and_is_cap_through_vllm(tmp_path):
     out = str(tmp_path / "run")
     cfg = dict(TINY_VLLM, output=out, gec_p_regenerate=1.0, gec_p_inject=0.0, gec_p_reference=0.0,
-               rollout_is_cap=2.0, eval_every=1)
+               rollout_is="token_truncate", rollout_is_max=2.0, eval_every=1)
     logs = []
     tr = Trainer(TrainConfig(**{**cfg, "max_steps": 1}), log=logs.append)
     tr.run()
@@ -58,13 +58,14 @@ def test_a_skipped_weight_push_fails_the_check(tmp_path):
     assert any("rollout_logp_diff" in m and "warning" in m for m in logs)
 
 
-def test_is_cap_refused_where_it_cannot_apply(tmp_path):
+def test_rollout_is_refused_where_it_cannot_apply(tmp_path):
     from edge_kernels.train.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match="needs --rollout vllm"):
-        validate(TrainConfig(rollout="hf", rollout_is_cap=2.0))
-    with pytest.raises(ConfigError, match="eda-entropy-source old"):
-        validate(TrainConfig(rollout="vllm", rollout_is_cap=2.0, estimator="eda", eda_entropy_source="current"))
+        validate(TrainConfig(rollout="hf", rollout_is="token_truncate", rollout_is_max=2.0))
+    # the weights now scale the loss itself, so EDA with the current entropy combines with them
+    validate(TrainConfig(rollout="vllm", rollout_is="token_truncate", rollout_is_max=2.0, estimator="eda",
+                         eda_entropy_source="current"))
 
 
 def test_edge_train_reports_an_unsupported_head_size_without_a_traceback(tmp_path):
