@@ -1,4 +1,4 @@
-"""TRL's loss names mapped onto :class:`edge_kernels.policy_options.PolicyLossOptions` (names only, no math).
+"""TRL's loss names mapped onto :class:`edge_kernels.losses.options.PolicyLossOptions` (names only, no math).
 
 :func:`policy_loss_options` reads a TRL 1.16 ``GRPOConfig`` (``loss_type``, ``epsilon``/``epsilon_high``,
 ``importance_sampling_level``, ``beta``, ``use_bias_correction_kl``, ``top_entropy_quantile``, ``entropy_coef``,
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from edge_kernels.policy_options import PolicyLossOptions
+from edge_kernels.losses.options import PolicyLossOptions
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 _OBJECTIVE = {"cispo": "cispo", "sapo": "sapo", "luspo": "luspo", "vespo": "vespo"}

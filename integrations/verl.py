@@ -17,7 +17,7 @@ Importing this module (which ``import verl`` does by itself once edge-kernels is
   - ``edge_luspo`` (needs ``loss_agg_mode=seq-mean-token-sum``) and ``edge_vespo``, which verl does not have
     (VESPO at its default ``k``/``lambda``; verl's rollout weights enter its sequence ratio, as in TRL).
 
-  Each maps the actor config onto one :class:`edge_kernels.policy_options.PolicyLossOptions`
+  Each maps the actor config onto one :class:`edge_kernels.losses.options.PolicyLossOptions`
   (:func:`_verl_options`); verl's ``rollout_is_weights`` scale the policy-gradient term (section 8).
 
 * advantage estimators (``algorithm.adv_estimator=...``): ``edge_grpo``, ``edge_eda``, ``edge_egpo``,
@@ -66,7 +66,7 @@ import torch
 from edge_kernels.estimators import DEFAULTS as _EST_DEFAULTS
 from edge_kernels.estimators import compute_advantages, needed_inputs, options_from
 from edge_kernels.losses import policy_loss as _policy_loss
-from edge_kernels.policy_options import PolicyLossOptions
+from edge_kernels.losses.options import PolicyLossOptions
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edge_kernels.losses import fused_linear_policy_loss, policy_loss
-from edge_kernels.policy_options import OBJECTIVES, PolicyLossOptions
+from edge_kernels.losses.options import OBJECTIVES, PolicyLossOptions
 
 B, T = 4, 5
 LENGTHS = [5, 3, 1, 4]
@@ -382,7 +382,7 @@ def test_fused_matches_policy_loss_on_explicit_logits(case, gradient):
 
 
 def test_in_forward_refusals_and_auto_choice(monkeypatch):
-    import edge_kernels.losses as losses_module
+    import edge_kernels.losses.fused as losses_module
 
     hidden, weight, targets, adv, mask, old, ref, mu = _fused_inputs()
     h, w = hidden.requires_grad_(True), weight.requires_grad_(True)

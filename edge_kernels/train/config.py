@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from edge_kernels import estimators as _est_mod
 from edge_kernels import gec as _gec_mod
-from edge_kernels import policy_options as _po
-from edge_kernels.advantages import EGPO_MODES, SCALES
+from edge_kernels.advantage_formulas import EGPO_MODES, SCALES
+from edge_kernels.losses import options as _po
 from edge_kernels.estimators import EDA_SOURCES, EGPO_UNCERTAINTIES, ESTIMATORS
 
 ROLLOUTS = ("hf", "vllm")
@@ -47,7 +47,7 @@ def _est(name: str, choices: Optional[Sequence[str]] = None):
 
 
 def _loss(name: str, default, help: str, choices: Optional[Sequence[str]] = None):
-    """A policy-loss option: a field of :class:`edge_kernels.policy_options.PolicyLossOptions` (same name)."""
+    """A policy-loss option: a field of :class:`edge_kernels.losses.options.PolicyLossOptions` (same name)."""
     assert name in _po.FIELDS, name
     return _f(default, help, choices, group="loss")
 
@@ -184,7 +184,7 @@ class TrainConfig:
     ppo_epochs: int = _f(1, "passes over each rollout batch", group="optim")
     micro_batch_size: int = _f(0, "rows per forward/backward in scoring and update (0: all; a multiple of "
                                   "--group-size)", group="optim")
-    # ---- policy loss and rollout correction (names and meaning: edge_kernels.policy_options.PolicyLossOptions;
+    # ---- policy loss and rollout correction (names and meaning: edge_kernels.losses.options.PolicyLossOptions;
     # "auto" = the objective's default where the objective uses the option; see the list after the options)
     objective: str = _loss("objective", "clip", "policy objective (each listed below)", choices=_po.OBJECTIVES)
     is_level: str = _loss("is_level", "token", "importance ratio: token, or sequence (GSPO; luspo needs it)",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train_helpers import TINY
-from edge_kernels.policy_options import OBJECTIVES, ROLLOUT_IS_MODES
+from edge_kernels.losses.options import OBJECTIVES, ROLLOUT_IS_MODES
 from edge_kernels.train.cli import train_parser
 from edge_kernels.train.config import ConfigError, TrainConfig, build_config, loss_options, resolve
 from edge_kernels.train.loop import Trainer

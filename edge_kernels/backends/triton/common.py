@@ -1,6 +1,6 @@
-"""Triton building blocks shared by the op files: streaming softmax statistics and launch helpers.
+"""Triton building blocks shared by the two ops' kernels: streaming softmax statistics and launch helpers.
 
-The statistics are the ones :mod:`edge_kernels.reference` documents: running max ``m``,
+The statistics are the ones :mod:`edge_kernels.core.stats` documents: running max ``m``,
 ``s = sum exp(z - m)`` and ``b = sum exp(z - m) (z - m)``, so that ``lse = m + log s`` and
 ``entropy = log s - b / s``. Tiles are 2-D ``[rows, cols]``; reductions run over the columns.
 """
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import triton_interpreter_enabled
+from ...core.probes import triton_interpreter_enabled
 
 
 @triton.jit

@@ -1,7 +1,8 @@
-"""Policy losses: every policy objective on per-token log-probs, and its fused hidden-states-in front.
+"""Policy objectives on per-token log-probs: every objective, its aggregation modes, filters and metrics.
 
-The math is ``docs/algorithms.md`` section 6 (section 2 for ``eda="current"``, section 8 for the rollout
-correction); the options are one :class:`edge_kernels.policy_options.PolicyLossOptions`, validated once.
+The fused hidden-states-in front (:func:`edge_kernels.losses.fused.fused_linear_policy_loss`) computes the
+log-probs with the kernels and calls :func:`policy_loss` here. The math is ``docs/algorithms.md`` section 6 (section 2 for ``eda="current"``, section 8 for the rollout
+correction); the options are one :class:`edge_kernels.losses.options.PolicyLossOptions`, validated once.
 Everything works on ``[B, T]`` tensors (``B`` responses, ``T`` response positions) with a response mask ``m``
 (1 on tokens that count; any non-negative float weights are accepted and act as token weights).
 
@@ -43,20 +44,16 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .dispatch import check_same_device, check_softcap, validate_linear_inputs
-from .ops.linear_logprob_entropy import linear_logprob_entropy
-from .policy_loss_torch import fused_policy_loss_three_matmul, in_forward_unavailable
-from .policy_options import AGG_MODES, IS_LEVELS, KL_TYPES, PolicyLossOptions, options_from
+from ..advantage_formulas import eda_scale, group_advantage_variance, seq_mean_entropy, zero_advantage_group_fraction
+from ..ops.validation import check_same_device
+from .options import AGG_MODES, EDA_MODES, IS_LEVELS, KL_TYPES, PolicyLossOptions, options_from
 
 Tensor = torch.Tensor
 
 LOG_RATIO_CLAMP = 20.0  # verl's clamp of log(rho) before exp()
 VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of VESPO's log sequence weight
-GRADIENT_STRATEGIES = ("auto", "in_forward", "recompute")
-_IGNORE_INDEX = -100
 
-__all__ = ["policy_loss", "fused_linear_policy_loss", "aggregate", "PolicyLossOptions", "AGG_MODES", "KL_TYPES",
-           "IS_LEVELS", "GRADIENT_STRATEGIES"]
+__all__ = ["policy_loss", "aggregate", "PolicyLossOptions", "AGG_MODES", "KL_TYPES", "IS_LEVELS", "EDA_MODES"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,9 +184,7 @@ def _entropy_quantile_keep(entropy: Tensor, valid: Tensor, rho: float) -> Tensor
 
 def _group_metrics(advantages: Tensor, group_size, group_ids) -> Dict[str, Tensor]:
     """Intra-group advantage variance and zero-advantage-group fraction of per-sequence advantages ``[B]``
-    (definitions, and the validation of the group layout, in :mod:`edge_kernels.advantages`)."""
-    from .advantages import group_advantage_variance, zero_advantage_group_fraction
-
+    (definitions, and the validation of the group layout, in :mod:`edge_kernels.advantage_formulas`)."""
     a = advantages.detach()
     return {
         "adv_group_var": group_advantage_variance(a, group_size=group_size, group_ids=group_ids),
@@ -235,7 +230,7 @@ def policy_loss(
         rollout_is_weights: ``[B, T]`` rollout-correction weights a framework computed already (verl's
             ``rollout_is_weights``; detached, ``>= 0``), applied like the weights of ``rollout_is`` (section 8);
             only with ``rollout_is="off"``.
-        options: a :class:`edge_kernels.policy_options.PolicyLossOptions` (default: its defaults); keyword
+        options: a :class:`edge_kernels.losses.options.PolicyLossOptions` (default: its defaults); keyword
             ``option_overrides`` (its field names: ``clip_high=0.28``, ``objective="cispo"``, ...) are applied
             on top of it and validated with it.
         group_size, group_ids: optional group layout (contiguous groups of ``group_size`` rows, or a group-id
@@ -264,7 +259,7 @@ def policy_loss(
           (``eda="current"``: the mean over rows of the scale).
         * ``adv_mean``, ``adv_std``: token-weighted mean and unbiased std of the advantages used (verl's
           ``critic/advantages`` statistics; after EDA's rescaling).
-        * ``adv_group_var``, ``zero_adv_group_frac``, ``adv_batch_var``: see :mod:`edge_kernels.advantages`
+        * ``adv_group_var``, ``zero_adv_group_frac``, ``adv_batch_var``: see :mod:`edge_kernels.advantage_formulas`
           (``[B]`` advantages with a group layout only).
 
     Raises:
@@ -529,134 +524,8 @@ def _loss_metrics(o: PolicyLossOptions, m: Tensor, log_ratio: Tensor, ratio: Ten
 def _eda_current(advantages: Tensor, entropy: Tensor, mask: Tensor, group_size, group_ids, eps: float,
                  clamp) -> Tuple[Tensor, Tensor]:
     """docs/algorithms.md section 2, ``entropy_source="current"``: ``A^_i = A_i * s_i`` with ``s`` =
-    :func:`edge_kernels.advantages.eda_scale` of ``P_i = mean_t[H]`` of the policy being updated (gradient
-    through ``1 / P_i``, group mean detached). Returns ``(A^ [B], s [B])``."""
-    from .advantages import eda_scale, seq_mean_entropy
-
+    :func:`edge_kernels.advantage_formulas.eda_scale` of ``P_i = mean_t[H]`` of the policy being updated
+    (gradient through ``1 / P_i``, group mean detached). Returns ``(A^ [B], s [B])``."""
     p = seq_mean_entropy(entropy, mask)
     s = eda_scale(p, group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp, valid=(mask != 0).any(-1))
     return advantages.to(p.dtype) * s, s
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the fused front: hidden states and the LM head in, no logits
-
-
-def fused_linear_policy_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
-    old_logp: Optional[Tensor] = None,
-    ref_logp: Optional[Tensor] = None,
-    rollout_logp: Optional[Tensor] = None,
-    options: Optional[PolicyLossOptions] = None,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    impl: str = "auto",
-    chunk_size: Optional[int] = None,
-    gradient: str = "auto",
-    softcap: Optional[float] = None,
-    process_group=None,
-    reduce_hidden_grad: bool = True,
-    vocab_start: Optional[int] = None,
-    **option_overrides: Any,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """:func:`policy_loss` from hidden states and the LM head, without ``[B, T, V]`` logits (sections 6, 2, 8).
-
-    Log-probs and full-vocabulary entropies come from :func:`edge_kernels.linear_logprob_entropy` at
-    ``temperature``; masked positions get ``ignore_index`` targets, so their targets may be anything (padding)
-    and their gradient is 0 (the Triton kernel skips a 128-row block whose rows are all masked; the cuBLAS
-    matmuls and the PyTorch path still run over every row). The entropy is always computed (free in the
-    forward, and reported as ``entropy_mean``) but enters the graph only where its gradient is needed
-    (``entropy_coef != 0`` or ``eda="current"``); otherwise a detached copy is used and the backward does no
-    entropy-gradient work.
-
-    Args:
-        hidden: ``[B, T, D]`` final hidden states at the response positions (already aligned with ``targets``).
-        weight: ``[V, D]`` LM head, same dtype as ``hidden``; ``bias``: optional ``[V]``.
-        targets: ``[B, T]`` integer sampled tokens.
-        advantages, mask, old_logp, ref_logp, rollout_logp, options, group_size, group_ids,
-            ``option_overrides``: as in :func:`policy_loss` (``eda="current"``: EDGE-GRPO's Entropy-Driven
-            Advantage with the entropy computed here, section 2).
-        temperature: the sampling temperature the logits are divided by.
-        impl, chunk_size: passed to :func:`edge_kernels.linear_logprob_entropy`.
-        gradient: how the gradient is formed (the answer differs only by round-off):
-
-            * ``"in_forward"``: three matmuls. The PyTorch backend walks row blocks over the whole vocabulary,
-              and since each token's loss gradient is then known (it needs the options' ``token_local``: token
-              ratios, objective clip/cispo/sapo, no entropy filter, no EDA, no off-policy mask, advantages
-              without gradient), it forms ``d_hidden`` and ``d_weight`` in the forward. Cost: ``d_hidden``
-              (``N x D``) and an fp32 ``d_weight`` (``4 V D`` bytes, twice a 16-bit head; plus the head's fp32
-              copy on the CPU) held from the forward to the backward. Needs ``impl`` ``"torch"`` (or ``"auto"``
-              on the CPU), no ``process_group``, ``chunk_size`` None or ``>= V``, and ``V <=``
-              :data:`edge_kernels.reference.FULL_ROW_MAX_VOCAB`; refused naming the reason otherwise.
-            * ``"recompute"``: four matmuls: the op's forward, and a backward that recomputes the logits chunk
-              by chunk; holds only chunk-sized fp32 buffers.
-            * ``"auto"`` (default): ``"in_forward"`` on the CPU (PyTorch backend) wherever it applies, else
-              ``"recompute"``; on CUDA always ``"recompute"`` unless ``impl="torch"`` is asked for.
-        softcap: the model's final-logit soft-cap (Gemma 2/3), passed to the op; None for none.
-        process_group, reduce_hidden_grad, vocab_start: a vocabulary-sharded LM head (``weight``/``bias`` are
-            this rank's slice), passed to :func:`edge_kernels.linear_logprob_entropy`; every rank gets the same
-            loss and metrics, its own ``d_weight`` slice and the summed (or partial) ``d_hidden``.
-
-    Returns:
-        ``(loss, metrics)`` as :func:`policy_loss` (the advantage metrics describe the EDA-rescaled advantages).
-    """
-    o = _options(options, option_overrides)
-    _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, rollout_logp, o, group_size,
-                        group_ids, gradient)
-    tgt = targets.to(torch.int64)
-    tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
-    loss_kwargs = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, options=o, group_size=group_size,
-                       group_ids=group_ids)
-    if _use_in_forward(gradient, impl, hidden, weight, bias, advantages, o, chunk_size, process_group):
-        inv_temp = 1.0 / validate_linear_inputs(hidden, weight, tgt, bias, temperature, chunk_size, _IGNORE_INDEX)
-        return fused_policy_loss_three_matmul(hidden, weight, tgt, bias, inv_temp, _IGNORE_INDEX,
-                                              (old_logp, advantages, mask), loss_kwargs, check_softcap(softcap))
-    logp, entropy = linear_logprob_entropy(hidden, weight, tgt, bias=bias, temperature=temperature,
-                                           ignore_index=_IGNORE_INDEX, return_entropy=True,
-                                           chunk_size=chunk_size, softcap=softcap, impl=impl,
-                                           process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
-                                           vocab_start=vocab_start)
-    with_grad = o.entropy_coef != 0.0 or o.eda != "off"
-    return policy_loss(logp, old_logp, advantages, mask, entropy=entropy if with_grad else entropy.detach(),
-                       **loss_kwargs)
-
-
-def _use_in_forward(gradient: str, impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                    advantages: Tensor, o: PolicyLossOptions, chunk_size: Optional[int], process_group) -> bool:
-    """The gradient strategy of :func:`fused_linear_policy_loss` (see its ``gradient`` argument)."""
-    if gradient == "recompute":
-        return False
-    reason = ("process_group is set (the vocabulary-parallel op recomputes)" if process_group is not None else
-              in_forward_unavailable(impl, hidden, weight, bias, advantages, o, chunk_size))
-    if gradient == "in_forward":
-        if reason is not None:
-            raise ValueError(f"gradient='in_forward' does not apply: {reason}")
-        return True
-    return reason is None and not (impl == "auto" and hidden.is_cuda)
-
-
-def _check_fused_inputs(hidden, targets, advantages, mask, old_logp, ref_logp, rollout_logp, o, group_size,
-                        group_ids, gradient) -> None:
-    """Shapes and arguments of :func:`fused_linear_policy_loss` (before the kernel runs)."""
-    _check_tensor("hidden", hidden, floating=True)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
-    shape = (hidden.shape[0], hidden.shape[1])
-    _check_bt("targets", targets, shape, floating=False)
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    _check_bt("mask", mask, shape, floating=False)
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp)):
-        _check_bt(name, t, shape)
-    _check_advantages(advantages, shape, check_nan=False)  # policy_loss checks for NaN (EDA propagates it)
-    _check_needs(o, shape, advantages, hidden if o.needs_entropy else None, ref_logp, rollout_logp, group_size,
-                 group_ids)  # the entropy comes from the kernel
-    if gradient not in GRADIENT_STRATEGIES:
-        raise ValueError(f"gradient must be one of {list(GRADIENT_STRATEGIES)}, got {gradient!r}")
