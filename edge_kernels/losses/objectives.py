@@ -1,10 +1,11 @@
 """Policy objectives on per-token log-probs: every objective, its aggregation modes, filters and metrics.
 
-The fused hidden-states-in front (:func:`edge_kernels.losses.fused.fused_linear_policy_loss`) computes the
-log-probs with the kernels and calls :func:`policy_loss` here. The math is ``docs/algorithms.md`` section 6 (section 2 for ``eda="current"``, section 8 for the rollout
-correction); the options are one :class:`edge_kernels.losses.options.PolicyLossOptions`, validated once.
-Everything works on ``[B, T]`` tensors (``B`` responses, ``T`` response positions) with a response mask ``m``
-(1 on tokens that count; any non-negative float weights are accepted and act as token weights).
+The fused hidden-states-in front (:func:`edge_kernels.losses.fused.fused_linear_policy_loss`) computes the log-probs
+with the kernels and calls :func:`policy_loss` here. The math is ``docs/algorithms.md`` section 6 (section 2 for
+``eda="current"``, section 8 for the rollout correction); the options are one
+:class:`edge_kernels.losses.options.PolicyLossOptions`, validated once. Everything works on ``[B, T]`` tensors
+(``B`` responses, ``T`` response positions) with a response mask ``m`` (1 on tokens that count; any non-negative
+float weights are accepted and act as token weights).
 
 Per token, with ``l`` the current log-prob, ``l_old`` the sampling policy's, ``l_ref`` the reference's,
 ``A`` the advantage and ``H`` the entropy, the default objective (``"clip"``) is::

@@ -113,7 +113,8 @@ class PolicyLossOptions:
         eda_clamp ``(s_min, s_max)``; both only with ``eda="current"``.
     Rollout correction: rollout_is one of :data:`ROLLOUT_IS_MODES`, with bounds rollout_is_min /
         rollout_is_max (``min <= 1 <= max``; truncate modes need ``rollout_is_max``; mask modes at least one
-        bound); needs the engine's log-probs at call time. ``vespo`` folds token weights into its sequence ratio (token modes only).
+        bound); needs the engine's log-probs at call time. ``vespo`` folds token weights into its sequence
+        ratio (token modes only).
     """
 
     objective: str = "clip"

@@ -1,20 +1,21 @@
 """``fused_linear_policy_loss`` in three matmuls on the PyTorch backend: the backward is formed in the forward.
 
 With token-local options (``PolicyLossOptions.token_local``: token-level ratios, the clip/cispo/sapo objectives,
-every aggregation mode, no entropy filter, no ``eda="current"``, no off-policy mask), a token's loss gradient ``(dL/dl_t, dL/dH_t)`` depends only on its own log-prob (and on
-constants: advantages, old/ref log-probs, the mask's denominators), so it is known as soon as the token's row
-log-sum-exp is. This module walks the tokens in row blocks, each with the whole vocabulary: one GEMM forms
-the block's fp32 logits, the statistics give ``l`` and ``H``, the per-token gradient comes from
-:func:`edge_kernels.losses.objectives.policy_loss` itself (autograd on the ``[B, T]`` log-probs; only the block's entries
-are read, which is exact because they depend on nothing else), and two more GEMMs turn the logits gradient
-into ``d_hidden`` rows and a ``d_weight`` contribution. Forward plus backward is three matmuls instead of four
-(the chunked op recomputes the logits in its backward); the workspace is one row block's logits.
+every aggregation mode, no entropy filter, no ``eda="current"``, no off-policy mask), a token's loss gradient
+``(dL/dl_t, dL/dH_t)`` depends only on its own log-prob (and on constants: advantages, old/ref log-probs, the mask's
+denominators), so it is known as soon as the token's row log-sum-exp is. This module walks the tokens in row blocks,
+each with the whole vocabulary: one GEMM forms the block's fp32 logits, the statistics give ``l`` and ``H``, the
+per-token gradient comes from :func:`edge_kernels.losses.objectives.policy_loss` itself (autograd on the ``[B, T]``
+log-probs; only the block's entries are read, which is exact because they depend on nothing else), and two more
+GEMMs turn the logits gradient into ``d_hidden`` rows and a ``d_weight`` contribution. Forward plus backward is
+three matmuls instead of four (the chunked op recomputes the logits in its backward); the workspace is one row
+block's logits.
 
 Where a token's gradient depends on other tokens' log-probs or entropies the four-matmul path stays:
-``eda="current"`` (the scale needs every row's mean entropy), ``top_entropy_quantile < 1`` (the threshold
-needs every entropy), sequence ratios (GSPO, LUSPO, VESPO's weight, the off-policy mask: means over the row),
-Clip-Cov/KL-Cov (batch covariances), and advantages that carry a gradient. So does ``chunk_size < V`` (the caller asked for vocabulary chunks) and a vocabulary above
-:data:`edge_kernels.backends.torch.FULL_ROW_MAX_VOCAB`.
+``eda="current"`` (the scale needs every row's mean entropy), ``top_entropy_quantile < 1`` (the threshold needs
+every entropy), sequence ratios (GSPO, LUSPO, VESPO's weight, the off-policy mask: means over the row), Clip-Cov/KL-
+Cov (batch covariances), and advantages that carry a gradient. So does ``chunk_size < V`` (the caller asked for
+vocabulary chunks) and a vocabulary above :data:`edge_kernels.backends.torch.FULL_ROW_MAX_VOCAB`.
 
 Memory trade-off: the gradients are computed before the backward is called, so ``d_hidden`` (``N x D``) and
 ``d_weight`` (``V x D``) are held from the forward to the backward. With fp32 weights ``d_weight`` is the
