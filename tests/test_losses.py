@@ -415,9 +415,9 @@ def test_fused_backward_skips_entropy_gradient_unless_needed(monkeypatch):
     for kw, needs in [(dict(), False), (dict(top_entropy_quantile=0.5), False), (dict(entropy_coef=0.01), True),
                       (dict(eda="current", group_size=3), True)]:
         h = hidden.clone().requires_grad_(True)
-        # chunk_size < V keeps the four-matmul path (the three-matmul one never calls this backward)
+        # the recompute strategy calls the op's backward (the in-forward one never does)
         loss, _ = fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch",
-                                           chunk_size=V - 1, **kw)
+                                           gradient="recompute", **kw)
         loss.backward()
         assert seen.pop() is needs, kw
 
@@ -434,11 +434,11 @@ def test_fused_three_matmul_path_matches_four_matmul_path(agg, dtype, monkeypatc
     kw = dict(old_logp=old, ref_logp=ref, kl_coef=0.1, kl_type="k3", entropy_coef=0.02, dual_clip=3.0, agg=agg,
               bias=bias.to(dtype), temperature=TEMP, impl="torch")
     out = []
-    for chunk_size in (None, V - 1):  # None: three matmuls; V - 1: vocabulary chunks, four matmuls
+    for gradient in ("in_forward", "recompute"):  # three matmuls, then four
         h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
-        loss, metrics = fused_linear_policy_loss(h, w, targets, adv, mask, chunk_size=chunk_size, **kw)
+        loss, metrics = fused_linear_policy_loss(h, w, targets, adv, mask, gradient=gradient, **kw)
         out.append((loss, *torch.autograd.grad(2.5 * loss, (h, w)), metrics["entropy_mean"]))
-    assert seen == [1]  # only the chunked run called the op's backward
+    assert seen == [1]  # only the recompute run called the op's backward
     # both form fp32-exact logits and fp32 gradients; only the final rounding to bf16 may differ, by one ulp
     # (2^-8 to 2^-7 relative) where the two summation orders land on either side of a rounding boundary
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
@@ -455,9 +455,9 @@ def test_fused_three_matmul_path_with_softcap(agg):
     assert raw.abs().max() > 2 * cap  # the cap changes the logits
     kw = dict(old_logp=old, entropy_coef=0.02, agg=agg, bias=bias, temperature=TEMP, impl="torch", softcap=cap)
     out = []
-    for chunk_size in (None, V - 1):  # three matmuls, then four
+    for gradient in ("in_forward", "recompute"):  # three matmuls, then four
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        loss, _ = fused_linear_policy_loss(h, w, targets, adv, mask, chunk_size=chunk_size, **kw)
+        loss, _ = fused_linear_policy_loss(h, w, targets, adv, mask, gradient=gradient, **kw)
         out.append((loss, *torch.autograd.grad(loss, (h, w))))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -473,7 +473,7 @@ def test_fused_three_matmul_not_taken_where_inexact(monkeypatch):
     monkeypatch.setattr(losses_module, "fused_policy_loss_three_matmul", lambda *a: taken.append(1) or real(*a))
     hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
     for kw in (dict(top_entropy_quantile=0.5), dict(eda="current", group_size=3), dict(is_level="sequence"),
-               dict(chunk_size=V - 1)):
+               dict(chunk_size=V - 1), dict(gradient="recompute")):
         h = hidden.clone().requires_grad_(True)
         fused_linear_policy_loss(h, weight, targets, adv, mask, old_logp=old, impl="torch", **kw)
     assert taken == []
