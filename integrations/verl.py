@@ -58,7 +58,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -135,13 +135,13 @@ def _verl_options(name: str, config, loss_agg_mode: str, gbi: dict, mask: torch.
                          f"loss_agg_mode='seq-mean-token-sum', got loss_agg_mode={loss_agg_mode!r}")
     agg, factor = _global_factor(loss_agg_mode, mask, gbi)
     lsf = gbi.get("loss_scale_factor")
-    kw = dict(objective=objective, is_level=is_level, agg=agg,
-              max_len=int(lsf) if lsf is not None and agg == "seq-mean-token-sum-norm" else None)
+    kw: Dict[str, Any] = dict(objective=objective, is_level=is_level, agg=agg,
+                              max_len=int(lsf) if lsf is not None and agg == "seq-mean-token-sum-norm" else None)
     if objective in ("clip", "cispo", "luspo", "clip_cov"):
         clip = config.clip_ratio
         kw["clip_low"] = config.clip_ratio_low if config.clip_ratio_low is not None else clip
         kw["clip_high"] = config.clip_ratio_high if config.clip_ratio_high is not None else clip
-    pl = getattr(config, "policy_loss", None)
+    pl = config.policy_loss  # verl's PolicyLossConfig (clip_cov / kl_cov parameters)
     if name == "edge_vanilla":
         c = config.get("clip_ratio_c", 3.0)
         if not c > 1.0:

@@ -97,7 +97,7 @@ def fused_linear_policy_loss(
                         group_ids, gradient)
     tgt = targets.to(torch.int64)
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
-    loss_kwargs = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, options=o, group_size=group_size,
+    loss_kwargs: Dict[str, Any] = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, options=o, group_size=group_size,
                        group_ids=group_ids)
     if _use_in_forward(gradient, impl, hidden, weight, bias, advantages, o, chunk_size, process_group):
         inv_temp = 1.0 / validate_linear_inputs(hidden, weight, tgt, bias, temperature, chunk_size, _IGNORE_INDEX)

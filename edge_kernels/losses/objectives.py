@@ -302,7 +302,8 @@ def _policy_loss(o: PolicyLossOptions, logp, old_logp, advantages, mask, entropy
     extra: Dict[str, Tensor] = {}
     adv_in = advantages
     if o.eda == "current":
-        adv_in, scale = _eda_current(advantages, ent, m, group_size, group_ids, o.eda_eps, o.eda_clamp)
+        assert ent is not None  # _check_needs
+        adv_in, scale = _eda_current(advantages, ent, m, group_size, group_ids, o.num("eda_eps"), o.eda_clamp)
         extra["eda_scale_mean"] = scale.detach().mean()
     adv = adv_in.to(dtype)
     adv = torch.where(valid, adv[:, None].expand(shape) if adv.dim() == 1 else adv, zero)
@@ -310,6 +311,7 @@ def _policy_loss(o: PolicyLossOptions, logp, old_logp, advantages, mask, entropy
     log_ratio, ratio = _importance_ratio(l, l_old, m, valid, o.is_level)
     is_w = None
     if o.rollout_is != "off":
+        assert rollout_logp is not None  # _check_needs
         is_w, is_metrics = _rollout_weights(o, l_old, rollout_logp.detach().to(dtype), m, valid)
         extra.update(is_metrics)
     elif rollout_is_weights is not None:
@@ -327,12 +329,15 @@ def _policy_loss(o: PolicyLossOptions, logp, old_logp, advantages, mask, entropy
                                                   rows.to(dtype).sum())
     kl = None if ref_logp is None else _kl(torch.where(valid, l - ref_logp.detach().to(dtype), zero), o.kl_type)
     if o.kl_coef != 0.0:
+        assert kl is not None  # _check_needs: ref_logp given
         per_token = per_token + o.kl_coef * (kl * ratio if o.kl_bias_correction else kl)
-    if o.entropy_coef != 0.0:
-        per_token = per_token - o.entropy_coef * ent
-    keep = _entropy_quantile_keep(ent.detach(), valid, o.top_entropy_quantile) if o.top_entropy_quantile < 1 else None
+    if o.entropy_coef != 0.0 or o.top_entropy_quantile < 1.0:
+        assert ent is not None  # _check_needs
+        per_token = per_token - o.entropy_coef * ent if o.entropy_coef != 0.0 else per_token
+    keep = _entropy_quantile_keep(ent.detach(), valid, o.top_entropy_quantile) if ent is not None and \
+        o.top_entropy_quantile < 1 else None
     loss_mask = m if keep is None else m * keep.to(dtype)
-    loss = aggregate(per_token, loss_mask, o.agg, o.max_len)
+    loss = aggregate(per_token, loss_mask, o.aggregation, o.max_len)
 
     with torch.no_grad():
         metrics = _loss_metrics(o, m, log_ratio, ratio, adv, pg_clip, kl, ent, loss_mask if keep is not None else None)
@@ -361,13 +366,13 @@ def _surrogate(o: PolicyLossOptions, l: Tensor, log_ratio: Tensor, ratio: Tensor
                valid: Tensor, is_w: Optional[Tensor]) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """The per-token policy-gradient term of ``o.objective``: ``(L [B, T], L before the dual clip, metrics)``."""
     if o.objective in ("clip", "luspo"):  # LUSPO: GSPO's surrogate; its length scaling is agg (token sum)
-        per_token, pg_clip = _clipped_surrogate(adv, ratio, o.clip_low, o.clip_high, o.dual_clip)
+        per_token, pg_clip = _clipped_surrogate(adv, ratio, o.num("clip_low"), o.num("clip_high"), o.dual_clip)
         return per_token, pg_clip, {}
     if o.objective == "cispo":
-        w = ratio.detach().clamp(1.0 - o.clip_low, 1.0 + o.clip_high)
+        w = ratio.detach().clamp(1.0 - o.num("clip_low"), 1.0 + o.num("clip_high"))
         return -w * adv * l, ratio, {}
     if o.objective == "sapo":
-        tau = torch.where(adv > 0, adv.new_tensor(o.sapo_tau_pos), adv.new_tensor(o.sapo_tau_neg))
+        tau = torch.where(adv > 0, adv.new_tensor(o.num("sapo_tau_pos")), adv.new_tensor(o.num("sapo_tau_neg")))
         per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
         return per_token, per_token, {}
     if o.objective == "vespo":
@@ -399,8 +404,8 @@ def _vespo_weight(o: PolicyLossOptions, log_ratio: Tensor, adv: Tensor, m: Tenso
             seq = seq + (torch.log(is_w).clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
         log_w = seq.clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
         nonneg = adv >= 0
-        k = torch.where(nonneg, log_w.new_tensor(o.vespo_k_pos), log_w.new_tensor(o.vespo_k_neg))
-        lam = torch.where(nonneg, log_w.new_tensor(o.vespo_lambda_pos), log_w.new_tensor(o.vespo_lambda_neg))
+        k = torch.where(nonneg, log_w.new_tensor(o.num("vespo_k_pos")), log_w.new_tensor(o.num("vespo_k_neg")))
+        lam = torch.where(nonneg, log_w.new_tensor(o.num("vespo_lambda_pos")), log_w.new_tensor(o.num("vespo_lambda_neg")))
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
         return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -415,12 +420,12 @@ def _clip_cov(o: PolicyLossOptions, l, ratio, adv, m, valid):
     """Clip-Cov as verl's ``compute_policy_loss_clip_cov``: among the tokens the hard clip left alone whose
     covariance lies in ``(lb, ub)``, ``max(1, int(cov_ratio * n))`` drawn at random (``torch.randperm`` on the
     global CPU generator, as verl) lose their gradient (loss multiplied by 0)."""
-    per_token, _ = _clipped_surrogate(adv, ratio, o.clip_low, o.clip_high, None)
+    per_token, _ = _clipped_surrogate(adv, ratio, o.num("clip_low"), o.num("clip_high"), None)
     with torch.no_grad():
-        clipped = (-adv * ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high) > -adv * ratio) & valid
+        clipped = (-adv * ratio.clamp(1.0 - o.num("clip_low"), 1.0 + o.num("clip_high")) > -adv * ratio) & valid
         cov = _token_cov(l, adv, m, valid)
-        cand = ~clipped & valid & (cov > o.clip_cov_lb) & (cov < o.clip_cov_ub)
-        n_clip = max(int(o.cov_ratio * int(valid.sum())), 1)  # host syncs: verl's token count and nonzero
+        cand = ~clipped & valid & (cov > o.num("clip_cov_lb")) & (cov < o.num("clip_cov_ub"))
+        n_clip = max(int(o.num("cov_ratio") * int(valid.sum())), 1)  # host syncs: verl's token count and nonzero
         idx = torch.nonzero(cand)
         idx = idx[torch.randperm(len(idx))[:n_clip].to(idx.device)]
         corr = torch.ones_like(per_token)
@@ -437,10 +442,10 @@ def _kl_cov(o: PolicyLossOptions, l, log_ratio, ratio, adv, m, valid):
         pick = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
         if flat_valid.numel():
             cov = _token_cov(l, adv, m, valid).reshape(-1)[flat_valid]
-            k = max(1, int(flat_valid.numel() * o.cov_ratio))
+            k = max(1, int(flat_valid.numel() * o.num("cov_ratio")))
             pick[flat_valid[torch.topk(cov, k, largest=True).indices]] = True
         pick = pick.view(valid.shape)
-    per_token = torch.where(pick, per_token + o.kl_cov_coef * log_ratio.abs(), per_token)
+    per_token = torch.where(pick, per_token + o.num("kl_cov_coef") * log_ratio.abs(), per_token)
     return per_token, per_token, {"cov_frac": _masked_mean(pick.to(m.dtype), m)}
 
 
@@ -484,7 +489,7 @@ def _off_policy_keep(o: PolicyLossOptions, l, l_old, rollout_logp, adv, m, valid
         mu = l_old if rollout_logp is None else rollout_logp.detach().to(l.dtype)
         kl = torch.where(valid, torch.nan_to_num(mu - l, nan=0.0), torch.zeros_like(l))
         mean_kl = (kl * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-        return ((adv >= 0) | (mean_kl <= o.off_policy_mask_threshold)).to(l.dtype)
+        return ((adv >= 0) | (mean_kl <= o.num("off_policy_mask_threshold"))).to(l.dtype)
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
@@ -503,11 +508,11 @@ def _loss_metrics(o: PolicyLossOptions, m: Tensor, log_ratio: Tensor, ratio: Ten
     a, r = adv.detach(), ratio.detach()
     metrics: Dict[str, Tensor] = {"ratio_mean": mmean(r), "approx_kl": mmean(torch.expm1(lr_tok) - lr_tok)}
     if o.objective == "cispo":
-        metrics["clip_frac_low"] = mmean(r < 1.0 - o.clip_low)
-        metrics["clip_frac_high"] = mmean(r > 1.0 + o.clip_high)
+        metrics["clip_frac_low"] = mmean(r < 1.0 - o.num("clip_low"))
+        metrics["clip_frac_high"] = mmean(r > 1.0 + o.num("clip_high"))
     elif o.clip_low is not None:
-        metrics["clip_frac_low"] = mmean((a < 0) & (r < 1.0 - o.clip_low))
-        metrics["clip_frac_high"] = mmean((a > 0) & (r > 1.0 + o.clip_high))
+        metrics["clip_frac_low"] = mmean((a < 0) & (r < 1.0 - o.num("clip_low")))
+        metrics["clip_frac_high"] = mmean((a > 0) & (r > 1.0 + o.num("clip_high")))
     if o.dual_clip is not None:
         metrics["clip_frac_dual"] = mmean((a < 0) & (pg_clip.detach() > -a * o.dual_clip))
     if kl is not None:

@@ -146,9 +146,11 @@ class PolicyLossOptions:
     rollout_is: str = "off"
     rollout_is_min: Optional[float] = None
     rollout_is_max: Optional[float] = None
+    # the options as given (before defaults resolve), for replace()
+    _given: Dict[str, Any] = dataclasses.field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_given", {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        object.__setattr__(self, "_given", {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init})
         _choice("objective", self.objective, OBJECTIVES)
         _choice("is_level", self.is_level, IS_LEVELS)
         allowed = _IS_LEVELS_OF.get(self.objective, IS_LEVELS)
@@ -185,7 +187,7 @@ class PolicyLossOptions:
                 self._set(name, _number(name, getattr(self, name), lo=0.0))
         if self.cov_ratio is not None and self.cov_ratio > 1.0:
             raise ValueError(f"cov_ratio must lie in (0, 1], got {self.cov_ratio!r}")
-        if self.objective == "clip_cov" and not self.clip_cov_lb < self.clip_cov_ub:
+        if self.objective == "clip_cov" and not self.num("clip_cov_lb") < self.num("clip_cov_ub"):
             raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}")
 
     def _check_terms(self) -> None:
@@ -272,13 +274,25 @@ class PolicyLossOptions:
     def needs_entropy(self) -> bool:
         return self.entropy_coef != 0.0 or self.top_entropy_quantile < 1.0 or self.eda != "off"
 
+    def num(self, name: str) -> float:
+        """The resolved value of a numeric option the chosen objective or mode uses (raises if it does not)."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{name} does not apply to objective={self.objective!r} with these options")
+        return float(value)
+
+    @property
+    def aggregation(self) -> str:
+        """``agg`` as resolved (always set after validation)."""
+        return str(self.agg)
+
     def replace(self, **changes: Any) -> "PolicyLossOptions":
         """A copy with ``changes`` applied to the options as they were given (defaults re-resolve, so a change
         of objective drops the old objective's defaults). Use this, not ``dataclasses.replace``."""
         return PolicyLossOptions(**{**self._given, **changes})
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossOptions))
+FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossOptions) if f.init)
 
 
 def options_from(source: Any = None, **overrides: Any) -> PolicyLossOptions:

@@ -432,11 +432,11 @@ def gec_options(cfg: TrainConfig) -> _gec_mod.GECConfig:
 def loss_options(cfg: TrainConfig, T: Optional[int] = None) -> _po.PolicyLossOptions:
     """The :class:`PolicyLossOptions` of ``cfg`` (``T``: the Dr.GRPO horizon, for ``seq-mean-token-sum-norm``).
     EDA with the current policy's entropy is an estimator option (``--eda-entropy-source current``)."""
-    kw = {name: getattr(cfg, name) for name in LOSS_FIELDS}
+    kw: Dict[str, Any] = {name: getattr(cfg, name) for name in LOSS_FIELDS}
     agg = None if cfg.loss_agg == "auto" else cfg.loss_agg
     eda = cfg.estimator == "eda" and cfg.eda_entropy_source == "current"
-    eda_kw = dict(eda="current", eda_eps=cfg.eda_eps,
-                  eda_clamp=None if cfg.eda_clamp is None else tuple(cfg.eda_clamp)) if eda else {}
+    eda_kw: Dict[str, Any] = dict(eda="current", eda_eps=cfg.eda_eps,
+                                  eda_clamp=None if cfg.eda_clamp is None else tuple(cfg.eda_clamp)) if eda else {}
     try:
         return _po.PolicyLossOptions(**kw, **eda_kw, agg=agg,
                                      max_len=T if agg == "seq-mean-token-sum-norm" and T is not None else None)
