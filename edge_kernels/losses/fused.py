@@ -8,7 +8,7 @@ of :mod:`.three_matmul` (the gradient formed in the forward), then applies the o
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -119,7 +119,7 @@ def fused_linear_policy_loss(
                         top_entropy_quantile, agg, max_len)
     tgt = targets.to(torch.int64)
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
-    loss_kwargs = dict(ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+    loss_kwargs: Dict[str, Any] = dict(ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                        is_level=is_level, kl_coef=kl_coef, kl_type=kl_type, entropy_coef=entropy_coef,
                        top_entropy_quantile=top_entropy_quantile, agg=agg, max_len=max_len,
                        group_size=group_size, group_ids=group_ids)
