@@ -342,8 +342,7 @@ def linear_logprob_entropy_data_parallel(hidden: Tensor, weight: Tensor, targets
     counts = torch.empty(world, dtype=torch.int64, device=_comm_device(process_group))
     _all_gather_flat(counts, torch.tensor([hidden.shape[0]], dtype=torch.int64, device=counts.device),
                      process_group)
-    counts = counts.tolist()
-    n_max, n = max(counts), hidden.shape[0]
+    n_max, n = max(counts.tolist()), hidden.shape[0]
     if n_max == 0:  # every rank agrees: no row anywhere
         zero = (hidden.float().sum() + weight.float().sum()) * 0.0
         return zero.expand(0), zero.expand(0)

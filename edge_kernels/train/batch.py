@@ -64,9 +64,9 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     mask = att[:, P:].bool()
     packed = Packed(ids, att, pos, P, ids[:, P:].clone(), mask, inj & mask)
     if device is not None:
-        packed = Packed(*(x.to(device) if isinstance(x, Tensor) else x for x in (
-            packed.input_ids, packed.attention_mask, packed.position_ids, packed.prompt_width, packed.targets,
-            packed.mask, packed.injected)))
+        p = packed
+        packed = Packed(p.input_ids.to(device), p.attention_mask.to(device), p.position_ids.to(device),
+                        p.prompt_width, p.targets.to(device), p.mask.to(device), p.injected.to(device))
     return packed
 
 

@@ -296,10 +296,10 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
                 HAS_SOFTCAP=params.softcap is not None,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, GROUP_N=GROUP_N, **tiles, **launch,
             )
-        if needs_hidden:
+        if dh is not None:
             _accumulate_mm(dh, dz, weight[c0:c0 + cols])
-        if needs_weight:
+        if dw is not None:
             _mm_fp32_reduction(dz.t(), hidden, out=dw[c0:c0 + cols])
-        if needs_bias:
+        if db is not None and part_db is not None:
             db[c0:c0 + cols] = part_db[:, :cols].sum(dim=0).to(db.dtype)
-    return (dh.to(hidden.dtype) if needs_hidden else None), dw, db
+    return (None if dh is None else dh.to(hidden.dtype)), dw, db
