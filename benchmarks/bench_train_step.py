@@ -124,8 +124,7 @@ def ours_step(model, batch) -> Callable[[], tuple]:
     def loss_fn():
         h = response_hidden(model, packed)
         loss, _ = fused_linear_policy_loss(h, weight, packed.targets, adv, packed.mask, bias=bias, old_logp=old,
-                                           clip_low=EPS_LOW, clip_high=EPS_HIGH, agg="token-mean",
-                                           max_len=packed.targets.shape[1])
+                                           clip_low=EPS_LOW, clip_high=EPS_HIGH, agg="token-mean")
         return loss
     return _step(model.parameters(), loss_fn)
 

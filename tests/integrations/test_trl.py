@@ -606,15 +606,17 @@ def _through_edge_train(estimator, source, opts, batch, tmp_path):
     est = tr._advantages(rewards, logp.detach(), ent.detach(), mask.bool())
     if not est.rescale_in_loss:
         return est.advantages
+    import edge_kernels.losses.objectives as objectives
+
     seen = []
-    real = L.policy_loss
-    L.policy_loss = lambda lp, old, adv, *a, **k: (seen.append(adv), real(lp, old, adv, *a, **k))[1]
+    real = objectives._eda_current  # where the loss rescales the advantages (docs/algorithms.md section 2)
+    objectives._eda_current = lambda *a, **k: (lambda out: (seen.append(out[0]), out)[1])(real(*a, **k))
     try:
         o = tr.estimator_options
         L.fused_linear_policy_loss(hidden.clone().requires_grad_(), _moved(weight), targets, est.base, mask,
                                    eda="current", group_size=G, eda_eps=o.eda_eps, eda_clamp=o.eda_clamp, impl="torch")
     finally:
-        L.policy_loss = real
+        objectives._eda_current = real
     assert seen[0].requires_grad  # gradient through 1 / P_i
     assert not torch.allclose(seen[0], est.advantages)  # the moved policy's entropies, group mean included
     return seen[0]
