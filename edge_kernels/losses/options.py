@@ -13,9 +13,12 @@ their adapters; nothing else re-validates it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
+
+from ..advantage_formulas import eda_scale
 
 #: ``objective``: the per-token surrogate (docs/algorithms.md section 6).
 OBJECTIVES = ("clip", "cispo", "sapo", "luspo", "vespo", "clip_cov", "kl_cov")
@@ -48,8 +51,11 @@ _DEFAULTS = {
     "sapo_tau_pos": 1.0, "sapo_tau_neg": 1.05,  # TRL's and verl's defaults
     "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0,  # TRL's
     "cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_coef": 0.1,  # verl's PolicyLossConfig
-    "eda_eps": 1e-6,
+    "eda_eps": inspect.signature(eda_scale).parameters["eps"].default,  # EDA's own default (section 2)
 }
+#: the defaults of the objective-specific options (``None`` in :class:`PolicyLossOptions` resolves to these)
+DEFAULTS = dict(_DEFAULTS)
+
 # which objective-specific options each objective reads
 _USES = {
     "clip_low": ("clip", "cispo", "luspo", "clip_cov"),

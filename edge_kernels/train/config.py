@@ -47,8 +47,11 @@ def _est(name: str, choices: Optional[Sequence[str]] = None):
 
 
 def _loss(name: str, default, help: str, choices: Optional[Sequence[str]] = None):
-    """A policy-loss option: a field of :class:`edge_kernels.losses.options.PolicyLossOptions` (same name)."""
+    """A policy-loss option: a field of :class:`edge_kernels.losses.options.PolicyLossOptions` (same name); an
+    unset objective-specific option says its default (``auto``), read from there."""
     assert name in _po.FIELDS, name
+    if default is None and name in _po.DEFAULTS:
+        help += f" (auto: {_po.DEFAULTS[name]})"
     return _f(default, help, choices, group="loss")
 
 
@@ -174,10 +177,10 @@ class TrainConfig:
     lr: Optional[float] = _f(None, "RL learning rate (auto: 1e-4 embedded, 1e-6 with --model)", group="optim")
     weight_decay: float = _f(0.0, "AdamW weight decay", group="optim")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)", group="optim")
-    clip_low: Optional[float] = _f(None, "PPO clip eps_low (auto: 0.2 where the objective clips; CISPO: the "
-                                         "weight's lower bound)", group="optim")
-    clip_high: Optional[float] = _f(None, "PPO clip eps_high (auto: 0.2 where the objective clips; DAPO "
-                                          "clip-higher: 0.28)", group="optim")
+    clip_low: Optional[float] = _f(None, f"PPO clip eps_low (auto: {_po.DEFAULTS['clip_low']} where the objective "
+                                         "clips; CISPO: the weight's lower bound)", group="optim")
+    clip_high: Optional[float] = _f(None, f"PPO clip eps_high (auto: {_po.DEFAULTS['clip_high']} where the "
+                                          "objective clips; DAPO clip-higher: 0.28)", group="optim")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient", group="optim")
     loss_agg: str = _f("auto", "loss aggregation (auto: seq-mean-token-sum-norm for dr_grpo, seq-mean-token-sum "
                                "for --objective luspo, else token-mean = TRL's bnpo)", choices=AGGS, group="optim")
@@ -195,17 +198,16 @@ class TrainConfig:
     off_policy_mask_threshold: Optional[float] = _loss("off_policy_mask_threshold", None, "DeepSeek-V3.2 "
                                                        "off-policy mask: drop A < 0 responses whose mean "
                                                        "log mu - log pi exceeds this (off by default)")
-    sapo_tau_pos: Optional[float] = _loss("sapo_tau_pos", None, "SAPO gate temperature, A > 0 (auto: 1.0)")
-    sapo_tau_neg: Optional[float] = _loss("sapo_tau_neg", None, "SAPO gate temperature, A <= 0 (auto: 1.05)")
-    vespo_k_pos: Optional[float] = _loss("vespo_k_pos", None, "VESPO k, A >= 0 (auto: 2)")
-    vespo_lambda_pos: Optional[float] = _loss("vespo_lambda_pos", None, "VESPO lambda, A >= 0 (auto: 3)")
-    vespo_k_neg: Optional[float] = _loss("vespo_k_neg", None, "VESPO k, A < 0 (auto: 3)")
-    vespo_lambda_neg: Optional[float] = _loss("vespo_lambda_neg", None, "VESPO lambda, A < 0 (auto: 2)")
-    cov_ratio: Optional[float] = _loss("cov_ratio", None, "share of tokens Clip-Cov clips / KL-Cov penalises "
-                                       "(auto: 2e-4)")
-    clip_cov_lb: Optional[float] = _loss("clip_cov_lb", None, "Clip-Cov covariance lower bound (auto: 1)")
-    clip_cov_ub: Optional[float] = _loss("clip_cov_ub", None, "Clip-Cov covariance upper bound (auto: 5)")
-    kl_cov_coef: Optional[float] = _loss("kl_cov_coef", None, "KL-Cov penalty coefficient (auto: 0.1)")
+    sapo_tau_pos: Optional[float] = _loss("sapo_tau_pos", None, "SAPO gate temperature, A > 0")
+    sapo_tau_neg: Optional[float] = _loss("sapo_tau_neg", None, "SAPO gate temperature, A <= 0")
+    vespo_k_pos: Optional[float] = _loss("vespo_k_pos", None, "VESPO k, A >= 0")
+    vespo_lambda_pos: Optional[float] = _loss("vespo_lambda_pos", None, "VESPO lambda, A >= 0")
+    vespo_k_neg: Optional[float] = _loss("vespo_k_neg", None, "VESPO k, A < 0")
+    vespo_lambda_neg: Optional[float] = _loss("vespo_lambda_neg", None, "VESPO lambda, A < 0")
+    cov_ratio: Optional[float] = _loss("cov_ratio", None, "share of tokens Clip-Cov clips / KL-Cov penalises")
+    clip_cov_lb: Optional[float] = _loss("clip_cov_lb", None, "Clip-Cov covariance lower bound")
+    clip_cov_ub: Optional[float] = _loss("clip_cov_ub", None, "Clip-Cov covariance upper bound")
+    kl_cov_coef: Optional[float] = _loss("kl_cov_coef", None, "KL-Cov penalty coefficient")
     rollout_is: str = _loss("rollout_is", "off", "rollout correction against the engine's log-probs (each listed "
                             "below; --rollout vllm)", choices=_po.ROLLOUT_IS_MODES)
     rollout_is_min: Optional[float] = _loss("rollout_is_min", None, "lower bound C_min of the rollout weight")
