@@ -20,6 +20,9 @@
 # function scores \boxed{} answers.
 set -euo pipefail
 
+# the driver's trainer hooks that hand edge_eda/edge_egpo/edge_prog_grpo/edge_ep_grpo the old log-probs and
+# entropies verl does not pass to estimators (edge_grpo needs none); importing verl alone installs nothing
+export EDGE_KERNELS_VERL_HOOKS=1
 export EDGE_KERNELS_VERL_FUSED_KERNELS=1
 
 MODEL=${MODEL:-Qwen/Qwen2.5-Math-1.5B}
