@@ -62,6 +62,7 @@ from edge_kernels.estimators import DEFAULTS as _EST_DEFAULTS
 from edge_kernels.estimators import compute_advantages, needed_inputs, options_from
 from edge_kernels.losses import policy_loss as _policy_loss
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
+from edge_kernels.ops.vocab_parallel import VocabParallel
 
 logger = logging.getLogger(__name__)
 
@@ -500,17 +501,17 @@ def edge_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels
     no collective backward)."""
     if reduction != "none":
         raise NotImplementedError(f"edge_linear_cross_entropy supports reduction='none' only, got {reduction!r}")
-    sharded = {}
+    sharded = None
     if dist_process_group is not None and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size(dist_process_group) > 1:
-        sharded = dict(process_group=dist_process_group, reduce_hidden_grad=False,
-                       vocab_start=torch.distributed.get_rank(dist_process_group) * weight.shape[0])
+        sharded = VocabParallel(dist_process_group, reduce_hidden_grad=False,
+                                vocab_start=torch.distributed.get_rank(dist_process_group) * weight.shape[0])
     _announce_fused_kernel()
     h = hidden.reshape(-1, hidden.shape[-1])
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
     logp, ent = linear_logprob_entropy(h, weight, labels.reshape(-1), temperature=float(temperature),
-                                       impl=_kernel_impl(), **sharded)
+                                       impl=_kernel_impl(), vocab_parallel=sharded)
     return logp, ent
 
 
