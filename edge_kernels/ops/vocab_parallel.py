@@ -1,7 +1,7 @@
 """Vocabulary-parallel (sharded LM head) versions of the log-prob/entropy ops: one collective each way.
 
 Owns the sharded path of :func:`edge_kernels.linear_logprob_entropy` and :func:`edge_kernels.logprob_entropy`
-(``process_group=`` with more than one rank). It is handed the backend the front-end chose (the
+(``vocab_parallel=`` over more than one rank). It is handed the backend the front-end chose (the
 ``(forward, backward)`` pair of :mod:`edge_kernels.backends`), runs it on each rank's vocabulary slice and
 merges their per-row results; it adds no kernel.
 
@@ -112,7 +112,7 @@ def group_size(process_group) -> int:
     if process_group is None:
         return 1
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("process_group= was given but torch.distributed is not initialized")
+        raise RuntimeError("a process group was given but torch.distributed is not initialized")
     return dist.get_world_size(process_group)
 
 

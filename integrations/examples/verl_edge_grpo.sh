@@ -14,7 +14,7 @@
 #
 # use_fused_kernels -> edge-kernels: EDGE_KERNELS_VERL_FUSED_KERNELS=1 in the workers' environment. On one node
 # the workers inherit the launching shell's environment; the runtime_env line below covers multi-node clusters.
-# Megatron with tensor parallelism > 1 (vocabulary-parallel head) is refused at the first forward.
+# Megatron with tensor parallelism > 1 (vocabulary-parallel head) runs the vocabulary-parallel op (docs/distributed.md).
 #
 # Dataset: verl's parquet layout (e.g. examples/data_preprocess/gsm8k.py or math_dataset.py), whose reward
 # function scores \boxed{} answers.

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel ops (``process_group=``) in real multi-process gloo groups against the float64 oracle.
+"""Vocabulary-parallel ops (``vocab_parallel=``) in real multi-process gloo groups against the float64 oracle.
 
 Each test spawns one process group (world sizes 2, 3, 4; uneven slices such as V=37 over 3 ranks) and runs a
 list of checks in it, to pay the spawn cost once. Every rank compares its outputs with the single-process
