@@ -3,7 +3,8 @@
 Owns the names, defaults and validation of every estimator option (GRPO scale/eps; EDA entropy source, eps and
 clamp; EGPO uncertainty, weight bounds, mode, renorm and NSR value; ProGRPO alpha, low fraction and baseline;
 EP-GRPO gate bounds, buckets and lambda) and the dispatch from an estimator's name to the formulas of
-:mod:`edge_kernels.advantage_formulas` (docs/algorithms.md sections 1, 2, 4 and 5). edge-train (``Trainer._advantages``),
+:mod:`edge_kernels.advantage_formulas` (docs/algorithms.md sections 1, 2, 4 and 5). edge-train
+(``Trainer._advantages``),
 the TRL adapter (``EdgeGRPOTrainer._edge_advantages``) and the verl adapter (``algorithm.adv_estimator=edge_*``)
 only map their configuration onto :class:`EstimatorOptions` (the option names are the same in all three: the
 field names below) and call :func:`compute_advantages`; none forms an advantage by hand.
@@ -201,7 +202,8 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor, *
     elif estimator == "ep_grpo":
         out = adv.ep_grpo_token_advantages(base, _need("entropy", entropy, estimator).detach(), mask, rewards,
                                            g_min=o.ep_g_min, g_max=o.ep_g_max, num_buckets=o.ep_num_buckets,
-                                           lam=o.ep_lambda, eps=o.ep_eps, correct_threshold=thr, group_size=group_size, group_ids=group_ids)
+                                           lam=o.ep_lambda, eps=o.ep_eps, correct_threshold=thr,
+                                           group_size=group_size, group_ids=group_ids)
     rescale = estimator == "eda" and o.eda_entropy_source == "current"
     return Estimate(out, base, rescale, {k: v.detach() for k, v in stats.items()})
 

@@ -19,7 +19,7 @@ policy loss's three-matmul path (:mod:`edge_kernels.losses.three_matmul`). The r
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, overload
+from typing import Optional, overload
 
 import torch
 
@@ -259,7 +259,7 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     Vocabulary chunks outside, row blocks inside: each weight chunk is upcast (16-bit on the CPU) once and
     reused by the logits GEMM and the ``d_hidden`` GEMM, and its ``d_weight`` rows are final when the chunk
     ends, so a 16-bit weight needs only a chunk-sized fp32 accumulator, never a ``V x D`` one."""
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     active = grad_logp != 0 if grad_entropy is None else (grad_logp != 0) | (grad_entropy != 0)
     idx = compact_rows(active)
     h = take_rows(hidden, idx)
@@ -304,7 +304,8 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     if dh_act is not None:
         dh = dh_act if idx is None else \
             torch.zeros(hidden.shape, device=hidden.device).index_copy_(0, idx, dh_act)
-    return (None if dh is None else dh.to(hidden.dtype)), dw, (None if db is None or bias is None else db.to(bias.dtype))
+    db_out = None if db is None or bias is None else db.to(bias.dtype)
+    return (None if dh is None else dh.to(hidden.dtype)), dw, db_out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from ..ops.linear_logprob_entropy import linear_logprob_entropy
 from ..ops.validation import check_softcap, validate_linear_inputs
+from ..ops.vocab_parallel import VocabParallel
 from .objectives import _check_advantages, _check_bt, _check_needs, _check_tensor, _options, policy_loss
 from .options import PolicyLossOptions
 from .three_matmul import fused_policy_loss_three_matmul, in_forward_unavailable
@@ -46,9 +47,7 @@ def fused_linear_policy_loss(
     chunk_size: Optional[int] = None,
     gradient: str = "auto",
     softcap: Optional[float] = None,
-    process_group=None,
-    reduce_hidden_grad: bool = True,
-    vocab_start: Optional[int] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
     **option_overrides: Any,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`policy_loss` from hidden states and the LM head, without ``[B, T, V]`` logits (sections 6, 2, 8).
@@ -78,16 +77,16 @@ def fused_linear_policy_loss(
               without gradient), it forms ``d_hidden`` and ``d_weight`` in the forward. Cost: ``d_hidden``
               (``N x D``) and an fp32 ``d_weight`` (``4 V D`` bytes, twice a 16-bit head; plus the head's fp32
               copy on the CPU) held from the forward to the backward. Needs ``impl`` ``"torch"`` (or ``"auto"``
-              on the CPU), no ``process_group``, ``chunk_size`` None or ``>= V``, and ``V <=``
+              on the CPU), no ``vocab_parallel``, ``chunk_size`` None or ``>= V``, and ``V <=``
               :data:`edge_kernels.backends.torch.FULL_ROW_MAX_VOCAB`; refused naming the reason otherwise.
             * ``"recompute"``: four matmuls: the op's forward, and a backward that recomputes the logits chunk
               by chunk; holds only chunk-sized fp32 buffers.
             * ``"auto"`` (default): ``"in_forward"`` on the CPU (PyTorch backend) wherever it applies, else
               ``"recompute"``; on CUDA always ``"recompute"`` unless ``impl="torch"`` is asked for.
         softcap: the model's final-logit soft-cap (Gemma 2/3), passed to the op; None for none.
-        process_group, reduce_hidden_grad, vocab_start: a vocabulary-sharded LM head (``weight``/``bias`` are
-            this rank's slice), passed to :func:`edge_kernels.linear_logprob_entropy`; every rank gets the same
-            loss and metrics, its own ``d_weight`` slice and the summed (or partial) ``d_hidden``.
+        vocab_parallel: a :class:`~edge_kernels.VocabParallel` for a vocabulary-sharded LM head (``weight``/
+            ``bias`` are this rank's slice), passed to :func:`edge_kernels.linear_logprob_entropy`; every rank gets
+            the same loss and metrics, its own ``d_weight`` slice and the summed (or partial) ``d_hidden``.
 
     Returns:
         ``(loss, metrics)`` as :func:`policy_loss` (the advantage metrics describe the EDA-rescaled advantages).
@@ -99,26 +98,26 @@ def fused_linear_policy_loss(
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
     loss_kwargs: Dict[str, Any] = dict(ref_logp=ref_logp, rollout_logp=rollout_logp, options=o, group_size=group_size,
                        group_ids=group_ids)
-    if _use_in_forward(gradient, impl, hidden, weight, bias, advantages, o, chunk_size, process_group):
+    if _use_in_forward(gradient, impl, hidden, weight, bias, advantages, o, chunk_size, vocab_parallel):
         inv_temp = 1.0 / validate_linear_inputs(hidden, weight, tgt, bias, temperature, chunk_size, _IGNORE_INDEX)
         return fused_policy_loss_three_matmul(hidden, weight, tgt, bias, inv_temp, _IGNORE_INDEX,
                                               (old_logp, advantages, mask), loss_kwargs, check_softcap(softcap))
     logp, entropy = linear_logprob_entropy(hidden, weight, tgt, bias=bias, temperature=temperature,
                                            ignore_index=_IGNORE_INDEX, return_entropy=True,
                                            chunk_size=chunk_size, softcap=softcap, impl=impl,
-                                           process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
-                                           vocab_start=vocab_start)
+                                           vocab_parallel=vocab_parallel)
     with_grad = o.entropy_coef != 0.0 or o.eda != "off"
     return policy_loss(logp, old_logp, advantages, mask, entropy=entropy if with_grad else entropy.detach(),
                        **loss_kwargs)
 
 
 def _use_in_forward(gradient: str, impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                    advantages: Tensor, o: PolicyLossOptions, chunk_size: Optional[int], process_group) -> bool:
+                    advantages: Tensor, o: PolicyLossOptions, chunk_size: Optional[int],
+                    vocab_parallel: Optional[VocabParallel]) -> bool:
     """The gradient strategy of :func:`fused_linear_policy_loss` (see its ``gradient`` argument)."""
     if gradient == "recompute":
         return False
-    reason = ("process_group is set (the vocabulary-parallel op recomputes)" if process_group is not None else
+    reason = ("vocab_parallel is set (the vocabulary-parallel op recomputes)" if vocab_parallel is not None else
               in_forward_unavailable(impl, hidden, weight, bias, advantages, o, chunk_size))
     if gradient == "in_forward":
         if reason is not None:

@@ -404,8 +404,8 @@ def _vespo_weight(o: PolicyLossOptions, log_ratio: Tensor, adv: Tensor, m: Tenso
             seq = seq + (torch.log(is_w).clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP) * m).sum(-1, keepdim=True)
         log_w = seq.clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
         nonneg = adv >= 0
-        k = torch.where(nonneg, log_w.new_tensor(o.num("vespo_k_pos")), log_w.new_tensor(o.num("vespo_k_neg")))
-        lam = torch.where(nonneg, log_w.new_tensor(o.num("vespo_lambda_pos")), log_w.new_tensor(o.num("vespo_lambda_neg")))
+        pick = lambda pos, neg: torch.where(nonneg, log_w.new_tensor(o.num(pos)), log_w.new_tensor(o.num(neg)))  # noqa: E731
+        k, lam = pick("vespo_k_pos", "vespo_k_neg"), pick("vespo_lambda_pos", "vespo_lambda_neg")
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
         return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -14,7 +14,8 @@ import torch
 
 from .. import backends
 from ..core.params import LaunchParams
-from . import vocab_parallel
+from . import vocab_parallel as vp
+from .vocab_parallel import VocabParallel
 from .backend_choice import resolve_impl
 from .validation import check_softcap, validate_linear_inputs
 
@@ -53,8 +54,8 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
 def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                            bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
                            return_entropy: bool = True, chunk_size: Optional[int] = None,
-                           softcap: Optional[float] = None, impl: str = "auto", process_group=None,
-                           reduce_hidden_grad: bool = True, vocab_start: Optional[int] = None):
+                           softcap: Optional[float] = None, impl: str = "auto",
+                           vocab_parallel: Optional[VocabParallel] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
 
     Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles (soft-capped first when
@@ -76,21 +77,18 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         softcap: ``c`` > 0 to soft-cap the fp32 logits as ``c * tanh(z / c)`` before the temperature (Gemma 2/3's
             ``final_logit_softcapping``), or None (no cap, no cost); differentiated through ``tanh``.
         impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
-        process_group: a ``torch.distributed`` group over which the LM head is sharded by vocabulary: rank r
-            holds the r-th contiguous slice (``weight [V_r, D]``, ``bias [V_r]``), ``hidden``/``targets``
-            (global ids) are the same on every rank, and every rank gets the full-vocabulary outputs
-            (:mod:`edge_kernels.ops.vocab_parallel`). ``None`` or a one-rank group: the unsharded op.
-        reduce_hidden_grad: sharded only: True sums ``d_hidden`` over the group (one all-reduce); False
-            returns this rank's partial ``d_hidden`` (for callers whose own collective sums it).
-        vocab_start: sharded only: this rank's first vocabulary id; saves the all-gather that finds it.
+        vocab_parallel: a :class:`~edge_kernels.VocabParallel` for an LM head sharded by vocabulary over its
+            ``process_group``: rank r holds the r-th contiguous slice (``weight [V_r, D]``, ``bias [V_r]``),
+            ``hidden``/``targets`` (global ids) are the same on every rank, and every rank gets the
+            full-vocabulary outputs (:mod:`edge_kernels.ops.vocab_parallel`). None: the unsharded op.
 
     Returns:
         ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
         ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
     """
-    sharded = vocab_parallel.check_group_args(process_group, vocab_start)
+    sharded = vp.check_options(vocab_parallel, hidden_states_in=True)
     temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
-                                         target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
+                                         target_vocab=vp.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap), chunk_size)
     impl = resolve_impl(impl, hidden, weight, op=OP)
     lead_shape = targets.shape
@@ -105,8 +103,10 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         h2 = h2.contiguous()
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     if sharded:
-        logp, entropy = vocab_parallel.VocabParallelLinearFunction.apply(
-            h2, weight, bias, t1, params, backends.get(OP, impl), process_group, vocab_start, bool(reduce_hidden_grad))
+        assert vocab_parallel is not None
+        logp, entropy = vp.VocabParallelLinearFunction.apply(
+            h2, weight, bias, t1, params, backends.get(OP, impl), vocab_parallel.process_group,
+            vocab_parallel.vocab_start, vocab_parallel.reduce_hidden_grad)
     else:
         logp, entropy = LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, params, impl)
     logp = logp.view(lead_shape)

@@ -64,9 +64,9 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     mask = att[:, P:].bool()
     packed = Packed(ids, att, pos, P, ids[:, P:].clone(), mask, inj & mask)
     if device is not None:
-        p = packed
-        packed = Packed(p.input_ids.to(device), p.attention_mask.to(device), p.position_ids.to(device),
-                        p.prompt_width, p.targets.to(device), p.mask.to(device), p.injected.to(device))
+        src = packed
+        packed = Packed(src.input_ids.to(device), src.attention_mask.to(device), src.position_ids.to(device),
+                        src.prompt_width, src.targets.to(device), src.mask.to(device), src.injected.to(device))
     return packed
 
 

@@ -223,7 +223,8 @@ def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=N
             part[0], part[1], part[2], part[3],
             n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             cols_per_split, num_splits, params.inv_temp, ignore_index, params.softcap or 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **tiles, **launch,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, UPCAST_DOT=upcast,
+            DOT_PRECISION=precision, **tiles, **launch,
         )
     lse, entropy = finalize_stats(*combine_stats_stacked(part[0], part[1], part[2]))
     zt = part[3].sum(dim=0)
