@@ -33,7 +33,7 @@ TITLES = {
     "ours": "**edge_kernels impl=\"torch\"**", "trl": "TRL `ChunkedLogProbFunction` (chunk 32768)",
     "verl": "verl `FusedLinearForPPO` (torch, chunk 512)",
     "policy_ours": "**fused_linear_policy_loss** (3-matmul mode)",
-    "policy_ours_4mm": "fused_linear_policy_loss, 4-matmul mode (chunk_size=V-1)",
+    "policy_ours_4mm": "fused_linear_policy_loss, 4-matmul mode (gradient=\"recompute\")",
     "policy_naive": "naive policy loss on full logits",
 }
 
@@ -80,8 +80,8 @@ def _row_fn(torch, row, h, w, tgt, old, adv, mask, b, t):
             logp = lp.gather(-1, t2[..., None]).squeeze(-1)
             return (policy_loss(logp, old, adv, mask)[0],)
         return naive_policy
-    chunk = w.shape[0] - 1 if row == "policy_ours_4mm" else None
-    return lambda: (fused_linear_policy_loss(h3, w, t2, adv, mask, old_logp=old, impl="torch", chunk_size=chunk)[0],)
+    gradient = "recompute" if row == "policy_ours_4mm" else "auto"
+    return lambda: (fused_linear_policy_loss(h3, w, t2, adv, mask, old_logp=old, impl="torch", gradient=gradient)[0],)
 
 
 def _oracle(torch, h, w, tgt):
