@@ -77,7 +77,9 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
                            return_entropy: bool = True, chunk_size: Optional[int] = None,
                            softcap: Optional[float] = None, impl: str = "auto", process_group=None,
-                           reduce_hidden_grad: bool = True, vocab_start: Optional[int] = None):
+                           reduce_hidden_grad: bool = True, vocab_start: Optional[int] = None,
+                           top_k: Optional[int] = None, top_p: Optional[float] = None,
+                           min_p: Optional[float] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
 
     Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles (soft-capped first when
@@ -106,15 +108,26 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         reduce_hidden_grad: sharded only: True sums ``d_hidden`` over the group (one all-reduce); False
             returns this rank's partial ``d_hidden`` (for callers whose own collective sums it).
         vocab_start: sharded only: this rank's first vocabulary id; saves the all-gather that finds it.
+        top_k, top_p, min_p: score under the distribution a sampler truncated this way (vLLM's rule: temperature,
+            then min-p, top-k, top-p, renormalised over the kept set; ``docs/algorithms.md`` section 9): a target
+            outside the kept set gets ``logp = -inf`` (no gradient), the entropy is the kept set's. None (or
+            ``top_p=1``, ``min_p=0``): the full softmax. Costs a few more passes over the vocabulary (the
+            threshold search); not with ``process_group``.
 
     Returns:
         ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
         ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
     """
     from ..dispatch import check_softcap, resolve_impl, validate_linear_inputs
+    from ..truncation import check_truncation
     from . import vocab_parallel
 
+    trunc = check_truncation(top_k, top_p, min_p)
     sharded = vocab_parallel.check_group_args(process_group, vocab_start)
+    if trunc is not None:
+        from .truncated import check_impl
+
+        check_impl(impl, sharded, "linear_logprob_entropy")
     temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
                                          target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap), chunk_size)
@@ -130,7 +143,11 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    if sharded:
+    if trunc is not None:
+        from . import truncated
+
+        logp, entropy = truncated.apply_linear(h2, weight, bias, t1, params, trunc, impl)
+    elif sharded:
         logp, entropy = vocab_parallel.VocabParallelLinearFunction.apply(
             h2, weight, bias, t1, params, impl, process_group, vocab_start, bool(reduce_hidden_grad))
     else:

@@ -113,7 +113,8 @@ class LogprobEntropyFunction(torch.autograd.Function):
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, inplace_backward: bool = False, softcap: Optional[float] = None,
-                    impl: str = "auto", process_group=None, vocab_start: Optional[int] = None):
+                    impl: str = "auto", process_group=None, vocab_start: Optional[int] = None,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
 
     ``z = logits / temperature`` (``z = softcap * tanh(logits / softcap) / temperature`` with a soft-cap);
@@ -139,14 +140,24 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
             every rank gets the full-vocabulary outputs; its logits gradient is its slice's
             (:mod:`edge_kernels.ops.vocab_parallel`). ``None`` or a one-rank group: the unsharded op.
         vocab_start: sharded only: this rank's first vocabulary id; saves the all-gather that finds it.
+        top_k, top_p, min_p: score under the distribution a sampler truncated this way (vLLM's rule: temperature,
+            then min-p, top-k, top-p, renormalised over the kept set; ``docs/algorithms.md`` section 9): a target
+            outside the kept set gets ``logp = -inf`` (no gradient), the entropy is the kept set's. None (or
+            ``top_p=1``, ``min_p=0``): the full softmax. Not with ``process_group`` or ``impl="cuda"``.
 
     Returns:
         ``(logp, entropy)`` float32, shaped like ``targets``.
     """
     from ..dispatch import check_softcap, resolve_impl, validate_logits_inputs
+    from ..truncation import check_truncation
     from . import vocab_parallel
 
+    trunc = check_truncation(top_k, top_p, min_p)
     sharded = vocab_parallel.check_group_args(process_group, vocab_start)
+    if trunc is not None:
+        from .truncated import check_impl
+
+        check_impl(impl, sharded, "logprob_entropy")
     temperature = validate_logits_inputs(logits, targets, temperature, ignore_index,
                                          target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap))
@@ -154,7 +165,11 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
     lead_shape = targets.shape
     x3 = _as_3d(logits)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    if sharded:
+    if trunc is not None:
+        from . import truncated
+
+        logp, entropy = truncated.apply_logits(x3, t1, params, trunc, bool(inplace_backward), impl)
+    elif sharded:
         logp, entropy = vocab_parallel.VocabParallelLogitsFunction.apply(
             x3, t1, params, bool(inplace_backward), impl, process_group, vocab_start)
     else:
