@@ -305,16 +305,22 @@ class Trainer:
         sampled tokens (``rollout_logp_diff``, a warning above :data:`~edge_kernels.train.rollout.LOGP_DIFF_WARN`:
         the weight push did not take effect, or the engine's numerics differ), and with ``--rollout-is-cap`` the
         advantages times the truncated importance weights (``docs/algorithms.md`` section 8; per token, so
-        ``[B, T]``). Nothing for an engine without log-probs (``hf``)."""
-        from .rollout import LOGP_DIFF_WARN, logp_diff, rollout_logp, truncated_is_weights
+        ``[B, T]``). Nothing for an engine without log-probs (``hf``). With ``--top-p < 1`` both sides are
+        log-probs under the nucleus: the scoring pass is rerun truncated (section 9)."""
+        from .rollout import LOGP_DIFF_WARN, cut_fraction, logp_diff, rollout_logp, truncated_is_weights
 
         c = self.cfg
         got = rollout_logp(ro.sampled_logprobs, ro.sampled, packed.targets, packed.mask)
         if got is None:
             return {}, est
         lp, valid = got
+        if c.top_p < 1:  # vLLM's processed log-probs are renormalised over the nucleus: score the same way
+            old_logp = score(self.model, packed, temperature=c.temperature, micro_batch=c.micro_batch_size,
+                             impl=c.impl, autocast_dtype=self.autocast_dtype, top_p=c.top_p)[0]
         diff = logp_diff(lp, valid, old_logp)
         rec = {"rollout_logp_diff": diff}
+        if c.top_p < 1:
+            rec["rollout_cut_frac"] = cut_fraction(valid, old_logp)
         if diff > LOGP_DIFF_WARN:
             self.log(f"warning: step {self.step + 1}: rollout_logp_diff {diff:.4f} > {LOGP_DIFF_WARN}: the rollout "
                      "engine's log-probs of its samples differ from the scoring pass's (a weight push that did not "

@@ -160,3 +160,14 @@ def test_is_cap_must_be_at_least_one():
     with pytest.raises(ConfigError, match="rollout_is_cap must be >= 1"):
         validate(TrainConfig(rollout="vllm", rollout_is_cap=0.5))
     validate(TrainConfig(rollout="vllm", rollout_is_cap=2.0))
+
+
+def test_logp_diff_leaves_out_tokens_the_truncated_scoring_pass_cut():
+    from edge_kernels.train.rollout import cut_fraction
+
+    lp = torch.tensor([[-0.1, -0.2, -0.3, -0.4]])
+    valid = torch.tensor([[True, True, True, False]])
+    old = torch.tensor([[-0.1, float("-inf"), -0.5, float("-inf")]])
+    assert logp_diff(lp, valid, old) == pytest.approx(0.2 / 2)
+    assert cut_fraction(valid, old) == pytest.approx(1 / 3)
+    assert cut_fraction(valid, torch.zeros(1, 4)) == 0.0
