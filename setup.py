@@ -42,8 +42,8 @@ class BuildPyWithCudaSources(build_py):
 
 
 def _cuda_module():
-    """edge_kernels/_cuda.py loaded by path (importing the package would import triton and the kernels)."""
-    spec = importlib.util.spec_from_file_location("_edge_kernels_cuda_build", ROOT / "edge_kernels" / "_cuda.py")
+    """edge_kernels/backends/cuda.py loaded by path (the build needs its flags, not the installed package)."""
+    spec = importlib.util.spec_from_file_location("_edge_kernels_cuda_build", ROOT / "edge_kernels" / "backends" / "cuda.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -41,7 +41,7 @@ class BenchConfig:
 
     @property
     def interpreter(self) -> bool:
-        from edge_kernels.dispatch import triton_interpreter_enabled
+        from edge_kernels.core.probes import triton_interpreter_enabled
 
         return self.device.type != "cuda" and triton_interpreter_enabled()
 
@@ -290,9 +290,9 @@ def logits_impls(cfg: BenchConfig, n: int, vocab: int) -> List[Impl]:
         def make():
             _need_cuda(dev, "impl='cuda' (the csrc/ extension)")
             try:
-                from edge_kernels import _cuda
+                from edge_kernels.backends import cuda as _cuda
             except Exception as exc:  # noqa: BLE001
-                raise Skip(f"edge_kernels._cuda not importable ({short_reason(exc)})") from None
+                raise Skip(f"edge_kernels.backends.cuda not importable ({short_reason(exc)})") from None
             reason = _cuda.unavailable_reason() if hasattr(_cuda, "unavailable_reason") else None
             if reason:
                 raise Skip(f"CUDA extension unavailable: {reason}")

@@ -3,7 +3,7 @@
 The public API, re-exported; nothing else lives here.
 """
 
-from .advantages import (
+from .advantage_formulas import (
     eda_advantages,
     eda_scale,
     egpo_advantages,

@@ -3,14 +3,14 @@
 Owns the names, defaults and validation of every estimator option (GRPO scale/eps; EDA entropy source, eps and
 clamp; EGPO uncertainty, weight bounds, mode, renorm and NSR value; ProGRPO alpha, low fraction and baseline;
 EP-GRPO gate bounds, buckets and lambda) and the dispatch from an estimator's name to the formulas of
-:mod:`edge_kernels.advantages` (docs/algorithms.md sections 1, 2, 4 and 5). edge-train (``Trainer._advantages``),
+:mod:`edge_kernels.advantage_formulas` (docs/algorithms.md sections 1, 2, 4 and 5). edge-train (``Trainer._advantages``),
 the TRL adapter (``EdgeGRPOTrainer._edge_advantages``) and the verl adapter (``algorithm.adv_estimator=edge_*``)
 only map their configuration onto :class:`EstimatorOptions` (the option names are the same in all three: the
 field names below) and call :func:`compute_advantages`; none forms an advantage by hand.
 
 EDA's two entropy sources (docs/algorithms.md section 2): ``"old"`` rescales here, with the detached entropy of
 the scoring pass; ``"current"`` (the official EDGE-GRPO code) rescales inside the loss, with the entropy of the
-policy being updated: the caller multiplies :attr:`Estimate.base` by :func:`edge_kernels.advantages.eda_scale`
+policy being updated: the caller multiplies :attr:`Estimate.base` by :func:`edge_kernels.advantage_formulas.eda_scale`
 of the current entropies (gradient through ``1 / P_i``, group mean detached), as
 :func:`edge_kernels.losses.fused_linear_policy_loss` does with ``eda="current"``.
 """
@@ -23,7 +23,7 @@ from typing import Any, Dict, FrozenSet, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import advantages as adv
+from . import advantage_formulas as adv
 
 Tensor = torch.Tensor
 

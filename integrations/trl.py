@@ -74,14 +74,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 
 from packaging.version import Version
 
-from edge_kernels.advantages import eda_scale, seq_mean_entropy
+from edge_kernels.advantage_formulas import eda_scale, seq_mean_entropy
 from edge_kernels.estimators import DEFAULTS as _EST_DEFAULTS
 from edge_kernels.estimators import (EstimatorOptions, advantage_stats, compute_advantages, needed_inputs,
                                      option_help, options_from, sequence_advantages)
 from edge_kernels.gec import DEFAULTS as _GEC_DEFAULTS
 from edge_kernels.gec import GECConfig, GECError, apply_gec, branch_counts, choose_branches, gec_config_from
 from edge_kernels.gec import option_help as gec_option_help
-from edge_kernels.dispatch import check_softcap
+from edge_kernels.ops.validation import check_softcap
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
 
 SUPPORTED_TRL = (Version("1.15.0"), Version("1.17.0"))  # [min, max)

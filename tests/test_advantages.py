@@ -1,4 +1,4 @@
-"""Tests of edge_kernels.advantages against docs/algorithms.md sections 1, 2, 4, 5 and 6.
+"""Tests of edge_kernels.advantage_formulas against docs/algorithms.md sections 1, 2, 4, 5 and 6.
 
 Three kinds of checks per formula: a small hand-computed example (expected numbers written out literally),
 an independent float64 reference written here with plain Python loops over groups (both the ``group_size`` and
@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_kernels.advantages import (
+from edge_kernels.advantage_formulas import (
     eda_advantages,
     egpo_advantages,
     ep_grpo_token_advantages,

@@ -34,12 +34,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_kernels import _cuda, linear_logprob_entropy, logprob_entropy
-from edge_kernels.dispatch import resolve_impl
+from edge_kernels import linear_logprob_entropy, logprob_entropy
+from edge_kernels.backends import cuda as _cuda
+from edge_kernels.ops.backend_choice import resolve_impl
+from edge_kernels import backends
 from edge_kernels.ops import logprob_entropy as le_mod
-from edge_kernels.ops.params import LaunchParams
-import oracle
-from oracle import oracle_logprob_entropy
+from edge_kernels.core.params import LaunchParams
+from edge_kernels.oracle import oracle_logprob_entropy
+import data_builders
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -213,17 +215,17 @@ def test_fake_impls_propagate_shapes_and_autograd(test_ext, monkeypatch):
 def test_ext_with_cpu_kernels(test_ext):
     """The test extension's operators given CPU kernels written with the reference implementation, so that
     torch.compile can run (not only trace) the impl='cuda' path on a CPU."""
-    from edge_kernels import reference
+    from edge_kernels.backends import torch as torch_backend
 
     lib = torch.library.Library(TEST_NS, "IMPL")
 
     def fwd(x, targets, inv_temp, ignore_index, splits=0, softcap=0.0):
-        logp, ent, lse = reference.logprob_entropy_fwd(x.reshape(-1, x.shape[-1]), targets, inv_temp, ignore_index,
+        logp, ent, lse = torch_backend.logprob_entropy_fwd(x.reshape(-1, x.shape[-1]), targets, inv_temp, ignore_index,
                                                        softcap=softcap or None)
         return logp, ent, torch.where(targets != ignore_index, lse, 0.0)  # the kernels' convention
 
     def bwd(x, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, out, splits=0, softcap=0.0):
-        le_mod._torch_bwd(x, targets, lse, entropy, grad_logp, grad_entropy, LaunchParams(inv_temp, -100,
+        torch_backend.logits_backward(x, targets, lse, entropy, grad_logp, grad_entropy, LaunchParams(inv_temp, -100,
                                                                                           softcap or None), out)
 
     lib.impl("logprob_entropy_fwd", fwd, "CPU")
@@ -300,12 +302,12 @@ def test_ops_trace_with_torch_export(test_ext):
 
 
 def test_cuda_launchers_have_the_triton_signatures():
-    from edge_kernels.ops import logprob_entropy_triton as tri
+    from edge_kernels.backends.triton import logprob_entropy as tri
 
-    fwd, bwd = le_mod._BACKENDS["cuda"]
+    fwd, bwd = backends.REGISTRY[("logprob_entropy", "cuda")]
     assert inspect.signature(fwd).parameters.keys() == inspect.signature(tri.triton_fwd).parameters.keys()
     assert inspect.signature(bwd).parameters.keys() == inspect.signature(tri.triton_bwd).parameters.keys()
-    for f in (fwd, bwd, tri.triton_fwd, tri.triton_bwd, *le_mod._BACKENDS["torch"]):
+    for f in (fwd, bwd, tri.triton_fwd, tri.triton_bwd, *backends.REGISTRY[("logprob_entropy", "torch")]):
         assert "params" in inspect.signature(f).parameters
     assert list(inspect.signature(_cuda.logprob_entropy_fwd).parameters) == list(inspect.signature(fwd).parameters)
     assert list(inspect.signature(_cuda.logprob_entropy_bwd).parameters) == list(inspect.signature(bwd).parameters)
@@ -327,7 +329,7 @@ def test_cuda_impl_refuses_cpu_tensors():
 
 
 def test_auto_keeps_triton_or_torch():
-    assert resolve_impl("auto", torch.zeros(1)) == "torch"
+    assert resolve_impl("auto", torch.zeros(1), op="logprob_entropy") == "torch"
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the message of a CPU-only torch build")
@@ -426,7 +428,7 @@ def ext():
 
 
 def make_logits(shape, v, *, device="cuda", **kw):
-    return oracle.make_logits(shape, v, device=device, **kw)
+    return data_builders.make_logits(shape, v, device=device, **kw)
 
 
 def _run(impl, logits, targets, temperature, g_logp, g_ent, ignore_index=-100, inplace=False, feed=None,
@@ -710,7 +712,7 @@ def test_jit_build_from_a_clean_cache(tmp_path):
     env = dict(os.environ, EDGE_KERNELS_CACHE_DIR=str(tmp_path / "cache"), EDGE_KERNELS_CUDA_JIT="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     script = (
-        "import time, torch, edge_kernels._cuda as c\n"
+        "import time, torch, edge_kernels.backends.cuda as c\n"
         "t0 = time.time(); m = c.load(); dt = time.time() - t0\n"
         "x = torch.randn(4, 1000, device='cuda'); t = torch.randint(0, 1000, (4,), device='cuda')\n"
         "logp, ent, lse = torch.ops.edge_kernels.logprob_entropy_fwd(x.unsqueeze(0), t, 1.0, -100)\n"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edge_kernels import advantages as A
+from edge_kernels import advantage_formulas as A
 from edge_kernels.estimators import (DEFAULTS, ESTIMATORS, EstimatorOptions, advantage_stats, compute_advantages,
                                      needed_inputs, option_help, options_from)
 

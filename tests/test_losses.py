@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edge_kernels.losses import AGG_MODES, aggregate, fused_linear_policy_loss, policy_loss
-from edge_kernels.ops import linear_logprob_entropy as lle_module
+from edge_kernels import backends
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -283,7 +283,7 @@ def test_masked_garbage_and_empty_rows_stay_finite(agg, is_level):
 
 
 def test_metrics_are_detached_scalars_and_group_metrics():
-    from edge_kernels.advantages import group_advantage_variance
+    from edge_kernels.advantage_formulas import group_advantage_variance
 
     logp, old, ref, adv, entropy, mask = make_batch()
     adv = torch.tensor([0.0, 0.0, 1.0, -1.0])
@@ -404,13 +404,13 @@ def test_fused_triton(name, device):
 
 def test_fused_backward_skips_entropy_gradient_unless_needed(monkeypatch):
     seen = []
-    fwd, bwd = lle_module._BACKENDS["torch"]
+    fwd, bwd = backends.REGISTRY[("linear_logprob_entropy", "torch")]
 
     def spy(*args):
         seen.append(args[7] is not None)  # grad_entropy
         return bwd(*args)
 
-    monkeypatch.setitem(lle_module._BACKENDS, "torch", (fwd, spy))
+    monkeypatch.setitem(backends.REGISTRY, ("linear_logprob_entropy", "torch"), (fwd, spy))
     hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
     for kw, needs in [(dict(), False), (dict(top_entropy_quantile=0.5), False), (dict(entropy_coef=0.01), True),
                       (dict(eda="current", group_size=3), True)]:
@@ -428,8 +428,8 @@ def test_fused_three_matmul_path_matches_four_matmul_path(agg, dtype, monkeypatc
     """Token-level ratios: the gradient formed in the forward (three matmuls) equals the chunked op's
     backward (four matmuls), for every aggregation, with KL, entropy bonus, dual clip and a bias."""
     seen = []
-    fwd, bwd = lle_module._BACKENDS["torch"]
-    monkeypatch.setitem(lle_module._BACKENDS, "torch", (fwd, lambda *a: seen.append(1) or bwd(*a)))
+    fwd, bwd = backends.REGISTRY[("linear_logprob_entropy", "torch")]
+    monkeypatch.setitem(backends.REGISTRY, ("linear_logprob_entropy", "torch"), (fwd, lambda *a: seen.append(1) or bwd(*a)))
     hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
     kw = dict(old_logp=old, ref_logp=ref, kl_coef=0.1, kl_type="k3", entropy_coef=0.02, dual_clip=3.0, agg=agg,
               bias=bias.to(dtype), temperature=TEMP, impl="torch")
@@ -466,7 +466,7 @@ def test_fused_three_matmul_path_with_softcap(agg):
 
 
 def test_fused_three_matmul_not_taken_where_inexact(monkeypatch):
-    import edge_kernels.losses as losses_module
+    import edge_kernels.losses.fused as losses_module
 
     taken = []
     real = losses_module.fused_policy_loss_three_matmul

@@ -1,14 +1,9 @@
 """Fused ``hidden @ weight.T (+ bias)`` -> per-token log-prob of the target and full-vocabulary entropy.
 
-Owns the public function, the ``torch.autograd.Function`` and the table of backends it runs on: the chunked
-PyTorch path of :mod:`edge_kernels.reference` and the Triton kernels of
-:mod:`edge_kernels.ops.linear_logprob_entropy_triton` (imported on first use, so this module, and
-``import edge_kernels``, work where triton is not installed).
-
-Every backend has the signatures ``fwd(hidden, weight, bias, targets, params) -> (logp, entropy, lse)`` and
-``bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params, needs) -> (dh, dw, db)``,
-``params`` a :class:`~edge_kernels.ops.params.LaunchParams`, ``needs`` the ``(hidden, weight, bias)`` gradient
-flags.
+Owns the public function (validation, backend choice, flattening) and the thin ``torch.autograd.Function``
+over the backends registered in :mod:`edge_kernels.backends` (PyTorch; Triton, imported on first use, so
+``import edge_kernels`` works where triton is not installed). A sharded LM head goes to
+:mod:`edge_kernels.ops.vocab_parallel`, handed the same backend.
 """
 
 from __future__ import annotations
@@ -17,31 +12,13 @@ from typing import Optional
 
 import torch
 
-from .. import reference
-from .params import LaunchParams
+from .. import backends
+from ..core.params import LaunchParams
+from . import truncated, vocab_parallel
+from .backend_choice import resolve_impl
+from .validation import check_softcap, check_truncation, validate_linear_inputs
 
-
-def _torch_fwd(hidden, weight, bias, targets, params: LaunchParams):
-    return reference.linear_logprob_entropy_fwd(hidden, weight, bias, targets, params.inv_temp, params.ignore_index,
-                                                params.chunk_size, softcap=params.softcap)
-
-
-def _torch_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, needs):
-    return reference.linear_logprob_entropy_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp,
-                                                grad_entropy, params.inv_temp, params.chunk_size, *needs,
-                                                softcap=params.softcap)
-
-
-_BACKENDS = {"torch": (_torch_fwd, _torch_bwd)}
-
-
-def backend(impl: str):
-    """``(fwd, bwd)`` of ``impl``; the Triton module is imported on the first ``impl="triton"`` call."""
-    if impl == "triton" and impl not in _BACKENDS:
-        from . import linear_logprob_entropy_triton as tri
-
-        _BACKENDS["triton"] = (tri.triton_fwd, tri.triton_bwd)
-    return _BACKENDS[impl]
+OP = "linear_logprob_entropy"
 
 
 class LinearLogprobEntropyFunction(torch.autograd.Function):
@@ -49,7 +26,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, params, impl):
-        fwd, _ = backend(impl)
+        fwd, _ = backends.get(OP, impl)
         logp, entropy, lse = fwd(hidden, weight, bias, targets, params)
         ctx.set_materialize_grads(False)
         if any(ctx.needs_input_grad[:3]):
@@ -67,7 +44,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         zero = torch.zeros_like(lse)
         g_logp = zero if grad_logp is None else torch.where(valid, grad_logp.float(), zero).contiguous()
         g_ent = None if grad_entropy is None else torch.where(valid, grad_entropy.float(), zero).contiguous()
-        _, bwd = backend(impl)
+        _, bwd = backends.get(OP, impl)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         dh, dw, db = bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, params, needs)
         return dh, dw, db, None, None, None
@@ -118,20 +95,14 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
         ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
     """
-    from ..dispatch import check_softcap, resolve_impl, validate_linear_inputs
-    from ..truncation import check_truncation
-    from . import vocab_parallel
-
     trunc = check_truncation(top_k, top_p, min_p)
     sharded = vocab_parallel.check_group_args(process_group, vocab_start)
     if trunc is not None:
-        from .truncated import check_impl
-
-        check_impl(impl, sharded, "linear_logprob_entropy")
+        truncated.check_impl(impl, sharded, "linear_logprob_entropy")
     temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
                                          target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap), chunk_size)
-    impl = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy", cuda_available="cuda" in _BACKENDS)
+    impl = resolve_impl(impl, hidden, weight, op=OP)
     lead_shape = targets.shape
     # the kernels index the feature dim and the bias with unit stride (and int32 feature offsets): copy the rare
     # operand that is not laid out that way (a transposed weight view, a strided bias); autograd maps it back
@@ -144,12 +115,10 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         h2 = h2.contiguous()
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     if trunc is not None:
-        from . import truncated
-
         logp, entropy = truncated.apply_linear(h2, weight, bias, t1, params, trunc, impl)
     elif sharded:
         logp, entropy = vocab_parallel.VocabParallelLinearFunction.apply(
-            h2, weight, bias, t1, params, impl, process_group, vocab_start, bool(reduce_hidden_grad))
+            h2, weight, bias, t1, params, backends.get(OP, impl), process_group, vocab_start, bool(reduce_hidden_grad))
     else:
         logp, entropy = LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, params, impl)
     logp = logp.view(lead_shape)

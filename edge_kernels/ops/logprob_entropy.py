@@ -1,16 +1,13 @@
 """Logits in -> per-token log-prob of the target and full-vocabulary entropy, for callers that hold logits.
 
-Owns the public function, the ``torch.autograd.Function`` and the table of backends: the chunked PyTorch path
-of :mod:`edge_kernels.reference`, the Triton kernels of :mod:`edge_kernels.ops.logprob_entropy_triton`
-(imported on first use, so the package works without triton) and the csrc/ CUDA kernels of
-:mod:`edge_kernels._cuda`. The op is memory-bound: the forward reads each logit once (fp32 statistics,
+Owns the public function (validation, backend choice, the ``[B, T, V]`` view) and the thin
+``torch.autograd.Function`` over the backends registered in :mod:`edge_kernels.backends`: PyTorch, Triton
+(imported on first use, so the package works without triton) and the csrc/ CUDA kernels. The op is memory-bound: the forward reads each logit once (fp32 statistics,
 whatever the input dtype) and writes three floats per row; the backward reads the logits once more and writes
 their gradient, into a new tensor or, with ``inplace_backward=True``, over the logits themselves (the caller
 promises not to use them after backward).
 
-Every backend has the signatures ``fwd(x3, targets, params) -> (logp, entropy, lse)`` and
-``bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params, out3) -> out3``, ``x3`` the ``[B, T, V]``
-logits, ``params`` a :class:`~edge_kernels.ops.params.LaunchParams`. Rows may be strided: ``[N, V]`` and
+Rows may be strided: ``[N, V]`` and
 ``[B, T, V]`` views (e.g. ``logits[:, :-1]``) are read in place; only the vocabulary dimension must have unit
 stride (otherwise it is made contiguous).
 """
@@ -21,8 +18,13 @@ from typing import Optional
 
 import torch
 
-from .. import reference
-from .params import LaunchParams
+from .. import backends
+from ..core.params import LaunchParams
+from . import truncated, vocab_parallel
+from .backend_choice import resolve_impl
+from .validation import check_softcap, check_truncation, validate_logits_inputs
+
+OP = "logprob_entropy"
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
@@ -38,55 +40,12 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def _torch_fwd(x3, targets, params: LaunchParams):
-    return reference.logprob_entropy_fwd(x3.reshape(-1, x3.shape[-1]), targets, params.inv_temp,
-                                         params.ignore_index, params.chunk_size, softcap=params.softcap)
-
-
-def _torch_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
-    # reference works on [N, V]; a strided [B, T, V] view is walked one batch row at a time
-    t = x3.shape[1]
-    for i in range(x3.shape[0]):
-        sl = slice(i * t, (i + 1) * t)
-        reference.logprob_entropy_bwd(
-            x3[i], targets[sl], lse[sl], None if entropy is None else entropy[sl], grad_logp[sl],
-            None if grad_entropy is None else grad_entropy[sl], params.inv_temp, out3[i], params.chunk_size,
-            softcap=params.softcap,
-        )
-    return out3
-
-
-def cuda_fwd(x3, targets, params: LaunchParams):
-    """The csrc/ CUDA C++ kernels (``impl="cuda"``), loaded or built by :mod:`edge_kernels._cuda` on first use."""
-    from .._cuda import logprob_entropy_fwd
-
-    return logprob_entropy_fwd(x3, targets, params)
-
-
-def cuda_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
-    from .._cuda import logprob_entropy_bwd
-
-    return logprob_entropy_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params, out3)
-
-
-_BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "cuda": (cuda_fwd, cuda_bwd)}
-
-
-def backend(impl: str):
-    """``(fwd, bwd)`` of ``impl``; the Triton module is imported on the first ``impl="triton"`` call."""
-    if impl == "triton" and impl not in _BACKENDS:
-        from . import logprob_entropy_triton as tri
-
-        _BACKENDS["triton"] = (tri.triton_fwd, tri.triton_bwd)
-    return _BACKENDS[impl]
-
-
 class LogprobEntropyFunction(torch.autograd.Function):
     """Autograd over the logits-in backends; ``logits`` is ``[B, T, V]`` (unit vocab stride)."""
 
     @staticmethod
     def forward(ctx, logits, targets, params, inplace_backward, impl):
-        fwd, _ = backend(impl)
+        fwd, _ = backends.get(OP, impl)
         logp, entropy, lse = fwd(logits, targets, params)
         ctx.set_materialize_grads(False)
         if ctx.needs_input_grad[0]:
@@ -107,7 +66,7 @@ class LogprobEntropyFunction(torch.autograd.Function):
         # rows that share memory (an expanded view) cannot be overwritten in place: every block would race
         inplace = inplace and torch._debug_has_internal_overlap(logits) == 0
         out = logits if inplace else torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-        _, bwd = backend(impl)
+        _, bwd = backends.get(OP, impl)
         return bwd(logits, targets, lse, entropy, g_logp, g_ent, params, out), None, None, None, None
 
 
@@ -148,30 +107,22 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
     Returns:
         ``(logp, entropy)`` float32, shaped like ``targets``.
     """
-    from ..dispatch import check_softcap, resolve_impl, validate_logits_inputs
-    from ..truncation import check_truncation
-    from . import vocab_parallel
-
     trunc = check_truncation(top_k, top_p, min_p)
     sharded = vocab_parallel.check_group_args(process_group, vocab_start)
     if trunc is not None:
-        from .truncated import check_impl
-
-        check_impl(impl, sharded, "logprob_entropy")
+        truncated.check_impl(impl, sharded, "logprob_entropy")
     temperature = validate_logits_inputs(logits, targets, temperature, ignore_index,
                                          target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap))
-    impl = resolve_impl(impl, logits, op="logprob_entropy", cuda_available="cuda" in _BACKENDS)
+    impl = resolve_impl(impl, logits, op=OP)
     lead_shape = targets.shape
     x3 = _as_3d(logits)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
     if trunc is not None:
-        from . import truncated
-
         logp, entropy = truncated.apply_logits(x3, t1, params, trunc, bool(inplace_backward), impl)
     elif sharded:
         logp, entropy = vocab_parallel.VocabParallelLogitsFunction.apply(
-            x3, t1, params, bool(inplace_backward), impl, process_group, vocab_start)
+            x3, t1, params, bool(inplace_backward), backends.get(OP, impl), process_group, vocab_start)
     else:
         logp, entropy = LogprobEntropyFunction.apply(x3, t1, params, bool(inplace_backward), impl)
     return logp.view(lead_shape), entropy.view(lead_shape)

@@ -1,8 +1,8 @@
 """Vocabulary-parallel (sharded LM head) versions of the log-prob/entropy ops: one collective each way.
 
 Owns the sharded path of :func:`edge_kernels.linear_logprob_entropy` and :func:`edge_kernels.logprob_entropy`
-(``process_group=`` with more than one rank). It runs the unsharded launchers (PyTorch path, Triton kernels,
-CUDA logits-in op) on each rank's vocabulary slice and merges their per-row results; it adds no kernel.
+(``process_group=`` with more than one rank). It is handed the backend the front-end chose (the
+``(forward, backward)`` pair of :mod:`edge_kernels.backends`), runs it on each rank's vocabulary slice and merges their per-row results; it adds no kernel.
 
 Contract: rank ``r`` of a group of ``W`` ranks holds the ``r``-th contiguous slice ``[start_r, start_r + V_r)``
 of the vocabulary (``weight [V_r, D]``, ``bias [V_r]``, ``logits [..., V_r]``), slices in rank order, sizes may
@@ -11,7 +11,7 @@ and so are the upstream gradients of the replicated outputs (every rank computes
 returns the full-vocabulary ``logp`` and ``entropy``.
 
 Forward, one collective. A slice's ``(lse_r, H_r)`` are its softmax statistics re-based on ``lse_r``:
-``(m, s, b) = (lse_r, 1, -H_r)`` in :mod:`edge_kernels.reference`'s notation (``s = sum exp(z - lse_r) = 1``,
+``(m, s, b) = (lse_r, 1, -H_r)`` in :mod:`edge_kernels.core.stats`'s notation (``s = sum exp(z - lse_r) = 1``,
 ``b = sum p_r (z - lse_r) = -H_r``), so merging slices is the split-vocabulary merge
 (``combine_stats_stacked``) the Triton kernels already use. Each rank all-gathers ``[lse_r, H_r, zt_r]``
 (``zt_r`` the target logit if the target is in its slice, else 0) plus a few integers (``V_r``, ``D``,
@@ -40,7 +40,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import reference
+from .. import backends
+from ..core.params import LaunchParams
+from ..core.stats import combine_stats_stacked, finalize_stats
+from .backend_choice import resolve_impl
+from .validation import check_softcap, check_targets, check_temperature, validate_linear_inputs
 
 Tensor = torch.Tensor
 
@@ -141,15 +145,13 @@ def merge_gathered(stats: Tensor, targets: Tensor, ignore_index: int, name: str 
                          f"contiguous in rank order, so rank r starts at {offsets.tolist()}[r]); got "
                          f"{starts.tolist()}")
     vocab = int(sizes.sum())
-    from ..dispatch import check_targets
-
     check_targets(targets, targets.shape, vocab, ignore_index, name=name)
     s3 = stats[:, : 3 * n].view(world, 3, n)
     lse_r, ent_r, zt = s3[:, 0], s3[:, 1], s3[:, 2].sum(dim=0)
     empty = torch.isneginf(lse_r)  # a slice whose logits are all -inf (masked) contributes nothing
     s = torch.where(empty, torch.zeros_like(lse_r), torch.ones_like(lse_r))
     b = torch.where(empty, torch.zeros_like(lse_r), -ent_r)
-    lse, entropy = reference.finalize_stats(*reference.combine_stats_stacked(lse_r, s, b))
+    lse, entropy = finalize_stats(*combine_stats_stacked(lse_r, s, b))
     valid = targets != ignore_index
     zero = torch.zeros_like(lse)
     return torch.where(valid, zt - lse, zero), torch.where(valid, entropy, zero), lse
@@ -192,10 +194,8 @@ class VocabParallelLinearFunction(torch.autograd.Function):
     """Sharded ``linear_logprob_entropy`` over flat, validated inputs (``hidden [N, D]``, ``targets [N]``)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, params, impl, process_group, vocab_start, reduce_grad):
-        from .linear_logprob_entropy import backend
-
-        fwd, _ = backend(impl)
+    def forward(ctx, hidden, weight, bias, targets, params, backend, process_group, vocab_start, reduce_grad):
+        fwd, _ = backend
         ignore_index = params.ignore_index
         vocab_r = weight.shape[0]
         start = slice_start(vocab_r, process_group, vocab_start)
@@ -206,20 +206,18 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.meta = (params, impl, process_group, start, reduce_grad)
+        ctx.meta = (params, backend, process_group, start, reduce_grad)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        from .linear_logprob_entropy import backend
-
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        params, impl, group, start, reduce_grad = ctx.meta
+        params, backend, group, start, reduce_grad = ctx.meta
         if grad_logp is None and grad_entropy is None:
             return (None,) * 9
         g_logp, g_ent = _upstream(grad_logp, grad_entropy, targets, params.ignore_index, lse)
         t_local, _ = local_targets(targets, start, weight.shape[0], params.ignore_index, backward=True)
-        _, bwd = backend(impl)
+        _, bwd = backend
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         dh, dw, db = bwd(hidden, weight, bias, t_local, lse, entropy, g_logp, g_ent, params, needs)
         if dh is not None and reduce_grad:
@@ -231,10 +229,8 @@ class VocabParallelLogitsFunction(torch.autograd.Function):
     """Sharded ``logprob_entropy`` over ``logits [B, T, V_r]`` (unit vocab stride) and flat targets."""
 
     @staticmethod
-    def forward(ctx, logits, targets, params, inplace_backward, impl, process_group, vocab_start):
-        from .logprob_entropy import backend
-
-        fwd, _ = backend(impl)
+    def forward(ctx, logits, targets, params, inplace_backward, backend, process_group, vocab_start):
+        fwd, _ = backend
         ignore_index = params.ignore_index
         vocab_r = logits.shape[-1]
         start = slice_start(vocab_r, process_group, vocab_start)
@@ -245,22 +241,20 @@ class VocabParallelLogitsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.meta = (params, inplace_backward, impl, start)
+        ctx.meta = (params, inplace_backward, backend, start)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        from .logprob_entropy import backend
-
         logits, targets, lse, entropy = ctx.saved_tensors
-        params, inplace, impl, start = ctx.meta
+        params, inplace, backend, start = ctx.meta
         if grad_logp is None and grad_entropy is None:
             return (None,) * 7
         g_logp, g_ent = _upstream(grad_logp, grad_entropy, targets, params.ignore_index, lse)
         t_local, _ = local_targets(targets, start, logits.shape[-1], params.ignore_index, backward=True)
         inplace = inplace and torch._debug_has_internal_overlap(logits) == 0
         out = logits if inplace else torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-        _, bwd = backend(impl)
+        _, bwd = backend
         return (bwd(logits, t_local, lse, entropy, g_logp, g_ent, params, out),) + (None,) * 6
 
 
@@ -338,9 +332,6 @@ def linear_logprob_entropy_data_parallel(hidden: Tensor, weight: Tensor, targets
     are the slice of the gradient of the SUM of the ranks' losses, times ``weight_grad_scale`` (``1 / W`` gives
     FSDP2's default average). Bytes: ``W * max N_r * D`` elements each way, against ``V * D`` to gather the head.
     """
-    from ..dispatch import check_softcap, check_temperature, resolve_impl, validate_linear_inputs
-    from .params import LaunchParams
-
     if hidden.dim() == 2 and hidden.shape[0] > 0:  # before any collective, so a bad call fails here, by name
         validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
                                target_vocab=UNCHECKED_VOCAB)
@@ -362,7 +353,7 @@ def linear_logprob_entropy_data_parallel(hidden: Tensor, weight: Tensor, targets
     t_all = torch.empty(world * n_max, dtype=torch.int64, device=_comm_device(process_group))
     _all_gather_flat(t_all, t_pad.to(t_all.device), process_group)
     t_all = t_all.to(device)
-    backend = resolve_impl(impl, hidden, weight, op="linear_logprob_entropy")
+    backend = backends.get("linear_logprob_entropy", resolve_impl(impl, hidden, weight, op="linear_logprob_entropy"))
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()  # the kernels' unit feature stride
     w = _ScaleGrad.apply(weight, weight_grad_scale) if weight_grad_scale != 1.0 else weight
     b = _ScaleGrad.apply(bias, weight_grad_scale) if (bias is not None and weight_grad_scale != 1.0) else bias

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from edge_kernels import estimators as _est_mod
 from edge_kernels import gec as _gec_mod
-from edge_kernels.advantages import EGPO_MODES, SCALES
+from edge_kernels.advantage_formulas import EGPO_MODES, SCALES
 from edge_kernels.estimators import EDA_SOURCES, EGPO_UNCERTAINTIES, ESTIMATORS
 
 ROLLOUTS = ("hf", "vllm")

@@ -165,11 +165,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = resolve_device(c.device)
         try:  # an impl the device cannot run fails here, not deep inside the first step
-            from edge_kernels.dispatch import resolve_impl
-            from edge_kernels.ops import linear_logprob_entropy as _lin
+            from edge_kernels.ops.backend_choice import resolve_impl
 
-            resolve_impl(c.impl, torch.empty(0, device=self.device), op="linear_logprob_entropy",
-                         cuda_available="cuda" in getattr(_lin, "_BACKENDS", {}))
+            resolve_impl(c.impl, torch.empty(0, device=self.device), op="linear_logprob_entropy")
         except (ValueError, RuntimeError, NotImplementedError) as e:
             raise TrainError(f"--impl {c.impl}: {e}") from None
         if c.cpu_threads:

@@ -29,7 +29,7 @@ from transformers import (  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from char_tokenizer import make_tokenizer  # noqa: E402
-from edge_kernels import advantages as A  # noqa: E402
+from edge_kernels import advantage_formulas as A  # noqa: E402
 from edge_kernels.integrations.trl import (  # noqa: E402
     ESTIMATORS,
     EdgeGRPOConfig,

@@ -4,7 +4,7 @@ Losses are compared with verl's own ``vanilla`` / ``gspo`` policy losses (same `
 ``loss_agg_mode``, with and without verl's global-batch normalisation and rollout IS weights): fp32, the same
 formula evaluated in a different order, so 1e-6 relative. Estimators are compared, on verl's input layout
 (``token_level_rewards`` with the score on the last response token, right-padded ``response_mask``, shuffled
-string ``uid`` groups), with the reference functions of :mod:`edge_kernels.advantages` (exact up to fp32
+string ``uid`` groups), with the reference functions of :mod:`edge_kernels.advantage_formulas` (exact up to fp32
 rounding) and ``edge_grpo`` with verl's ``grpo``.
 
 The trainer hooks run inside verl's real trainer methods (v1 ``PPOTrainer._compute_advantage`` and the legacy
@@ -30,7 +30,7 @@ pytest.importorskip("verl")
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
-from edge_kernels import advantages as A  # noqa: E402
+from edge_kernels import advantage_formulas as A  # noqa: E402
 from edge_kernels.integrations import verl as ev  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

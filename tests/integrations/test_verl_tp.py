@@ -22,7 +22,7 @@ import torch.distributed as dist
 pytest.importorskip("verl")
 
 from dist_helpers import CountCollectives, spawn  # noqa: E402
-from oracle import oracle_logprob_entropy  # noqa: E402
+from edge_kernels.oracle import oracle_logprob_entropy  # noqa: E402
 
 
 def check_verl_tp_call(rank, world, *, v_per_rank=11, s=6, b=2, h=16, temperature=0.7):

@@ -24,9 +24,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from edge_kernels import linear_logprob_entropy
-from edge_kernels.ops import linear_logprob_entropy as op_module
-from edge_kernels.ops.params import LaunchParams
-from oracle import make_linear_inputs, oracle_linear_logprob_entropy, oracle_logprob_entropy, rel_err
+from edge_kernels import backends
+from edge_kernels.core.params import LaunchParams
+from edge_kernels.oracle import oracle_linear_logprob_entropy, oracle_logprob_entropy
+from data_builders import make_linear_inputs, rel_err
 
 FWD_ATOL = 1e-4
 GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 1.2e-2}
@@ -164,7 +165,7 @@ def test_chunk_size_does_not_change_results(impl, chunk_size):
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
 def test_triton_vocab_split_merge(num_splits):
     hidden, weight, b, targets = make_linear_inputs(20, 16, 1000, bias=True, seed=7)
-    from edge_kernels.ops import linear_logprob_entropy_triton as tri
+    from edge_kernels.backends.triton import linear_logprob_entropy as tri
 
     logp, ent, lse = tri.triton_fwd(hidden, weight, b, targets, LaunchParams(1 / 0.7, -100), num_splits=num_splits)
     r_logp, r_ent = oracle_linear_logprob_entropy(hidden, weight, targets, b, 0.7)
@@ -176,7 +177,7 @@ def test_triton_vocab_split_merge(num_splits):
 def test_triton_backward_grouped_program_order(monkeypatch, group_n):
     # 300 rows -> 5 row blocks under the interpreter: groups of 2 or 3 leave a short last group, so every
     # (row block, column tile) must still be visited exactly once by the grouped 1-D program order
-    from edge_kernels.ops import linear_logprob_entropy_triton as tri
+    from edge_kernels.backends.triton import linear_logprob_entropy as tri
 
     monkeypatch.setattr(tri, "GROUP_N", group_n)
     hidden, weight, b, targets = make_linear_inputs(300, 24, 1000, bias=True, seed=16)
@@ -269,13 +270,13 @@ def test_no_grad_needed_saves_nothing():
 
 def test_entropy_gradient_skipped_when_entropy_unused(monkeypatch):
     seen = {}
-    real = op_module._BACKENDS["torch"]
+    real = backends.REGISTRY[("linear_logprob_entropy", "torch")]
 
     def spy_bwd(*args):
         seen["grad_entropy"] = args[7]
         return real[1](*args)
 
-    monkeypatch.setitem(op_module._BACKENDS, "torch", (real[0], spy_bwd))
+    monkeypatch.setitem(backends.REGISTRY, ("linear_logprob_entropy", "torch"), (real[0], spy_bwd))
     hidden, weight, _, targets = make_linear_inputs(8, 16, 30, seed=10)
     h = hidden.clone().requires_grad_()
     logp, ent = linear_logprob_entropy(h, weight, targets, impl="torch")
@@ -419,12 +420,12 @@ def test_gpu_torch_path_bf16_uses_fp32_output_matmul():
     """impl="torch" on CUDA bf16: where torch offers ``mm(..., out_dtype=float32)`` the logits come from it
     (bf16 tensor cores, fp32 output, never rounded to 16 bits): values as exact as the fp32 upcast, and
     gradients within the Triton backward's bound (its dz is rounded to bf16 for the GEMMs as well)."""
-    from edge_kernels import reference
+    from edge_kernels.core.probes import mixed_mm_ok, mixed_mm_support
 
     n, d, v = 1024, 896, 32768
     hidden, weight, bias, targets = make_linear_inputs(n, d, v, dtype=torch.bfloat16, bias=True, ignore_frac=0.05,
                                                        seed=17, device="cuda")
-    assert reference._mixed_mm_ok(hidden) == (op_module._mixed_mm_support(hidden.device) in ("addmm", "mm"))
+    assert mixed_mm_ok(hidden) == (mixed_mm_support(hidden.device) in ("addmm", "mm"))
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp, ent = linear_logprob_entropy(h, w, targets, bias=bias, temperature=0.9, impl="torch")
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
@@ -443,11 +444,11 @@ def test_torch_path_many_row_blocks_and_slices(dtype, monkeypatch):
     """The PyTorch path with tiny tiles: several row blocks per call, several cache slices per block, rows of
     one slice split across vocabulary chunks in the backward; against the float64 oracle, with ignored rows,
     a -inf bias entry and both upstream gradients."""
-    from edge_kernels import reference
+    from edge_kernels.backends import torch as torch_backend
 
-    monkeypatch.setattr(reference, "TILE_ELEMENTS", 7 * 61)
-    monkeypatch.setattr(reference, "MIN_TILE_ROWS", 5)
-    monkeypatch.setattr(reference, "CACHE_ELEMENTS", 2 * 61)
+    monkeypatch.setattr(torch_backend, "TILE_ELEMENTS", 7 * 61)
+    monkeypatch.setattr(torch_backend, "MIN_TILE_ROWS", 5)
+    monkeypatch.setattr(torch_backend, "CACHE_ELEMENTS", 2 * 61)
     n, d, v = 37, 24, 61
     hidden, weight, bias, targets = make_linear_inputs(n, d, v, dtype=dtype, bias=True, ignore_frac=0.2, seed=21)
     bias = bias.clone()

@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from edge_kernels import logprob_entropy
-from oracle import make_logits, oracle_logprob_entropy
+from edge_kernels.oracle import oracle_logprob_entropy
+from data_builders import make_logits
 
 IMPLS = ["torch", "triton"]
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from edge_kernels import fused_linear_policy_loss, linear_logprob_entropy, logprob_entropy
-from oracle import make_linear_inputs, make_logits, oracle_logprob_entropy, oracle_softcap
+from edge_kernels.oracle import oracle_logprob_entropy, oracle_softcap
+from data_builders import make_linear_inputs, make_logits
 
 IMPLS = ["torch", "triton"]
 FWD_ATOL = 1e-4

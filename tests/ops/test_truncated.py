@@ -1,5 +1,5 @@
 """Sampling-aware log-probs (``top_k`` / ``top_p`` / ``min_p`` on both ops) against the float64 sorting oracle
-(``tests/oracle_sampling.py``, vLLM's sampler followed literally on full rows), forward and backward, on the
+(``edge_kernels/oracle.py``, vLLM's sampler followed literally on full rows), forward and backward, on the
 PyTorch path and the Triton kernels (interpreter on CPU).
 
 Tolerances are those of the plain ops (``test_logprob_entropy``, ``test_linear_logprob_entropy``): the truncated
@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from edge_kernels import linear_logprob_entropy, logprob_entropy
-from edge_kernels.truncation import TOPK_MERGE_MAX, check_truncation
-from oracle import make_linear_inputs, make_logits
-from oracle_sampling import oracle_kept_weights, oracle_truncated_logprob_entropy
+from edge_kernels.core.truncation import TOPK_MERGE_MAX
+from edge_kernels.ops.validation import check_truncation
+from data_builders import make_linear_inputs, make_logits
+from edge_kernels.oracle import oracle_kept_weights, oracle_truncated_logprob_entropy
 
 IMPLS = ["torch", "triton"]
 UNIT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from edge_kernels import fused_linear_policy_loss, linear_logprob_entropy, logprob_entropy
 from dist_helpers import CountCollectives as _CountCollectives, spawn, split as _split
-from oracle import make_linear_inputs, make_logits, oracle_logprob_entropy
+from edge_kernels.oracle import oracle_logprob_entropy
+from data_builders import make_linear_inputs, make_logits
 
 FWD_ATOL = 1e-4
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2}

@@ -38,7 +38,7 @@ def test_advantages_per_estimator_on_one_batch(tmp_path, estimator):
     assert not est.rescale_in_loss
     assert adv.shape == ((B, T) if estimator == "ep_grpo" else (B,))
     assert torch.isfinite(adv).all()
-    from edge_kernels import advantages as A
+    from edge_kernels import advantage_formulas as A
 
     base = A.grpo_advantages(rewards, group_size=4, scale="none" if estimator == "dr_grpo" else "group")
     if estimator in ("grpo", "dr_grpo"):

@@ -1,8 +1,8 @@
 """Triton kernels and launchers of :func:`edge_kernels.linear_logprob_entropy` (hidden states in).
 
-Imported by :mod:`edge_kernels.ops.linear_logprob_entropy` on the first ``impl="triton"`` call only, so the
+Imported by :func:`edge_kernels.backends.get` on the first ``impl="triton"`` call only, so the
 package works without triton. The launchers take the op's tensors and one
-:class:`~edge_kernels.ops.params.LaunchParams`.
+:class:`~edge_kernels.core.params.LaunchParams`.
 
 Forward (one matmul's worth of work): a program owns ``BLOCK_N`` rows and a contiguous slice of the vocabulary,
 forms logits tiles with ``tl.dot`` in fp32 (never rounded to the input dtype), folds them into streaming softmax
@@ -26,14 +26,13 @@ element is thus summed over all tokens in fp32 exactly once.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (
+from .common import (
     cdiv,
     grad_logits,
     interpreting,
@@ -45,9 +44,9 @@ from ._triton_common import (
     softcap_logits,
     softmax_stats_update,
 )
-from .. import reference
-from ..dispatch import default_chunk_size
-from .params import LaunchParams
+from ...core.stats import combine_stats_stacked, finalize_stats
+from ...core.params import LaunchParams, default_chunk_size
+from ...core.probes import mixed_mm_support
 
 
 @triton.jit
@@ -57,7 +56,7 @@ def _linear_stats_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TRUNC: tl.constexpr = False,
 ):
-    # HAS_TRUNC (sampling truncation, edge_kernels.ops.truncated): statistics of the kept logits z' of the row
+    # HAS_TRUNC (sampling truncation, edge_kernels.backends.truncated): statistics of the kept logits z' of the row
     # thresholds TAU/LOGW; the target's raw z is gathered as always
     # the split index varies fastest, so the programs resident at one time share a few row blocks of H (kept
     # in L2 while they sweep their vocabulary slices) instead of each streaming its own from HBM per tile
@@ -203,7 +202,7 @@ def _dot_settings(dtype: torch.dtype, interpret: Optional[bool] = None):
 
 def _tile_config(n: int, d: int, dtype: torch.dtype, interpret: Optional[bool] = None):
     """Tiles and launch settings. GPU choices are the largest tiles that compile without register spills for
-    sm_80 and sm_90 (checked ahead of time by ``python -m edge_kernels.ops.aot`` and its test): 128x128
+    sm_80 and sm_90 (checked ahead of time by ``python -m edge_kernels.backends.triton.aot`` and its test): 128x128
     logits tiles with a 32-deep K step and 4 pipeline stages for 16-bit inputs (tensor cores: wgmma / mma),
     32x64x32 for fp32 (exact fp32 FMA dot). Not autotuned: ``@triton.autotune`` with several configs does not
     run under the interpreter, and a fixed choice keeps runs reproducible."""
@@ -227,7 +226,7 @@ GROUP_N = 8
 def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=None, th=None):
     """Launch the forward; returns ``(logp, entropy, lse)`` fp32 ``[N]``. ``params.chunk_size`` is unused here
     (the forward needs no workspace beyond ``O(splits * N)`` statistics). With ``th`` (a sampling-truncation
-    :class:`~edge_kernels.truncation.Threshold`): the statistics of the kept logits, returned as
+    :class:`~edge_kernels.core.truncation.Threshold`): the statistics of the kept logits, returned as
     ``(z_target, lse, entropy')`` for :mod:`edge_kernels.ops.truncated` to finish."""
     ignore_index = params.ignore_index
     n, d = hidden.shape
@@ -251,34 +250,13 @@ def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=N
             HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision,
             HAS_TRUNC=th is not None, **tiles, **launch,
         )
-    lse, entropy = reference.finalize_stats(*reference.combine_stats_stacked(part[0], part[1], part[2]))
+    lse, entropy = finalize_stats(*combine_stats_stacked(part[0], part[1], part[2]))
     zt = part[3].sum(dim=0)
     if th is not None:
         return zt, lse, entropy
     valid = targets != ignore_index
     zero = torch.zeros_like(lse)
     return torch.where(valid, zt - lse, zero), torch.where(valid, entropy, zero), lse
-
-
-@functools.lru_cache(maxsize=None)
-def _mixed_mm_support(device: torch.device) -> str:
-    """How this torch build multiplies 16-bit CUDA matrices into fp32, probed once per device:
-    ``"addmm"`` (``addmm(fp32 acc, a, b, out_dtype=fp32)`` accumulates in the GEMM epilogue, no temporary),
-    ``"mm"`` (``mm(a, b, out_dtype=fp32)`` then an add), or ``"none"`` (round the product to 16 bits once)."""
-    a = torch.ones((16, 16), device=device, dtype=torch.bfloat16)
-    acc = torch.ones((16, 16), device=device, dtype=torch.float32)
-    try:
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        if bool((acc == 17).all()):
-            return "addmm"
-    except (TypeError, RuntimeError, NotImplementedError):
-        pass
-    try:
-        if torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32:
-            return "mm"
-    except (TypeError, RuntimeError, NotImplementedError):
-        pass
-    return "none"
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -289,7 +267,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
     else:
         # the probe syncs, which a CUDA graph capture forbids: captured calls take the path every torch >= 2.8 has
-        how = "mm" if torch.cuda.is_current_stream_capturing() else _mixed_mm_support(a.device)
+        how = "mm" if torch.cuda.is_current_stream_capturing() else mixed_mm_support(a.device)
         if how == "addmm":  # newer torch: beta=1 accumulation into the fp32 accumulator, one read + one write
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         elif how == "mm":  # torch >= 2.8: fp32 product, never rounded, then added (an N x D temporary)

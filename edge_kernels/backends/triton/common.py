@@ -1,6 +1,6 @@
-"""Triton building blocks shared by the op files: streaming softmax statistics and launch helpers.
+"""Triton building blocks shared by the two ops' kernels: streaming softmax statistics and launch helpers.
 
-The statistics are the ones :mod:`edge_kernels.reference` documents: running max ``m``,
+The statistics are the ones :mod:`edge_kernels.core.stats` documents: running max ``m``,
 ``s = sum exp(z - m)`` and ``b = sum exp(z - m) (z - m)``, so that ``lse = m + log s`` and
 ``entropy = log s - b / s``. Tiles are 2-D ``[rows, cols]``; reductions run over the columns.
 """
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import triton_interpreter_enabled
+from ...core.probes import triton_interpreter_enabled
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def load_row_grads(TGT, LSE, ENT, G_LOGP, G_ENT, offs, row_mask, HAS_GRAD_ENTROP
 
 @triton.jit
 def kept_logits(z, tau, log_w, HAS_TRUNC: tl.constexpr):
-    """``z'`` of :func:`edge_kernels.truncation.kept_logits` for the row thresholds ``tau``/``log_w`` ``[R]``
+    """``z'`` of :func:`edge_kernels.core.truncation.kept_logits` for the row thresholds ``tau``/``log_w`` ``[R]``
     (sampling truncation); ``z`` itself without ``HAS_TRUNC``."""
     if HAS_TRUNC:
         t = tau[:, None]

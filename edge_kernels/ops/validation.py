@@ -1,75 +1,20 @@
-"""Implementation choice (``impl=``) and input validation for every op, in one place.
+"""Input validation of every op, in one place.
 
-Kernels assume validated, flattened inputs; the public functions call :func:`resolve_impl` and the
-``check_*`` helpers here first, so a bad call fails with a ``ValueError``/``TypeError`` that names the
-argument instead of a shape error deep inside a launcher.
+Backends assume validated, flattened inputs; the public functions call the ``check_*``/``validate_*`` helpers
+here first, so a bad call fails with a ``ValueError``/``TypeError`` that names the argument instead of a shape
+error deep inside a launcher.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Optional
 
 import torch
 
-IMPLS = ("auto", "triton", "torch", "cuda")
+from ..core.truncation import Truncation
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def triton_interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton missing on macOS/Windows
-        return False
-    return True
-
-
-def resolve_impl(impl: str, *tensors: torch.Tensor, op: str = "this op", cuda_available: bool = False) -> str:
-    """Map ``impl`` to the implementation that will run.
-
-    ``"auto"`` picks Triton for CUDA tensors and the chunked PyTorch path elsewhere. ``"triton"`` on CPU
-    tensors runs only under Triton's interpreter (``TRITON_INTERPRET=1``, used by the CPU tests).
-    """
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    if impl == "auto":
-        # Triton, not the csrc/ CUDA extension, even where impl="cuda" exists: no committed GPU benchmark shows
-        # the CUDA kernels faster yet (issue 7 asks "auto" to follow that benchmark once it exists).
-        return "triton" if on_cuda and triton_available() else "torch"
-    if impl == "triton":
-        if not triton_available():
-            raise RuntimeError("impl='triton' needs the triton package (Linux only); use impl='torch'")
-        if not on_cuda and not triton_interpreter_enabled():
-            raise ValueError(
-                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing edge_kernels "
-                "to run Triton's interpreter on the CPU); use impl='torch' or impl='auto' for CPU tensors"
-            )
-        return "triton"
-    if impl == "cuda":
-        # The csrc/ CUDA C++ extension (edge_kernels._cuda): only ops that register a "cuda" backend have it,
-        # today logprob_entropy alone; each op says so through cuda_available.
-        if not cuda_available:
-            raise NotImplementedError(
-                f"impl='cuda' (the csrc/ CUDA C++ kernels) exists only for edge_kernels.logprob_entropy, the "
-                f"logits-in op; {op} has none: use impl='triton' or impl='auto'"
-            )
-        if not on_cuda:
-            raise ValueError(
-                "impl='cuda' needs CUDA tensors; use impl='torch' or impl='auto' for CPU tensors"
-            )
-        from . import _cuda
-
-        _cuda.load()  # loads, or builds with ninja on first use; a RuntimeError says what is missing
-        return "cuda"
-    return "torch"
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:
@@ -195,15 +140,25 @@ def validate_logits_inputs(logits, targets, temperature, ignore_index, target_vo
     return check_temperature(temperature)
 
 
-# Workspace budget of the chunked paths: a chunk holds N x chunk_size elements (the gradient tile, and
-# on the PyTorch path also an fp32 logits tile). 2**25 elements = 128 MiB in fp32, 64 MiB in bf16.
-DEFAULT_WORKSPACE_ELEMENTS = 1 << 25
-MIN_CHUNK = 256
-
-
-def default_chunk_size(n_rows: int, vocab: int) -> int:
-    """Vocabulary columns per chunk: the largest multiple of 256 (at least 256) with
-    ``n_rows * chunk <= DEFAULT_WORKSPACE_ELEMENTS``, capped at ``vocab``."""
-    chunk = DEFAULT_WORKSPACE_ELEMENTS // max(int(n_rows), 1)
-    chunk = max(MIN_CHUNK, (chunk // MIN_CHUNK) * MIN_CHUNK)
-    return int(min(chunk, vocab))
+def check_truncation(top_k=None, top_p=None, min_p=None) -> Optional[Truncation]:
+    """Validate ``top_k`` (int >= 1), ``top_p`` (in (0, 1]) and ``min_p`` (in [0, 1]); None or a no-op value
+    (``top_p=1``, ``min_p=0``) turns a filter off. Returns None when no filter is on."""
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise TypeError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+        top_k = int(top_k)
+    for name, val, lo_open in (("top_p", top_p, True), ("min_p", min_p, False)):
+        if val is None:
+            continue
+        if isinstance(val, bool) or not isinstance(val, numbers.Real):
+            raise TypeError(f"{name} must be a number or None, got {val!r}")
+        ok = (0 < val <= 1) if lo_open else (0 <= val <= 1)
+        if not ok:  # also catches NaN
+            raise ValueError(f"{name} must lie in {'(0, 1]' if lo_open else '[0, 1]'} or be None, got {val!r}")
+    top_p = None if top_p is None or float(top_p) == 1.0 else float(top_p)
+    min_p = None if min_p is None or float(min_p) == 0.0 else float(min_p)
+    if top_k is None and top_p is None and min_p is None:
+        return None
+    return Truncation(top_k, top_p, min_p)

@@ -1,4 +1,4 @@
-"""Sampling truncation (top-k / top-p / min-p) as a per-row threshold: validation, the streaming threshold search,
+"""Sampling truncation (top-k / top-p / min-p) as a per-row threshold: the streaming threshold search,
 and the tile math of the log-probs and entropy under the truncated, renormalised distribution.
 
 Owns one rule, vLLM's sampler's (``docs/algorithms.md``, section 9): with ``z = logits / T`` (after the
@@ -14,12 +14,12 @@ The threshold is found without ``[N, V]`` logits: ``tiles()`` yields fp32 logits
 is walked a few times (one pass for the max and a streaming top-k merge, one for min-p, four radix-select passes
 on the fp32 bit pattern with per-bin count and probability mass for top-p, or for a top-k above
 ``TOPK_MERGE_MAX``). Torch only; every backend calls it with tiles bit-identical to the ones its kernels form.
+The options are validated by :func:`edge_kernels.ops.validation.check_truncation`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Optional, Tuple
 
@@ -39,30 +39,6 @@ class Truncation:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     min_p: Optional[float] = None
-
-
-def check_truncation(top_k=None, top_p=None, min_p=None) -> Optional[Truncation]:
-    """Validate ``top_k`` (int >= 1), ``top_p`` (in (0, 1]) and ``min_p`` (in [0, 1]); None or a no-op value
-    (``top_p=1``, ``min_p=0``) turns a filter off. Returns None when no filter is on."""
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-            raise TypeError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
-        top_k = int(top_k)
-    for name, val, lo_open in (("top_p", top_p, True), ("min_p", min_p, False)):
-        if val is None:
-            continue
-        if isinstance(val, bool) or not isinstance(val, numbers.Real):
-            raise TypeError(f"{name} must be a number or None, got {val!r}")
-        ok = (0 < val <= 1) if lo_open else (0 <= val <= 1)
-        if not ok:  # also catches NaN
-            raise ValueError(f"{name} must lie in {'(0, 1]' if lo_open else '[0, 1]'} or be None, got {val!r}")
-    top_p = None if top_p is None or float(top_p) == 1.0 else float(top_p)
-    min_p = None if min_p is None or float(min_p) == 0.0 else float(min_p)
-    if top_k is None and top_p is None and min_p is None:
-        return None
-    return Truncation(top_k, top_p, min_p)
 
 
 class Threshold(NamedTuple):
@@ -93,7 +69,8 @@ def _digit(keys: Tensor, shift: int) -> Tensor:
     return (d + 128).to(torch.int64) if shift == 24 else (d & 0xFF).to(torch.int64)
 
 
-def _row_slices(rows: int, cols: int):
+def row_slices(rows: int, cols: int):
+    """Row ranges of ``[rows, cols]`` tiles holding about ``_SLICE_ELEMENTS`` elements each."""
     step = max(1, _SLICE_ELEMENTS // max(cols, 1))
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
@@ -109,7 +86,7 @@ def _radix_select(tiles: Tiles, n: int, device, target: Tensor, floor: Tensor, m
         h_w = torch.zeros((n, 256), dtype=torch.float64, device=device)
         h_c = torch.zeros((n, 256), dtype=torch.float64, device=device) if m is not None else h_w
         for _, z in tiles():
-            for r0, r1 in _row_slices(n, z.shape[1]):
+            for r0, r1 in row_slices(n, z.shape[1]):
                 zs = z[r0:r1]
                 keys = _keys(zs)
                 sel = zs >= floor[r0:r1, None]
@@ -139,8 +116,12 @@ def _max_and_topk(tiles: Tiles, n: int, device, k: Optional[int]):
     for _, z in tiles():
         m = torch.maximum(m, z.amax(dim=1))
         if k is not None:
-            cand = z if best is None else torch.cat([best, z], dim=1)
-            best = cand.topk(min(k, cand.shape[1]), dim=1).values
+            kk = min(k, z.shape[1] + (0 if best is None else best.shape[1]))
+            merged = torch.empty((n, kk), device=device)
+            for r0, r1 in row_slices(n, z.shape[1] + kk):
+                cand = z[r0:r1] if best is None else torch.cat([best[r0:r1], z[r0:r1]], dim=1)
+                merged[r0:r1] = cand.topk(kk, dim=1).values
+            best = merged
     if k is None:
         return m, None
     if best.shape[1] < k:  # fewer tokens than k: nothing is cut
@@ -154,8 +135,10 @@ def _min_p_floor(tiles: Tiles, n: int, device, m: Tensor, min_p: float) -> Tenso
     log_min_p = math.log(min_p)
     floor = torch.full((n,), float("inf"), device=device)
     for _, z in tiles():
-        keep = (z.double() - m.double()[:, None]) >= log_min_p
-        floor = torch.minimum(floor, torch.where(keep, z, float("inf")).amin(dim=1))
+        for r0, r1 in row_slices(n, z.shape[1]):
+            keep = (z[r0:r1].double() - m[r0:r1].double()[:, None]) >= log_min_p
+            low = torch.where(keep, z[r0:r1], float("inf")).amin(dim=1)
+            floor[r0:r1] = torch.minimum(floor[r0:r1], low)
     return floor
 
 
@@ -188,7 +171,10 @@ def find_threshold(tiles: Tiles, n: int, vocab: int, device, trunc: Truncation) 
 def _kept_mass(tiles: Tiles, n: int, device, tau: Tensor, m: Tensor) -> Tensor:
     total = torch.zeros(n, dtype=torch.float64, device=device)
     for _, z in tiles():
-        total += torch.where(z >= tau[:, None], torch.exp(z - m[:, None]), 0.0).double().sum(dim=1)
+        for r0, r1 in row_slices(n, z.shape[1]):
+            zs = z[r0:r1]
+            e = torch.where(zs >= tau[r0:r1, None], torch.exp(zs - m[r0:r1, None]), 0.0)
+            total[r0:r1] += e.double().sum(dim=1)
     return total
 
 
@@ -221,14 +207,17 @@ def grad_kept_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy: 
     ``dz = g_l (1[v = t] - p~) - g_H p~ (z - lse + H)``, ``p~ = exp(z' - lse)`` (0 off the kept set; ``tau`` is
     piecewise constant, so no gradient flows through it). ``grad_logp`` must be 0 on ignored rows and on rows
     whose target was cut; a row with both upstream gradients 0 gets exact zeros."""
-    p = torch.exp(kept_logits(z, th) - lse[:, None])
-    dz = -grad_logp[:, None] * p
-    active = grad_logp != 0
-    if grad_entropy is not None:
-        logq = torch.where(p > 0, z - lse[:, None] + entropy[:, None], 0.0)
-        dz = dz - grad_entropy[:, None] * p * logq
-        active = active | (grad_entropy != 0)
-    dz = torch.where(active[:, None], dz, 0.0)
+    dz = torch.empty_like(z)
+    for r0, r1 in row_slices(z.shape[0], z.shape[1]):  # row slices: the temporaries stay slice-sized
+        sl = slice(r0, r1)
+        p = torch.exp(kept_logits(z[sl], Threshold(th.tau[sl], th.log_w[sl], th.k_tie[sl])) - lse[sl, None])
+        d = -grad_logp[sl, None] * p
+        active = grad_logp[sl] != 0
+        if grad_entropy is not None:
+            logq = torch.where(p > 0, z[sl] - lse[sl, None] + entropy[sl, None], 0.0)
+            d -= grad_entropy[sl, None] * p * logq
+            active = active | (grad_entropy[sl] != 0)
+        dz[sl] = torch.where(active[:, None], d, 0.0)
     local = targets - col0
     inside = (local >= 0) & (local < z.shape[1])
     dz.scatter_add_(1, local.clamp(0, z.shape[1] - 1)[:, None], torch.where(inside, grad_logp, 0.0)[:, None])

@@ -1,13 +1,12 @@
-"""The Triton backend of :mod:`edge_kernels.ops.truncated` (sampling-truncated log-probs): adapters onto the
+"""The Triton backend of :mod:`edge_kernels.backends.truncated` (sampling-truncated log-probs): adapters onto the
 Triton kernels of both ops, which take the per-row threshold as ``HAS_TRUNC`` arguments, and their tile kernels
 for the threshold search. Imported on the first ``impl="triton"`` call with ``top_k``/``top_p``/``min_p``."""
 
 from __future__ import annotations
 
-from ..dispatch import default_chunk_size
-from . import linear_logprob_entropy_triton as lin
-from . import logprob_entropy_triton as lgt
-from .params import LaunchParams
+from ...core.params import LaunchParams, default_chunk_size
+from . import linear_logprob_entropy as lin
+from . import logprob_entropy as lgt
 
 
 def logits_tiles(inputs, params: LaunchParams):

@@ -1,23 +1,20 @@
-"""Chunked pure-PyTorch implementations of every op: the CPU path, the fallback, and the readable spec.
+"""The PyTorch backend of every op: the CPU path and the fallback elsewhere (the readable spec is
+:mod:`edge_kernels.oracle`).
 
-Everything here works on flattened inputs that :mod:`edge_kernels.dispatch` has validated: ``hidden [N, D]``,
+Everything here works on flattened inputs that :mod:`edge_kernels.ops.validation` has checked: ``hidden [N, D]``,
 ``weight [V, D]``, ``targets [N]`` (int64), ``logits [N, V]``. No function allocates ``[N, V]``. The logits-in
-ops walk the vocabulary in chunks of ``chunk_size`` columns with softmax statistics carried across chunks
-online. The hidden-states-in op tiles for the CPU (see "hidden states in" below): its forward takes row
-blocks times the whole vocabulary (or vocabulary chunks with online statistics when ``chunk_size < V``), its
-backward vocabulary chunks times row blocks. Logits are formed in fp32 and never rounded to 16 bits (16-bit
-inputs are upcast, or multiplied by ``mm(..., out_dtype=float32)`` on CUDA), so this path is at least as exact
-as the Triton kernels and serves as their fallback.
+ops walk the vocabulary in chunks of ``chunk_size`` columns with the streaming statistics of
+:mod:`edge_kernels.core.stats` carried across chunks. The hidden-states-in op tiles for the CPU (see "hidden
+states in" below): its forward takes row blocks times the whole vocabulary (or vocabulary chunks with online
+statistics when ``chunk_size < V``), its backward vocabulary chunks times row blocks. Logits are formed in fp32
+and never rounded to 16 bits (16-bit inputs are upcast, or multiplied by ``mm(..., out_dtype=float32)`` on
+CUDA), so this path is at least as exact as the Triton kernels. The math: ``docs/algorithms.md``, notation, and
+:mod:`edge_kernels.core.tiles` for the gradient.
 
-The math (``docs/algorithms.md``, notation section), with ``z = logits / T`` and ``p = softmax(z)``:
-
-* ``lse = logsumexp(z)``, ``logp = z[target] - lse``, ``H = -sum_v p_v log p_v = lse - sum_v p_v z_v``.
-* Streaming statistics per row: ``m`` (running max), ``s = sum exp(z - m)``,
-  ``b = sum exp(z - m) (z - m)``; then ``lse = m + log s`` and ``H = log s - b / s``. The shifted form keeps
-  the entropy exact for peaked rows, where ``lse`` and ``sum p z`` nearly cancel.
-* Gradient w.r.t. ``z`` for upstream grads ``g_l`` (log-prob) and ``g_H`` (entropy):
-  ``dz_v = g_l (1[v = target] - p_v) - g_H p_v (log p_v + H)``; w.r.t. raw logits it is ``dz / T``.
-  A ``-inf`` logit (a masked vocabulary entry) has ``p = 0`` and contributes nothing.
+The public tile helpers (``logits_tile``, ``full_row_stats``, ``grad_coefs``, ``grad_tile``, ``mm_into``,
+``compact_rows``, ``take_rows``, ``row_block``, ``cap_factor``) are also the building blocks of the fused
+policy loss's three-matmul path (:mod:`edge_kernels.losses.three_matmul`). The registry entries are the
+``*_forward``/``*_backward`` functions at the end (signatures: :mod:`edge_kernels.backends`).
 """
 
 from __future__ import annotations
@@ -26,89 +23,19 @@ from typing import Optional, Tuple
 
 import torch
 
-from .dispatch import default_chunk_size
+from ..core.params import LaunchParams, default_chunk_size
+from ..core.probes import mixed_mm_ok
+from ..core.stats import combine_stats_stacked, finalize_stats, init_stats, safe_shift, update_stats
+from ..core.tiles import grad_logits_tile, local_targets, softcap_grad, softcap_tile
 
 Tensor = torch.Tensor
 
+__all__ = ["combine_stats_stacked", "finalize_stats", "init_stats", "update_stats", "softcap_grad",
+           "softcap_tile", "grad_logits_tile"]  # re-exported: the statistics the tiles below are built from
+
 
 # ----------------------------------------------------------------------------------------------------------
-# streaming softmax statistics
-
-
-def init_stats(n: int, device) -> Tuple[Tensor, Tensor, Tensor]:
-    m = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
-    return m, torch.zeros(n, device=device), torch.zeros(n, device=device)
-
-
-def _safe_shift(m: Tensor) -> Tensor:
-    # the shift used for exp(): 0 where the running max is -inf (no finite logit seen yet)
-    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-
-
-def update_stats(m: Tensor, s: Tensor, b: Tensor, z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fold a fp32 logits tile ``z [n, c]`` into the running ``(m, s, b)``."""
-    m_new = torch.maximum(m, z.amax(dim=1))
-    shift = _safe_shift(m_new)
-    alpha = torch.exp(m - shift)
-    e = torch.exp(z - shift[:, None])
-    d = z - shift[:, None]
-    tile_b = (torch.where(e > 0, d, torch.zeros_like(d)) * e).sum(dim=1)  # where() first: no 0 * -inf
-    carried_b = b + torch.where(s > 0, m - shift, torch.zeros_like(s)) * s
-    return m_new, alpha * s + e.sum(dim=1), alpha * carried_b + tile_b
-
-
-def combine_stats_stacked(m: Tensor, s: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Merge ``K`` partial statistics stacked as ``[K, n]`` (disjoint vocabulary ranges) in one pass."""
-    m_all = m.amax(dim=0)
-    shift = _safe_shift(m_all)
-    a = torch.exp(m - shift)
-    carried = b + torch.where(s > 0, m - shift, torch.zeros_like(s)) * s
-    return m_all, (a * s).sum(dim=0), (a * carried).sum(dim=0)
-
-
-def finalize_stats(m: Tensor, s: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(lse, entropy)`` from the streaming statistics."""
-    log_s = torch.log(s)
-    return _safe_shift(m) + log_s, log_s - b / s
-
-
-def softcap_tile(z: Tensor, softcap: Optional[float]) -> Tensor:
-    """``softcap * tanh(z / softcap)`` on a fp32 logits tile (None: ``z`` unchanged); ``-inf`` entries (masked
-    vocabulary) stay ``-inf``."""
-    if softcap is None:
-        return z
-    return torch.where(torch.isneginf(z), z, torch.tanh(z / softcap) * softcap)
-
-
-def softcap_grad(capped: Tensor, softcap: float) -> Tensor:
-    """``d capped / d z = 1 - tanh^2 = 1 - (capped / softcap)^2``; 0 on ``-inf`` (masked) entries."""
-    t = capped / softcap
-    return torch.where(torch.isneginf(capped), torch.zeros_like(t), 1.0 - t * t)
-
-
-def grad_logits_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy: Optional[Tensor],
-                     grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temp: float,
-                     softcap: Optional[float] = None) -> Tensor:
-    """Gradient w.r.t. the raw logits of the columns ``[col0, col0 + z.shape[1])`` (fp32 ``z`` is soft-capped
-    with ``softcap``, then scaled).
-
-    ``grad_logp``/``grad_entropy`` must already be 0 on ignored rows. A row whose upstream gradients are both 0
-    gets exactly 0 (not ``0 * NaN`` from NaN logits of a padding row), as the Triton and CUDA kernels, which
-    skip such rows, give.
-    """
-    p = torch.exp(z - lse[:, None])
-    dz = -grad_logp[:, None] * p
-    active = grad_logp != 0
-    if grad_entropy is not None:
-        ent_term = p * torch.where(torch.isneginf(z), torch.zeros_like(p), z - lse[:, None] + entropy[:, None])
-        dz = dz - grad_entropy[:, None] * ent_term
-        active = active | (grad_entropy != 0)
-    dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
-    local, in_chunk = _local_targets(targets, col0, z.shape[1])
-    dz.scatter_add_(1, local[:, None], torch.where(in_chunk, grad_logp, torch.zeros_like(grad_logp))[:, None])
-    if softcap is not None:  # chain rule through the cap: z / inv_temp is the capped logit
-        dz = dz * softcap_grad(z / inv_temp, softcap)
-    return dz * inv_temp
+# vocabulary chunks
 
 
 def _chunks(vocab: int, chunk_size: int):
@@ -116,15 +43,8 @@ def _chunks(vocab: int, chunk_size: int):
         yield c0, min(vocab, c0 + chunk_size)
 
 
-def _local_targets(targets: Tensor, col0: int, cols: int) -> Tuple[Tensor, Tensor]:
-    """Targets as column indices of the chunk ``[col0, col0 + cols)`` (clamped into it) and which lie inside.
-    Masked gathers and scatters instead of ``nonzero``: no host sync per chunk on a GPU."""
-    local = targets - col0
-    return local.clamp(0, cols - 1), (local >= 0) & (local < cols)
-
-
 def _gather_target(z: Tensor, col0: int, targets: Tensor, out: Tensor) -> None:
-    local, in_chunk = _local_targets(targets, col0, z.shape[1])
+    local, in_chunk = local_targets(targets, col0, z.shape[1])
     out.copy_(torch.where(in_chunk, z.gather(1, local[:, None]).squeeze(1), out))
 
 
@@ -155,7 +75,7 @@ FULL_ROW_MAX_VOCAB = 1 << 18  # above this the forward falls back to vocabulary 
 _NEG_CLAMP = -1.0e4  # log p below this has p == 0 exactly in fp32 (exp underflows below -104)
 
 
-def _row_block(n: int, cols: int) -> int:
+def row_block(n: int, cols: int) -> int:
     return max(1, min(n, max(MIN_TILE_ROWS, TILE_ELEMENTS // max(cols, 1))))
 
 
@@ -165,20 +85,9 @@ def _slices(rows: int, cols: int):
         yield r0, min(rows, r0 + step)
 
 
-def _mixed_mm_ok(t: Tensor) -> bool:
-    """16-bit CUDA operands with a torch that multiplies them into fp32 (``mm(..., out_dtype=float32)``,
-    probed once per device by the Triton backward's probe): the logits are formed at tensor-core speed and
-    never rounded to 16 bits. Elsewhere (CPU torch has no such kernel) the operands are upcast to fp32."""
-    if not t.is_cuda or t.dtype == torch.float32 or torch.cuda.is_current_stream_capturing():
-        return False
-    from .ops.linear_logprob_entropy import _mixed_mm_support  # lazy: that module imports this one
-
-    return _mixed_mm_support(t.device) in ("addmm", "mm")
-
-
-def _mm_into(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, accumulate: bool = False) -> Tensor:
+def mm_into(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, accumulate: bool = False) -> Tensor:
     """``out (+)= alpha * a @ b`` with an fp32 result; 16-bit CUDA operands go through ``out_dtype``."""
-    if a.dtype != torch.float32:  # both 16-bit (CUDA, where _mixed_mm_ok said so)
+    if a.dtype != torch.float32:  # both 16-bit (CUDA, where mixed_mm_ok said so)
         prod = torch.mm(a, b, out_dtype=torch.float32)
         if alpha != 1.0:
             prod.mul_(alpha)
@@ -187,12 +96,12 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0, accumulate: 
     return torch.addmm(out, a, b, beta=1.0 if accumulate else 0.0, alpha=alpha, out=out)
 
 
-def _logits_tile(h: Tensor, w: Tensor, bias32: Optional[Tensor], inv_temp: float, out: Tensor,
+def logits_tile(h: Tensor, w: Tensor, bias32: Optional[Tensor], inv_temp: float, out: Tensor,
                  softcap: Optional[float] = None) -> Tensor:
     """``out = softcap(h @ w.T + bias) * inv_temp`` in fp32 (without a cap the scale rides on the GEMM's
     alpha; with one the capped tile is formed out of place, the soft-cap path's price)."""
     scale = inv_temp if softcap is None else 1.0
-    _mm_into(out, h, w.t(), alpha=scale)
+    mm_into(out, h, w.t(), alpha=scale)
     if bias32 is not None:
         out.add_(bias32, alpha=scale)
     if softcap is not None:
@@ -200,32 +109,32 @@ def _logits_tile(h: Tensor, w: Tensor, bias32: Optional[Tensor], inv_temp: float
     return out
 
 
-def _cap_factor(z: Tensor, inv_temp: float, softcap: Optional[float]) -> Optional[Tensor]:
+def cap_factor(z: Tensor, inv_temp: float, softcap: Optional[float]) -> Optional[Tensor]:
     """``d capped / d raw`` of a scaled, capped logits tile ``z`` (None without a cap): the chain-rule factor of
-    the logits gradient, read before :func:`_grad_tile` overwrites ``z``."""
+    the logits gradient, read before :func:`grad_tile` overwrites ``z``."""
     return None if softcap is None else softcap_grad(z / inv_temp, softcap)
 
 
-def _full_row_stats(z: Tensor, tgt: Tensor, ebuf: Tensor):
+def full_row_stats(z: Tensor, tgt: Tensor, ebuf: Tensor):
     """``(lse, entropy, z[target], shift)`` of fp32 logits rows ``z [r, V]`` holding the whole vocabulary; ``z``
     is overwritten (it becomes ``z - shift``, ``shift`` = the row max, 0 for an all ``-inf`` row). Per cache
     slice: max, shift in place, exp, and the two row sums ``s = sum e`` and ``b = sum e d`` (``d = z - max``;
     ``e d`` formed in place in ``e``, no temporary)."""
     # targets outside [0, V) (a vocabulary shard's rows whose target another shard owns) read 0, as the chunked
     # forward's masked gather gives
-    local, inside = _local_targets(tgt, 0, z.shape[1])
+    local, inside = local_targets(tgt, 0, z.shape[1])
     zt = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), torch.zeros((), device=z.device))
     m = z.new_empty(z.shape[0])
     s, b = torch.empty_like(m), torch.empty_like(m)
     for r0, r1 in _slices(z.shape[0], z.shape[1]):
         d, e = z[r0:r1], ebuf[: r1 - r0]
         torch.amax(d, dim=1, out=m[r0:r1])
-        d.sub_(_safe_shift(m[r0:r1])[:, None])
+        d.sub_(safe_shift(m[r0:r1])[:, None])
         torch.exp(d, out=e)
         torch.sum(e, dim=1, out=s[r0:r1])
         _fix_masked_b(d, e, m[r0:r1], torch.sum(e.mul_(d), dim=1, out=b[r0:r1]))
     lse, entropy = finalize_stats(m, s, b)
-    return lse, entropy, zt, _safe_shift(m)
+    return lse, entropy, zt, safe_shift(m)
 
 
 def _fix_masked_b(d: Tensor, ed: Tensor, m: Tensor, b: Tensor) -> None:
@@ -239,13 +148,13 @@ def _fix_masked_b(d: Tensor, ed: Tensor, m: Tensor, b: Tensor) -> None:
         b.index_copy_(0, idx, (torch.where(ee > 0, dd, torch.zeros_like(dd)) * ee).sum(dim=1))
 
 
-def _compact(keep: Tensor):
+def compact_rows(keep: Tensor):
     """Indices of the kept rows, or None when every row is kept (no gather needed)."""
     idx = keep.nonzero().squeeze(1)
     return None if idx.numel() == keep.numel() else idx
 
 
-def _take(t: Optional[Tensor], idx: Optional[Tensor]) -> Optional[Tensor]:
+def take_rows(t: Optional[Tensor], idx: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or idx is None else t.index_select(0, idx)
 
 
@@ -264,21 +173,21 @@ def linear_logprob_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
         return _linear_fwd_vocab_chunks(hidden, weight, bias, targets, inv_temp, ignore_index, chunk_size,
                                         softcap)
     out = torch.zeros((3, n), device=hidden.device)
-    idx = _compact(targets != ignore_index)
-    h, tgt = _take(hidden, idx), _take(targets, idx)
+    idx = compact_rows(targets != ignore_index)
+    h, tgt = take_rows(hidden, idx), take_rows(targets, idx)
     if tgt.numel() == 0:
         return out[0], out[1], out[2]
-    mixed = _mixed_mm_ok(hidden)
+    mixed = mixed_mm_ok(hidden)
     w, h = (weight, h) if mixed else (weight.float(), h.float())
     bias32 = bias.float() if bias is not None else None
-    rows = _row_block(h.shape[0], vocab)
+    rows = row_block(h.shape[0], vocab)
     zbuf = torch.empty((rows, vocab), device=hidden.device)
     ebuf = torch.empty((min(rows, max(1, CACHE_ELEMENTS // vocab)), vocab), device=hidden.device)
     res = torch.empty((3, h.shape[0]), device=hidden.device)
     for r0 in range(0, h.shape[0], rows):
         r1 = min(h.shape[0], r0 + rows)
-        z = _logits_tile(h[r0:r1], w, bias32, inv_temp, zbuf[: r1 - r0], softcap)
-        lse, ent, zt, _ = _full_row_stats(z, tgt[r0:r1], ebuf)
+        z = logits_tile(h[r0:r1], w, bias32, inv_temp, zbuf[: r1 - r0], softcap)
+        lse, ent, zt, _ = full_row_stats(z, tgt[r0:r1], ebuf)
         res[0, r0:r1], res[1, r0:r1], res[2, r0:r1] = zt - lse, ent, lse
     if idx is None:
         return res[0], res[1], res[2]
@@ -290,7 +199,7 @@ def _linear_fwd_vocab_chunks(hidden, weight, bias, targets, inv_temp, ignore_ind
     """The forward over vocabulary chunks with streaming ``(m, s, b)`` statistics (every row at once)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     chunk = chunk_size or default_chunk_size(n, vocab)
-    mixed = _mixed_mm_ok(hidden)
+    mixed = mixed_mm_ok(hidden)
     h_op = hidden if mixed else hidden.float()
     bias32 = bias.float() if bias is not None else None
     m, s, b = init_stats(n, hidden.device)
@@ -298,7 +207,7 @@ def _linear_fwd_vocab_chunks(hidden, weight, bias, targets, inv_temp, ignore_ind
     zbuf = torch.empty((n, min(chunk, vocab)), device=hidden.device)
     for c0, c1 in _chunks(vocab, chunk):
         w = weight[c0:c1] if mixed else weight[c0:c1].float()
-        z = _logits_tile(h_op, w, None if bias32 is None else bias32[c0:c1], inv_temp, zbuf[:, : c1 - c0],
+        z = logits_tile(h_op, w, None if bias32 is None else bias32[c0:c1], inv_temp, zbuf[:, : c1 - c0],
                          softcap)
         m, s, b = update_stats(m, s, b, z)
         _gather_target(z, c0, targets, zt)
@@ -307,7 +216,7 @@ def _linear_fwd_vocab_chunks(hidden, weight, bias, targets, inv_temp, ignore_ind
     return logp, entropy, lse
 
 
-def _grad_coefs(entropy, grad_logp, grad_entropy, inv_temp):
+def grad_coefs(entropy, grad_logp, grad_entropy, inv_temp):
     """Per-row coefficients of ``dz/dlogits = inv_temp * p * (a + c log p)`` plus ``inv_temp * g_l`` at the
     target: ``a = -g_l - g_H H`` and ``c = -g_H`` (from ``dz = g_l (1[t] - p) - g_H p (log p + H)``)."""
     a = grad_logp * -inv_temp
@@ -316,7 +225,7 @@ def _grad_coefs(entropy, grad_logp, grad_entropy, inv_temp):
     return a - grad_entropy * entropy * inv_temp, grad_entropy * -inv_temp
 
 
-def _grad_tile(z: Tensor, col0: int, tgt: Tensor, lse: Tensor, a: Tensor, c: Optional[Tensor], g_t: Tensor,
+def grad_tile(z: Tensor, col0: int, tgt: Tensor, lse: Tensor, a: Tensor, c: Optional[Tensor], g_t: Tensor,
                ebuf: Tensor) -> Tensor:
     """Turn the fp32 logits tile ``z [r, cols]`` (columns ``col0...``) into its logits gradient in place."""
     for r0, r1 in _slices(z.shape[0], z.shape[1]):
@@ -327,7 +236,7 @@ def _grad_tile(z: Tensor, col0: int, tgt: Tensor, lse: Tensor, a: Tensor, c: Opt
         p = torch.exp(lp, out=ebuf[: r1 - r0, : z.shape[1]])
         lp.clamp_(min=_NEG_CLAMP)  # p == 0 there; keeps (a + c log p) finite so 0 * it stays 0
         torch.addcmul(a[r0:r1, None], lp, c[r0:r1, None], out=lp).mul_(p)
-    local, in_chunk = _local_targets(tgt, col0, z.shape[1])
+    local, in_chunk = local_targets(tgt, col0, z.shape[1])
     z.scatter_add_(1, local[:, None], torch.where(in_chunk, g_t, torch.zeros_like(g_t))[:, None])
     return z
 
@@ -345,17 +254,17 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     ends, so a 16-bit weight needs only a chunk-sized fp32 accumulator, never a ``V x D`` one."""
     n, vocab = hidden.shape[0], weight.shape[0]
     active = grad_logp != 0 if grad_entropy is None else (grad_logp != 0) | (grad_entropy != 0)
-    idx = _compact(active)
-    h = _take(hidden, idx)
+    idx = compact_rows(active)
+    h = take_rows(hidden, idx)
     dh = torch.zeros(hidden.shape, device=hidden.device) if needs_hidden else None
     dw = torch.zeros_like(weight) if needs_weight else None
     db = torch.zeros(vocab, device=weight.device) if needs_bias else None
     if h.shape[0] == 0:
         return (dh.to(hidden.dtype) if needs_hidden else None), dw, (db.to(bias.dtype) if needs_bias else None)
-    lse, g_l = _take(lse, idx), _take(grad_logp, idx)
-    a, c = _grad_coefs(_take(entropy, idx), g_l, _take(grad_entropy, idx), inv_temp)
-    g_t, tgt = g_l * inv_temp, _take(targets, idx)
-    mixed = _mixed_mm_ok(hidden)
+    lse, g_l = take_rows(lse, idx), take_rows(grad_logp, idx)
+    a, c = grad_coefs(take_rows(entropy, idx), g_l, take_rows(grad_entropy, idx), inv_temp)
+    g_t, tgt = g_l * inv_temp, take_rows(targets, idx)
+    mixed = mixed_mm_ok(hidden)
     h_op = h if mixed else h.float()
     chunk = chunk_size or min(vocab, max(MIN_CHUNK_COLS, (TILE_ELEMENTS // h.shape[0]) // 256 * 256))
     rows = min(h.shape[0], max(1, TILE_ELEMENTS // min(chunk, vocab)))
@@ -369,17 +278,17 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
         bias_c = None if bias is None else bias[c0:c1].float()
         for r0 in range(0, h.shape[0], rows):
             r1 = min(h.shape[0], r0 + rows)
-            z = _logits_tile(h_op[r0:r1], w, bias_c, inv_temp, zbuf[: r1 - r0, : c1 - c0], softcap)
-            cap = _cap_factor(z, inv_temp, softcap)
-            dz = _grad_tile(z, c0, tgt[r0:r1], lse[r0:r1], a[r0:r1], None if c is None else c[r0:r1],
+            z = logits_tile(h_op[r0:r1], w, bias_c, inv_temp, zbuf[: r1 - r0, : c1 - c0], softcap)
+            cap = cap_factor(z, inv_temp, softcap)
+            dz = grad_tile(z, c0, tgt[r0:r1], lse[r0:r1], a[r0:r1], None if c is None else c[r0:r1],
                             g_t[r0:r1], ebuf)
             if cap is not None:
                 dz.mul_(cap)
             dz_op = dz.to(h_op.dtype) if mixed else dz  # CUDA out_dtype GEMMs take 16-bit dz, as Triton's
             if needs_hidden:
-                _mm_into(dh_act[r0:r1], dz_op, w, accumulate=True)
+                mm_into(dh_act[r0:r1], dz_op, w, accumulate=True)
             if needs_weight:
-                _mm_into(dw_c, dz_op.t(), h_op[r0:r1], accumulate=r0 > 0)
+                mm_into(dw_c, dz_op.t(), h_op[r0:r1], accumulate=r0 > 0)
             if needs_bias:
                 db[c0:c1] += dz.sum(dim=0)
         if needs_weight and dw_c.data_ptr() != dw[c0:c1].data_ptr():
@@ -424,3 +333,36 @@ def logprob_entropy_bwd(logits: Tensor, targets: Tensor, lse: Tensor, entropy: O
         dz = grad_logits_tile(z, c0, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, softcap)
         out[:, c0:c1] = dz.to(out.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the registry's signatures (edge_kernels.backends): tensors positionally, the settings in one LaunchParams
+
+
+def linear_forward(hidden, weight, bias, targets, params: LaunchParams):
+    return linear_logprob_entropy_fwd(hidden, weight, bias, targets, params.inv_temp, params.ignore_index,
+                                      params.chunk_size, softcap=params.softcap)
+
+
+def linear_backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams,
+                    needs):
+    return linear_logprob_entropy_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+                                      params.inv_temp, params.chunk_size, *needs, softcap=params.softcap)
+
+
+def logits_forward(x3, targets, params: LaunchParams):
+    return logprob_entropy_fwd(x3.reshape(-1, x3.shape[-1]), targets, params.inv_temp, params.ignore_index,
+                               params.chunk_size, softcap=params.softcap)
+
+
+def logits_backward(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
+    # the chunked path works on [N, V]; a strided [B, T, V] view is walked one batch row at a time
+    t = x3.shape[1]
+    for i in range(x3.shape[0]):
+        sl = slice(i * t, (i + 1) * t)
+        logprob_entropy_bwd(
+            x3[i], targets[sl], lse[sl], None if entropy is None else entropy[sl], grad_logp[sl],
+            None if grad_entropy is None else grad_entropy[sl], params.inv_temp, out3[i], params.chunk_size,
+            softcap=params.softcap,
+        )
+    return out3

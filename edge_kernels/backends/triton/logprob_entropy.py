@@ -1,8 +1,8 @@
 """Triton kernels and launchers of :func:`edge_kernels.logprob_entropy` (logits in).
 
-Imported by :mod:`edge_kernels.ops.logprob_entropy` on the first ``impl="triton"`` call only, so the package
+Imported by :func:`edge_kernels.backends.get` on the first ``impl="triton"`` call only, so the package
 works without triton. The launchers take ``[B, T, V]`` logits (unit vocabulary stride, any row strides), the
-flat targets and one :class:`~edge_kernels.ops.params.LaunchParams`. A soft-cap is a compile-time branch
+flat targets and one :class:`~edge_kernels.core.params.LaunchParams`. A soft-cap is a compile-time branch
 (``HAS_SOFTCAP``): ``c * tanh(x / c)`` on the fp32 logits before the temperature, ``1 - tanh^2`` in the backward.
 """
 
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (
+from .common import (
     cdiv,
     grad_logits,
     interpreting,
@@ -26,7 +26,7 @@ from ._triton_common import (
     softmax_stats_finalize,
     softmax_stats_update,
 )
-from .params import LaunchParams
+from ...core.params import LaunchParams
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _logits_stats_fwd_kernel(
     X, TGT, LOGP, ENT, LSE, TAU, LOGW, N, V, T, stride_b, stride_t, inv_temp, ignore_index, softcap,
     HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_TRUNC: tl.constexpr = False,
 ):
-    # HAS_TRUNC (sampling truncation, edge_kernels.ops.truncated): statistics of the kept logits z' of the row
+    # HAS_TRUNC (sampling truncation, edge_kernels.backends.truncated): statistics of the kept logits z' of the row
     # thresholds TAU/LOGW, and LOGP receives the target's raw z (the caller finishes log-prob and entropy)
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_mask = offs_r < N

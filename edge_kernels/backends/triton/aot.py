@@ -5,7 +5,7 @@ That lets the CPU CI check what the interpreter cannot: that every kernel varian
 compiles for real GPUs, how many registers it takes, whether it spills, and whether 16-bit dots become
 tensor-core instructions (``wgmma`` on Hopper, ``mma`` on Ampere).
 
-``python -m edge_kernels.ops.aot [--json]`` prints the report for every variant. It must run with the
+``python -m edge_kernels.backends.triton.aot [--json]`` prints the report for every variant. It must run with the
 interpreter off (``TRITON_INTERPRET`` unset or 0): under the interpreter the kernels are not compilable objects.
 """
 
@@ -87,7 +87,7 @@ _LOGITS_DIV16 = ("N", "V", "T", "stride_b", "stride_t", "dstride_b", "dstride_t"
 
 
 def _linear_variants(dtype: torch.dtype, softcap: bool = False):
-    from . import linear_logprob_entropy_triton as op
+    from . import linear_logprob_entropy as op  # imports triton (optional third-party), as this whole tool does
 
     t = _TRITON_DTYPE[dtype]
     tiles, launch = op._tile_config(8192, 3584, dtype, interpret=False)
@@ -107,7 +107,7 @@ def _linear_variants(dtype: torch.dtype, softcap: bool = False):
 
 
 def _logits_variants(dtype: torch.dtype, softcap: bool = False):
-    from . import logprob_entropy_triton as op
+    from . import logprob_entropy as op  # imports triton (optional third-party), as this whole tool does
 
     t = _TRITON_DTYPE[dtype]
     cfg, launch = op._config(8192, 152064, dtype, interpret=False)

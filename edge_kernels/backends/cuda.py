@@ -53,13 +53,13 @@ _fakes_registered: set = set()
 def source_dir() -> Path:
     """The folder holding the CUDA sources: ``edge_kernels/csrc`` in an installed wheel (setup.py copies them
     there), ``<checkout>/csrc`` in a source checkout or an editable install."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # edge_kernels/ (this file is edge_kernels/backends/cuda.py)
+    for cand in (package / "csrc", package.parent / "csrc"):
         if all((cand / s).is_file() for s in SOURCES):
             return cand
     raise RuntimeError(
-        f"edge_kernels: the CUDA sources {SOURCES} were found neither in {here / 'csrc'} nor in "
-        f"{here.parent / 'csrc'}; reinstall edge-kernels from a wheel or a source checkout"
+        f"edge_kernels: the CUDA sources {SOURCES} were found neither in {package / 'csrc'} nor in "
+        f"{package.parent / 'csrc'}; reinstall edge-kernels from a wheel or a source checkout"
     )
 
 
@@ -250,8 +250,8 @@ def ops():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers (the signatures of edge_kernels.ops.logprob_entropy_triton's triton_fwd / triton_bwd); ``params`` is
-# an edge_kernels.ops.params.LaunchParams. The operators take softcap = 0.0 for "no soft-cap".
+# launchers (the signatures of edge_kernels.backends.triton.logprob_entropy's triton_fwd / triton_bwd); ``params`` is
+# an edge_kernels.core.params.LaunchParams. The operators take softcap = 0.0 for "no soft-cap".
 
 
 def logprob_entropy_fwd(x3, targets, params):
