@@ -205,3 +205,17 @@ def test_cuda_impl_and_sharding_refused_by_name():
     logits, targets = make_logits((2,), 16, seed=0)
     with pytest.raises(NotImplementedError, match="impl='cuda'"):
         logprob_entropy(logits, targets, top_p=0.9, impl="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_on_gpu_matches_the_oracle(dtype):
+    """The compiled kernels (not the interpreter): the kept sets and values on a GPU, at a vocabulary of many
+    chunks and tiles."""
+    hidden, weight, b, targets = make_linear_inputs(64, 96, 4099, dtype=dtype, bias=True, ignore_frac=0.1, seed=4)
+    for trunc in (dict(top_p=0.9), dict(top_k=50, min_p=0.01)):
+        logp, ent = linear_logprob_entropy(hidden.cuda(), weight.cuda(), targets.cuda(), bias=b.cuda(),
+                                           temperature=0.8, impl="triton", **trunc)
+        logits = hidden.double() @ weight.double().t() + b.double()
+        r_logp, r_ent = oracle_truncated_logprob_entropy(logits, targets, 0.8, **trunc)
+        _assert_fwd(logp.cpu(), ent.cpu(), r_logp, r_ent)
