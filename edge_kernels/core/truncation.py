@@ -12,8 +12,8 @@ choice of the ``k_tau``; the gradient is shared symmetrically). Kernels see it a
 
 The threshold is found without ``[N, V]`` logits: ``tiles()`` yields fp32 logits chunks ``(col0, z [n, c])`` and
 is walked a few times (one pass for the max and a streaming top-k merge, one for min-p, four radix-select passes
-on the fp32 bit pattern with per-bin count and probability mass for top-p, or for a top-k above
-``TOPK_MERGE_MAX``). Torch only; every backend calls it with tiles bit-identical to the ones its kernels form.
+on the fp32 bit pattern with per-bin count and probability mass for top-p, the first also summing the kept mass,
+or for a top-k above ``TOPK_MERGE_MAX``). Torch only; every backend calls it with tiles bit-identical to the ones its kernels form.
 The options are validated by :func:`edge_kernels.ops.validation.check_truncation`.
 """
 
@@ -76,10 +76,12 @@ def row_slices(rows: int, cols: int):
         yield r0, min(rows, r0 + step)
 
 
-def _radix_select(tiles: Tiles, n: int, device, target: Tensor, floor: Tensor, m: Optional[Tensor]):
+def _radix_select(tiles: Tiles, n: int, device, target: Optional[Tensor], floor: Tensor, m: Optional[Tensor],
+                  frac: Optional[float] = None):
     """Largest value ``u`` per row with ``weight({z >= u, z >= floor}) >= target``: by count (``m`` None) or by
-    probability mass ``exp(z - m)`` (float64 sums). Four passes, one byte of the key each.
-    Returns ``(u, weight strictly above u, count at u, weight at u)`` (all float64 but ``u``)."""
+    probability mass ``exp(z - m)`` (float64 sums). Four passes, one byte of the key each. With ``frac`` the
+    target is ``frac`` times the total weight over ``z >= floor``, which the first pass's histogram sums.
+    Returns ``(u, weight strictly above u, count at u, weight at u, target)`` (all float64 but ``u``)."""
     prefix = torch.zeros(n, dtype=torch.int64, device=device)
     above = torch.zeros(n, dtype=torch.float64, device=device)
     for shift in (24, 16, 8, 0):
@@ -98,6 +100,8 @@ def _radix_select(tiles: Tiles, n: int, device, target: Tensor, floor: Tensor, m
                 if m is not None:
                     e = torch.exp(zs - m[r0:r1, None]).to(torch.float64) * one
                     h_w[r0:r1].scatter_add_(1, dig, e)
+        if target is None:
+            target = frac * h_w.sum(dim=1)
         at_least = above[:, None] + h_w.flip(1).cumsum(1).flip(1)
         # the bin holding u: the highest one whose cumulative weight from the top reaches the target (>= 1 bin
         # always does, since the target is at most the total)
@@ -106,7 +110,7 @@ def _radix_select(tiles: Tiles, n: int, device, target: Tensor, floor: Tensor, m
         c_at = h_c.gather(1, pick[:, None]).squeeze(1)
         above = at_least.gather(1, pick[:, None]).squeeze(1) - w_at
         prefix = pick - 128 if shift == 24 else (prefix << 8) | pick
-    return _key_to_float(prefix), above, c_at, w_at
+    return _key_to_float(prefix), above, c_at, w_at, target
 
 
 def _max_and_topk(tiles: Tiles, n: int, device, k: Optional[int]):
@@ -152,30 +156,19 @@ def find_threshold(tiles: Tiles, n: int, vocab: int, device, trunc: Truncation) 
         tau = torch.full((n,), float("-inf"), device=device)
     if trunc.top_k is not None and small_k is None:
         k = torch.full((n,), float(trunc.top_k), dtype=torch.float64, device=device)
-        tau, *_ = _radix_select(tiles, n, device, k, torch.full((n,), float("-inf"), device=device), None)
+        tau = _radix_select(tiles, n, device, k, torch.full((n,), float("-inf"), device=device), None)[0]
     if trunc.min_p is not None:
         tau = torch.maximum(tau, _min_p_floor(tiles, n, device, m, trunc.min_p))
     zero = torch.zeros(n, device=device)
     if trunc.top_p is None:
         return Threshold(tau, zero, zero)
-    total = _kept_mass(tiles, n, device, tau, m)
-    u, above, count, mass = _radix_select(tiles, n, device, trunc.top_p * total, tau, m)
-    # of the `count` tokens tied at u (each of mass q), vLLM keeps those whose preceding mass is < top_p * total:
-    # j - 1 < (top_p * total - above) / q for j = 1..count
+    u, above, count, mass, target = _radix_select(tiles, n, device, None, tau, m, frac=trunc.top_p)
+    # of the `count` tokens tied at u (each of mass q), vLLM keeps those whose preceding mass is < top_p * total
+    # (target): j - 1 < (target - above) / q for j = 1..count
     q = mass / count.clamp(min=1)
-    k_tie = torch.minimum(count, torch.ceil((trunc.top_p * total - above) / q)).clamp(min=1)
+    k_tie = torch.minimum(count, torch.ceil((target - above) / q)).clamp(min=1)
     log_w = torch.log(k_tie / count.clamp(min=1)).float()
     return Threshold(u, log_w, k_tie.float())
-
-
-def _kept_mass(tiles: Tiles, n: int, device, tau: Tensor, m: Tensor) -> Tensor:
-    total = torch.zeros(n, dtype=torch.float64, device=device)
-    for _, z in tiles():
-        for r0, r1 in row_slices(n, z.shape[1]):
-            zs = z[r0:r1]
-            e = torch.where(zs >= tau[r0:r1, None], torch.exp(zs - m[r0:r1, None]), 0.0)
-            total[r0:r1] += e.double().sum(dim=1)
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------------
