@@ -219,3 +219,19 @@ def test_triton_on_gpu_matches_the_oracle(dtype):
         logits = hidden.double() @ weight.double().t() + b.double()
         r_logp, r_ent = oracle_truncated_logprob_entropy(logits, targets, 0.8, **trunc)
         _assert_fwd(logp.cpu(), ent.cpu(), r_logp, r_ent)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_and_strided_rows(impl):
+    full, targets = make_logits((3, 9), 211, seed=1)
+    view = full[:, :-1]  # strided rows, read in place
+    ref = _check_logits(impl, view, targets[:, :-1], 0.9, top_p=0.85)[0]
+    x = (view.clone() * 1.0).requires_grad_()
+    y = x * 1  # a non-leaf the backward may overwrite
+    logp, ent = logprob_entropy(y, targets[:, :-1], temperature=0.9, impl=impl, top_p=0.85, inplace_backward=True)
+    assert torch.equal(torch.isneginf(logp), torch.isneginf(ref))
+    _loss(logp, ent, torch.ones_like(logp), torch.ones_like(ent)).backward()
+    x2 = view.clone().requires_grad_()
+    lp2, en2 = logprob_entropy(x2, targets[:, :-1], temperature=0.9, impl=impl, top_p=0.85)
+    _loss(lp2, en2, torch.ones_like(lp2), torch.ones_like(en2)).backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-7, rtol=0)
