@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "cpu_side_by_side.md"
 SHAPES = {"small": (2048, 896, 32768), "large": (4096, 1536, 65536), "quick": (64, 32, 512)}
 KERNEL_ROWS = ("matmul", "naive", "ours", "trl", "verl")
+TRUNC_ROWS = ("ours_top_p", "ours_top_k")  # sampling-aware log-probs, compared with "ours" (--plan, see main)
 POLICY_ROWS = ("policy_ours", "policy_ours_4mm", "policy_naive")
 TITLES = {
     "matmul": "one matmul `h @ w.T` (fp32 operands)", "naive": "naive (full logits, log_softmax)",
     "ours": "**edge_kernels impl=\"torch\"**", "trl": "TRL `ChunkedLogProbFunction` (chunk 32768)",
     "verl": "verl `FusedLinearForPPO` (torch, chunk 512)",
+    "ours_top_p": "edge_kernels impl=\"torch\", top_p=0.9", "ours_top_k": "edge_kernels impl=\"torch\", top_k=50",
     "policy_ours": "**fused_linear_policy_loss** (3-matmul mode)",
     "policy_ours_4mm": "fused_linear_policy_loss, 4-matmul mode (gradient=\"recompute\")",
     "policy_naive": "naive policy loss on full logits",
@@ -64,6 +66,10 @@ def _row_fn(torch, row, h, w, tgt, old, adv, mask, b, t):
     if row == "ours":
         from edge_kernels import linear_logprob_entropy
         return lambda: linear_logprob_entropy(h, w, tgt, impl="torch")
+    if row in TRUNC_ROWS:
+        from edge_kernels import linear_logprob_entropy
+        kw = dict(top_p=0.9) if row == "ours_top_p" else dict(top_k=50)
+        return lambda: linear_logprob_entropy(h, w, tgt, impl="torch", **kw)
     if row == "trl":
         from trl.kernels import ChunkedLogProbFunction
         return lambda: ChunkedLogProbFunction.apply(h, w, None, tgt, 1.0, 32768, None, 1.0, ("entropy",))[:2]
@@ -166,7 +172,7 @@ def _plan(quick: bool):
         if dt == "bf16":
             yield "kernel", dt, "fwd", "matmul_bf16"
         for mode in ("fwd", "fb"):
-            for row in KERNEL_ROWS[1:]:
+            for row in KERNEL_ROWS[1:] + TRUNC_ROWS:
                 yield "kernel", dt, mode, row
             for row in POLICY_ROWS:
                 yield "policy", dt, mode, row
@@ -205,7 +211,7 @@ def render(results, shape, command, started) -> str:
         mm = by.get(("matmul", dt, "fwd"), {}).get("ms")
         lines += [f"## {dt} inputs", "", "| row | fwd ms | fwd+bwd ms | fwd / 1 mm | fb / 3 mm | peak MiB fwd | "
                   "peak MiB fb | max err |", "|---|---|---|---|---|---|---|---|"]
-        for row in ("matmul", "matmul_bf16") + KERNEL_ROWS[1:] + POLICY_ROWS:
+        for row in ("matmul", "matmul_bf16") + KERNEL_ROWS[1:] + TRUNC_ROWS + POLICY_ROWS:
             f, fb = by.get((row, dt, "fwd")), by.get((row, dt, "fb"))
             if f is None and fb is None:
                 continue

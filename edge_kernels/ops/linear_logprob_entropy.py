@@ -14,10 +14,11 @@ import torch
 
 from .. import backends
 from ..core.params import LaunchParams
+from . import truncated
 from . import vocab_parallel as vp
 from .vocab_parallel import VocabParallel
 from .backend_choice import resolve_impl
-from .validation import check_softcap, validate_linear_inputs
+from .validation import check_softcap, check_truncation, validate_linear_inputs
 
 OP = "linear_logprob_entropy"
 
@@ -55,7 +56,9 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
                            return_entropy: bool = True, chunk_size: Optional[int] = None,
                            softcap: Optional[float] = None, impl: str = "auto",
-                           vocab_parallel: Optional[VocabParallel] = None):
+                           vocab_parallel: Optional[VocabParallel] = None,
+                           top_k: Optional[int] = None, top_p: Optional[float] = None,
+                           min_p: Optional[float] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
 
     Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles (soft-capped first when
@@ -81,12 +84,20 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
             ``process_group``: rank r holds the r-th contiguous slice (``weight [V_r, D]``, ``bias [V_r]``),
             ``hidden``/``targets`` (global ids) are the same on every rank, and every rank gets the
             full-vocabulary outputs (:mod:`edge_kernels.ops.vocab_parallel`). None: the unsharded op.
+        top_k, top_p, min_p: score under the distribution a sampler truncated this way (vLLM's rule: temperature,
+            then min-p, top-k, top-p, renormalised over the kept set; ``docs/algorithms.md`` section 9): a target
+            outside the kept set gets ``logp = -inf`` (no gradient), the entropy is the kept set's. None (or
+            ``top_p=1``, ``min_p=0``): the full softmax. Costs a few more passes over the vocabulary (the
+            threshold search); not with ``vocab_parallel``.
 
     Returns:
         ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
         ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
     """
+    trunc = check_truncation(top_k, top_p, min_p)
     sharded = vp.check_options(vocab_parallel, hidden_states_in=True)
+    if trunc is not None:
+        truncated.check_impl(impl, sharded, "linear_logprob_entropy")
     temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
                                          target_vocab=vp.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap), chunk_size)
@@ -102,7 +113,9 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    if sharded:
+    if trunc is not None:
+        logp, entropy = truncated.apply_linear(h2, weight, bias, t1, params, trunc, impl)
+    elif sharded:
         assert vocab_parallel is not None
         logp, entropy = vp.VocabParallelLinearFunction.apply(
             h2, weight, bias, t1, params, backends.get(OP, impl), vocab_parallel.process_group,

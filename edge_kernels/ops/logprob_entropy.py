@@ -21,10 +21,11 @@ import torch
 
 from .. import backends
 from ..core.params import LaunchParams
+from . import truncated
 from . import vocab_parallel as vp
 from .vocab_parallel import VocabParallel
 from .backend_choice import resolve_impl
-from .validation import check_softcap, validate_logits_inputs
+from .validation import check_softcap, check_truncation, validate_logits_inputs
 
 OP = "logprob_entropy"
 
@@ -74,7 +75,8 @@ class LogprobEntropyFunction(torch.autograd.Function):
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, inplace_backward: bool = False, softcap: Optional[float] = None,
-                    impl: str = "auto", vocab_parallel: Optional[VocabParallel] = None):
+                    impl: str = "auto", vocab_parallel: Optional[VocabParallel] = None,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
 
     ``z = logits / temperature`` (``z = softcap * tanh(logits / softcap) / temperature`` with a soft-cap);
@@ -99,11 +101,18 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
             ``process_group``: rank r holds the r-th contiguous slice ``logits [..., V_r]``, ``targets`` are
             global ids (the same on every rank), and every rank gets the full-vocabulary outputs; its logits
             gradient is its slice's (:mod:`edge_kernels.ops.vocab_parallel`). None: the unsharded op.
+        top_k, top_p, min_p: score under the distribution a sampler truncated this way (vLLM's rule: temperature,
+            then min-p, top-k, top-p, renormalised over the kept set; ``docs/algorithms.md`` section 9): a target
+            outside the kept set gets ``logp = -inf`` (no gradient), the entropy is the kept set's. None (or
+            ``top_p=1``, ``min_p=0``): the full softmax. Not with ``vocab_parallel`` or ``impl="cuda"``.
 
     Returns:
         ``(logp, entropy)`` float32, shaped like ``targets``.
     """
+    trunc = check_truncation(top_k, top_p, min_p)
     sharded = vp.check_options(vocab_parallel, hidden_states_in=False)
+    if trunc is not None:
+        truncated.check_impl(impl, sharded, "logprob_entropy")
     temperature = validate_logits_inputs(logits, targets, temperature, ignore_index,
                                          target_vocab=vp.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap))
@@ -111,7 +120,9 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
     lead_shape = targets.shape
     x3 = _as_3d(logits)
     t1 = targets.reshape(-1).to(torch.int64).contiguous()
-    if sharded:
+    if trunc is not None:
+        logp, entropy = truncated.apply_logits(x3, t1, params, trunc, bool(inplace_backward), impl)
+    elif sharded:
         assert vocab_parallel is not None
         logp, entropy = vp.VocabParallelLogitsFunction.apply(
             x3, t1, params, bool(inplace_backward), backends.get(OP, impl), vocab_parallel.process_group,

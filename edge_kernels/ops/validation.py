@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ..core.truncation import Truncation
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -136,3 +138,27 @@ def validate_logits_inputs(logits, targets, temperature, ignore_index, target_vo
     check_targets(targets, logits.shape[:-1], logits.shape[-1] if target_vocab is None else target_vocab,
                   ignore_index)
     return check_temperature(temperature)
+
+
+def check_truncation(top_k=None, top_p=None, min_p=None) -> Optional[Truncation]:
+    """Validate ``top_k`` (int >= 1), ``top_p`` (in (0, 1]) and ``min_p`` (in [0, 1]); None or a no-op value
+    (``top_p=1``, ``min_p=0``) turns a filter off. Returns None when no filter is on."""
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise TypeError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+        top_k = int(top_k)
+    for name, val, lo_open in (("top_p", top_p, True), ("min_p", min_p, False)):
+        if val is None:
+            continue
+        if isinstance(val, bool) or not isinstance(val, numbers.Real):
+            raise TypeError(f"{name} must be a number or None, got {val!r}")
+        ok = (0 < val <= 1) if lo_open else (0 <= val <= 1)
+        if not ok:  # also catches NaN
+            raise ValueError(f"{name} must lie in {'(0, 1]' if lo_open else '[0, 1]'} or be None, got {val!r}")
+    top_p = None if top_p is None or float(top_p) == 1.0 else float(top_p)
+    min_p = None if min_p is None or float(min_p) == 0.0 else float(min_p)
+    if top_k is None and top_p is None and min_p is None:
+        return None
+    return Truncation(top_k, top_p, min_p)

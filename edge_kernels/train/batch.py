@@ -119,10 +119,12 @@ def response_hidden(model, packed: Packed, autocast_dtype: Optional[torch.dtype]
 
 
 def score(model, packed: Packed, *, temperature: float, micro_batch: int = 0, impl: str = "auto",
-          mask: Optional[Tensor] = None, autocast_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+          mask: Optional[Tensor] = None, autocast_dtype: Optional[torch.dtype] = None,
+          top_p: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """The scoring pass: fp32 log-probs and full-vocabulary entropies ``[B, T]`` of the packed responses
     under ``model`` at ``temperature``, with the fused kernel (no logits), in the same precision as the update
-    (``autocast_dtype``). Masked positions hold 0."""
+    (``autocast_dtype``). Masked positions hold 0. ``top_p``: under the nucleus-truncated distribution instead
+    (``docs/algorithms.md`` section 9; a token outside the nucleus gets ``-inf``)."""
     from edge_kernels import linear_logprob_entropy
 
     _, weight, bias = decoder_and_head(model)
@@ -140,7 +142,7 @@ def score(model, packed: Packed, *, temperature: float, micro_batch: int = 0, im
                 tgt = torch.where(m[sl], part.targets, torch.full_like(part.targets, -100))
                 lp, ent = linear_logprob_entropy(h, w, tgt, bias=b, temperature=temperature,
                                                  ignore_index=-100, return_entropy=True,
-                                                 softcap=head_softcap(model), impl=impl)
+                                                 softcap=head_softcap(model), impl=impl, top_p=top_p)
                 zero = torch.zeros_like(lp)
                 logps.append(torch.where(m[sl], lp, zero))
                 ents.append(torch.where(m[sl], ent, zero))

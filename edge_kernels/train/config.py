@@ -128,7 +128,8 @@ class TrainConfig:
     group_size: int = _f(8, "responses sampled per problem (G)", group="rollout")
     temperature: float = _f(1.0, "sampling temperature (also used by the scoring pass and the loss)",
                             group="rollout")
-    top_p: float = _f(1.0, "nucleus sampling (1.0: the full distribution the kernels score)", group="rollout")
+    top_p: float = _f(1.0, "nucleus sampling (1.0: the full distribution; < 1: the rollout check scores the same "
+                           "nucleus)", group="rollout")
     max_new_tokens: Optional[int] = _f(None, "response length limit (auto: 48 embedded, 1024 with --model)",
                                        group="rollout")
     rollout_batch_size: int = _f(64, "sequences per generate() call", group="rollout")

@@ -306,20 +306,34 @@ class Trainer:
         tokens (``rollout_logp_diff``, a warning above :data:`~edge_kernels.train.rollout.LOGP_DIFF_WARN`: the
         weight push did not take effect, or the engine's numerics differ), and the engine's log-probs ``[B, T]``
         (``NaN`` on text it did not sample) for the loss's rollout correction (``--rollout-is``,
-        ``docs/algorithms.md`` section 8). Nothing for an engine without log-probs (``hf``)."""
-        from .rollout import LOGP_DIFF_WARN, logp_diff, rollout_logp
+        ``docs/algorithms.md`` section 8). Nothing for an engine without log-probs (``hf``). With ``--top-p < 1``
+        the engine's log-probs are of the nucleus (section 9): the check scores the nucleus too, and the
+        log-probs handed to the loss are shifted by ``log pi_old - log pi_old^nucleus`` so that its IS ratio
+        ``pi_old / mu`` compares like with like."""
+        from .rollout import LOGP_DIFF_WARN, cut_fraction, logp_diff, rollout_logp
 
+        c = self.cfg
         got = rollout_logp(ro.sampled_logprobs, ro.sampled, packed.targets, packed.mask)
         if got is None:
             return {}, None
         lp, valid = got
-        diff = logp_diff(lp, valid, old_logp)
+        lp = lp.to(old_logp.dtype)
+        rec: Dict[str, float] = {}
+        if c.top_p < 1:  # vLLM's processed log-probs are renormalised over the nucleus: score the same way
+            nucleus_logp = score(self.model, packed, temperature=c.temperature, micro_batch=c.micro_batch_size,
+                                 impl=c.impl, autocast_dtype=self.autocast_dtype, top_p=c.top_p)[0]
+            rec["rollout_cut_frac"] = cut_fraction(valid, nucleus_logp)
+            diff = logp_diff(lp, valid, nucleus_logp)
+            lp = lp + (old_logp - nucleus_logp)  # a token outside the trainer's nucleus: +inf, IS ratio 0
+        else:
+            diff = logp_diff(lp, valid, old_logp)
+        rec["rollout_logp_diff"] = diff
         if diff > LOGP_DIFF_WARN:
             self.log(f"warning: step {self.step + 1}: rollout_logp_diff {diff:.4f} > {LOGP_DIFF_WARN}: the rollout "
                      "engine's log-probs of its samples differ from the scoring pass's (a weight push that did not "
                      "take effect, or a precision mismatch); --rollout-is corrects a small mismatch")
         nan = torch.full_like(old_logp, float("nan"))
-        return {"rollout_logp_diff": diff}, torch.where(valid, lp.to(old_logp.dtype), nan)
+        return rec, torch.where(valid, lp, nan)
 
     def regeneration_horizon(self) -> int:
         """The longest sampled sequence after the prompt: a response, plus (GEC regeneration) the reflection

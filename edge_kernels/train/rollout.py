@@ -315,10 +315,23 @@ def rollout_logp(lps: Optional[Sequence[Sequence[float]]], responses: Sequence[S
 
 
 def logp_diff(rollout_lp, valid, old_logp) -> float:
-    """Mean |engine log-prob - scoring-pass log-prob| over ``valid`` tokens (NaN when there are none)."""
-    v = valid.to(old_logp.dtype)
+    """Mean |engine log-prob - scoring-pass log-prob| over ``valid`` tokens (NaN when there are none); a token
+    the truncated scoring pass cut (``-inf``, see :func:`cut_fraction`) is left out."""
+    import torch
+
+    v = valid & torch.isfinite(old_logp)
     n = float(v.sum())
-    return float(((rollout_lp.to(old_logp.dtype) - old_logp).abs() * v).sum()) / n if n else float("nan")
+    d = torch.where(v, (rollout_lp.to(old_logp.dtype) - old_logp).abs(), torch.zeros_like(old_logp))
+    return float(d.sum()) / n if n else float("nan")
+
+
+def cut_fraction(valid, old_logp) -> float:
+    """Fraction of the engine's sampled tokens that the (top-p truncated) scoring pass puts outside its kept
+    set: tokens at the nucleus boundary where the two sides' numerics disagree (0 without truncation)."""
+    import torch
+
+    n = float(valid.sum())
+    return float((valid & torch.isneginf(old_logp)).sum()) / n if n else 0.0
 
 
 def make_rollout(kind: str, model, tokenizer, *, model_path: Optional[str], seed: int, batch_size: int,

@@ -35,9 +35,11 @@ def compiled():
 def test_every_variant_compiles(compiled):
     names = {k.name for k in compiled}
     assert names == {"_linear_stats_fwd_kernel", "_linear_grad_logits_kernel", "_logits_stats_fwd_kernel",
-                     "_logits_grad_kernel"}
-    assert len(compiled) == 2 * (3 + 1) * 4  # archs x (dtypes + bf16 with soft-cap) x kernels
+                     "_logits_grad_kernel", "_logits_tile_kernel"}
+    # archs x ((dtypes + bf16 with soft-cap) x kernels + bf16 sampling truncation: 4 kernels and 2 tile kernels)
+    assert len(compiled) == 2 * ((3 + 1) * 4 + 6)
     assert sum("softcap" in k.variant for k in compiled) == 2 * 4
+    assert sum("top-p" in k.variant or "tiles" in k.variant for k in compiled) == 2 * 6
     assert all(k.registers > 0 for k in compiled)
 
 

@@ -154,3 +154,14 @@ def test_rollout_correction_options_are_checked_at_startup():
     with pytest.raises(ConfigError, match="rollout_is_max applies only with rollout_is"):
         validate(TrainConfig(rollout="vllm", rollout_is_max=2.0))
     validate(TrainConfig(rollout="vllm", rollout_is="sequence_mask", rollout_is_min=0.5, rollout_is_max=2.0))
+
+
+def test_logp_diff_leaves_out_tokens_the_truncated_scoring_pass_cut():
+    from edge_kernels.train.rollout import cut_fraction
+
+    lp = torch.tensor([[-0.1, -0.2, -0.3, -0.4]])
+    valid = torch.tensor([[True, True, True, False]])
+    old = torch.tensor([[-0.1, float("-inf"), -0.5, float("-inf")]])
+    assert logp_diff(lp, valid, old) == pytest.approx(0.2 / 2)
+    assert cut_fraction(valid, old) == pytest.approx(1 / 3)
+    assert cut_fraction(valid, torch.zeros(1, 4)) == 0.0

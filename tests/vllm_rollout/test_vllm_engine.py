@@ -104,3 +104,24 @@ def test_head_size_dtype_environment_and_path_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING=1.*in this process"):
         VLLMRollout(str(tmp_path / "h16"), tok, seed=0, dtype="float32")
+
+
+def test_top_p_log_probs_match_the_truncated_scoring_pass(setup):
+    """With top_p=0.9 vLLM returns log-probs renormalised over the nucleus: the full-softmax scoring pass is off
+    by log S (S = the nucleus mass) on every token, the top_p-aware one (docs/algorithms.md section 9) is not."""
+    from edge_kernels.train.batch import score
+    from edge_kernels.train.rollout import cut_fraction
+
+    model, _, eng = setup
+    eng.sync_weights(model)
+    torch.manual_seed(0)
+    prompts, temperature = PROMPTS * 2, 0.8
+    out = eng.generate(prompts, max_new_tokens=10, temperature=temperature, top_p=0.9)
+    full, packed = scoring_logp(model, prompts, out, temperature)
+    lp, valid = rollout_logp(eng.last_logprobs, out, packed.targets, packed.mask)
+    trunc, _ = score(model, packed, temperature=temperature, impl="torch", top_p=0.9)
+    assert cut_fraction(valid, trunc) == 0.0  # every sampled token is in our nucleus too
+    log_s = ((trunc - full) * valid).sum() / valid.sum()  # mean -log S over the sampled tokens
+    assert log_s > 10 * SAME_WEIGHTS_TOL  # the truncation matters on this model
+    assert logp_diff(lp, valid, trunc) < SAME_WEIGHTS_TOL  # with the option: fp32 rounding only
+    assert abs(logp_diff(lp, valid, full) - float(log_s)) < SAME_WEIGHTS_TOL  # without: off by log S

@@ -76,3 +76,15 @@ def test_edge_train_reports_an_unsupported_head_size_without_a_traceback(tmp_pat
     r = subprocess.run([sys.executable, "-m", "edge_kernels.train", *flags], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "head size 16" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_top_p_rollout_compares_like_with_like(tmp_path):
+    """--top-p 0.9: the engine's log-probs are of the nucleus; the check scores the same nucleus (section 9), so
+    the diff stays at fp32 rounding and the IS weights at 1."""
+    tr = Trainer(TrainConfig(**dict(TINY_VLLM, output=str(tmp_path / "run"), top_p=0.9,
+                                    rollout_is="token_truncate", rollout_is_max=2.0, max_steps=1)))
+    tr.run()
+    (row,) = [r for r in _rows(str(tmp_path / "run")) if "rollout_logp_diff" in r]
+    assert row["rollout_cut_frac"] == 0.0
+    assert row["rollout_logp_diff"] < SAME_WEIGHTS_TOL
+    assert abs(row["rollout_is_weight_mean"] - 1.0) < 1e-3

@@ -86,39 +86,49 @@ _LINEAR_DIV16 = ("N", "V", "D", "stride_hn", "stride_wv", "cols_per_split", "num
 _LOGITS_DIV16 = ("N", "V", "T", "stride_b", "stride_t", "dstride_b", "dstride_t")
 
 
-def _linear_variants(dtype: torch.dtype, softcap: bool = False):
+def _linear_variants(dtype: torch.dtype, softcap: bool = False, trunc: bool = False):
     from . import linear_logprob_entropy as op  # imports triton (optional third-party), as this whole tool does
 
     t = _TRITON_DTYPE[dtype]
     tiles, launch = op._tile_config(8192, 3584, dtype, interpret=False)
     upcast, precision = op._dot_settings(dtype, interpret=False)
     # unit strides are specialized to constants at launch (Triton does this for any int equal to 1)
-    common = dict(UPCAST_DOT=upcast, DOT_PRECISION=precision, HAS_SOFTCAP=softcap, stride_hd=1, stride_wd=1, **tiles)
+    common = dict(UPCAST_DOT=upcast, DOT_PRECISION=precision, HAS_SOFTCAP=softcap, stride_hd=1, stride_wd=1,
+                  HAS_TRUNC=trunc, **tiles)
     fwd_types = dict(H=f"*{t}", W=f"*{t}", BIAS=f"*{t}", TGT="*i64", PART_M="*fp32", PART_S="*fp32",
-                     PART_B="*fp32", PART_ZT="*fp32", inv_temp="fp32", softcap="fp32")
+                     PART_B="*fp32", PART_ZT="*fp32", TAU="*fp32", LOGW="*fp32", inv_temp="fp32", softcap="fp32")
     bwd_types = dict(H=f"*{t}", W=f"*{t}", BIAS=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32", G_LOGP="*fp32",
-                     G_ENT="*fp32", DZ=f"*{t}", PART_DB="*fp32", inv_temp="fp32", softcap="fp32")
-    cap = " softcap" if softcap else ""
+                     G_ENT="*fp32", DZ=f"*{t}", PART_DB="*fp32", TAU="*fp32", LOGW="*fp32", inv_temp="fp32",
+                     softcap="fp32")
+    cap = " softcap" if softcap else (" top-p" if trunc else "")
     yield (op._linear_stats_fwd_kernel, fwd_types, dict(HAS_BIAS=True, **common), launch, f"{t} bias{cap}",
            _LINEAR_DIV16)
     yield (op._linear_grad_logits_kernel, bwd_types,
-           dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, WRITE_DB=True, GROUP_N=op.GROUP_N, **common), launch,
-           f"{t} bias+entropy grad{cap}", _LINEAR_DIV16)
+           dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, WRITE_DB=True, GROUP_N=op.GROUP_N, STORE_LOGITS=False,
+                **common), launch, f"{t} bias+entropy grad{cap}", _LINEAR_DIV16)
+    if trunc:  # the threshold search's tiles: the gradient kernel storing fp32 logits
+        yield (op._linear_grad_logits_kernel, dict(bwd_types, DZ="*fp32"),
+               dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=False, WRITE_DB=False, GROUP_N=op.GROUP_N, STORE_LOGITS=True,
+                    **dict(common, HAS_TRUNC=False)), launch, f"{t} bias logits tiles", _LINEAR_DIV16)
 
 
-def _logits_variants(dtype: torch.dtype, softcap: bool = False):
+def _logits_variants(dtype: torch.dtype, softcap: bool = False, trunc: bool = False):
     from . import logprob_entropy as op  # imports triton (optional third-party), as this whole tool does
 
     t = _TRITON_DTYPE[dtype]
     cfg, launch = op._config(8192, 152064, dtype, interpret=False)
-    cap = " softcap" if softcap else ""
+    cap = " softcap" if softcap else (" top-p" if trunc else "")
     yield (op._logits_stats_fwd_kernel, dict(X=f"*{t}", TGT="*i64", LOGP="*fp32", ENT="*fp32", LSE="*fp32",
-                                             inv_temp="fp32", softcap="fp32"),
-           dict(HAS_SOFTCAP=softcap, **cfg), launch, f"{t}{cap}", _LOGITS_DIV16)
+                                             TAU="*fp32", LOGW="*fp32", inv_temp="fp32", softcap="fp32"),
+           dict(HAS_SOFTCAP=softcap, HAS_TRUNC=trunc, **cfg), launch, f"{t}{cap}", _LOGITS_DIV16)
     yield (op._logits_grad_kernel, dict(X=f"*{t}", DX=f"*{t}", TGT="*i64", LSE="*fp32", ENT="*fp32",
-                                        G_LOGP="*fp32", G_ENT="*fp32", inv_temp="fp32", softcap="fp32"),
-           dict(HAS_GRAD_ENTROPY=True, HAS_SOFTCAP=softcap, **cfg), launch, f"{t} entropy grad{cap}",
-           _LOGITS_DIV16)
+                                        G_LOGP="*fp32", G_ENT="*fp32", TAU="*fp32", LOGW="*fp32", inv_temp="fp32",
+                                        softcap="fp32"),
+           dict(HAS_GRAD_ENTROPY=True, HAS_SOFTCAP=softcap, HAS_TRUNC=trunc, **cfg), launch,
+           f"{t} entropy grad{cap}", _LOGITS_DIV16)
+    if trunc:
+        yield (op._logits_tile_kernel, dict(X=f"*{t}", OUT="*fp32", inv_temp="fp32", softcap="fp32"),
+               dict(HAS_SOFTCAP=softcap, **cfg), launch, f"{t} logits tiles", _LOGITS_DIV16)
 
 
 def _variants(dtype: torch.dtype):
@@ -128,6 +138,9 @@ def _variants(dtype: torch.dtype):
     if dtype == torch.bfloat16:
         yield from _linear_variants(dtype, softcap=True)
         yield from _logits_variants(dtype, softcap=True)
+        # sampling truncation (top_k/top_p/min_p): the HAS_TRUNC kernels and the threshold search's tile kernels
+        yield from _linear_variants(dtype, trunc=True)
+        yield from _logits_variants(dtype, trunc=True)
 
 
 def report(archs=(80, 90), dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> List[CompiledKernel]:

@@ -58,14 +58,30 @@ def load_row_grads(TGT, LSE, ENT, G_LOGP, G_ENT, offs, row_mask, HAS_GRAD_ENTROP
 
 
 @triton.jit
+def kept_logits(z, tau, log_w, HAS_TRUNC: tl.constexpr):
+    """``z'`` of :func:`edge_kernels.core.truncation.kept_logits` for the row thresholds ``tau``/``log_w`` ``[R]``
+    (sampling truncation); ``z`` itself without ``HAS_TRUNC``."""
+    if HAS_TRUNC:
+        t = tau[:, None]
+        return tl.where(z > t, z, tl.where(z == t, z + log_w[:, None], float("-inf")))
+    else:
+        return z
+
+
+@triton.jit
 def grad_logits(z, is_target, lse, ent, g_logp, g_ent, inv_temp, softcap, HAS_GRAD_ENTROPY: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr):
+                HAS_SOFTCAP: tl.constexpr, zk=None, HAS_TRUNC: tl.constexpr = False):
     """Gradient w.r.t. raw logits of a (soft-capped, then) scaled fp32 tile ``z [R, C]``; row vectors are ``[R]``.
+    With ``HAS_TRUNC`` (sampling truncation) the probabilities are those of the kept logits ``zk`` (``z'``), the
+    entropy term keeps ``z`` itself (``docs/algorithms.md`` section 9).
 
     With ``HAS_SOFTCAP`` the chain rule's ``1 - tanh^2`` is formed from ``z`` itself (``tanh = z / (inv_temp *
     softcap)``) at the end, so no second tile stays live across the softmax arithmetic (the bf16 backward tile
     kernel is at the register limit on sm_90); clamped at 0, which a ``-inf`` (masked) entry gives."""
-    p = tl.exp(z - lse[:, None])
+    if HAS_TRUNC:
+        p = tl.exp(zk - lse[:, None])
+    else:
+        p = tl.exp(z - lse[:, None])
     dz = g_logp[:, None] * (tl.where(is_target, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
         ent_term = p * tl.where(z == float("-inf"), 0.0, z - lse[:, None] + ent[:, None])

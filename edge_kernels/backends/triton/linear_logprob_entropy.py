@@ -36,6 +36,7 @@ from .common import (
     cdiv,
     grad_logits,
     interpreting,
+    kept_logits,
     load_row_grads,
     next_pow2,
     num_sms,
@@ -50,11 +51,13 @@ from ...core.probes import mixed_mm_support
 
 @triton.jit
 def _linear_stats_fwd_kernel(
-    H, W, BIAS, TGT, PART_M, PART_S, PART_B, PART_ZT,
+    H, W, BIAS, TGT, PART_M, PART_S, PART_B, PART_ZT, TAU, LOGW,
     N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, cols_per_split, num_splits, inv_temp, ignore_index, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TRUNC: tl.constexpr = False,
 ):
+    # HAS_TRUNC (sampling truncation, edge_kernels.backends.truncated): statistics of the kept logits z' of the row
+    # thresholds TAU/LOGW; the target's raw z is gathered as always
     # the split index varies fastest, so the programs resident at one time share a few row blocks of H (kept
     # in L2 while they sweep their vocabulary slices) instead of each streaming its own from HBM per tile
     pid = tl.program_id(0)
@@ -71,6 +74,12 @@ def _linear_stats_fwd_kernel(
     s = tl.zeros([BLOCK_N], tl.float32)
     b = tl.zeros([BLOCK_N], tl.float32)
     zt = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_TRUNC:
+        tau = tl.load(TAU + offs_n, mask=n_mask, other=0.0)
+        log_w = tl.load(LOGW + offs_n, mask=n_mask, other=0.0)
+    else:
+        tau = zt
+        log_w = zt
 
     v_start = pid_s * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, V)
@@ -96,7 +105,7 @@ def _linear_stats_fwd_kernel(
             acc += tl.load(BIAS + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
         acc = softcap_logits(acc, softcap, HAS_SOFTCAP)
         z = tl.where(v_mask[None, :], acc * inv_temp, float("-inf"))
-        m, s, b = softmax_stats_update(m, s, b, z)
+        m, s, b = softmax_stats_update(m, s, b, kept_logits(z, tau, log_w, HAS_TRUNC))
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
 
     out = pid_s * N + offs_n
@@ -108,12 +117,16 @@ def _linear_stats_fwd_kernel(
 
 @triton.jit
 def _linear_grad_logits_kernel(
-    H, W, BIAS, TGT, LSE, ENT, G_LOGP, G_ENT, DZ, PART_DB,
+    H, W, BIAS, TGT, LSE, ENT, G_LOGP, G_ENT, DZ, PART_DB, TAU, LOGW,
     N, D, col0, n_cols, stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, stride_dbn, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, WRITE_DB: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_TRUNC: tl.constexpr = False, STORE_LOGITS: tl.constexpr = False,
 ):
+    # HAS_TRUNC: the gradient of the truncated log-prob/entropy (kept logits z' of TAU/LOGW). STORE_LOGITS: store
+    # the fp32 logits tile itself into DZ, every row (the threshold search's tiles, bit-identical to the ones the
+    # forward and this gradient form)
     # grouped order: consecutive programs cover GROUP_N row blocks x a run of column tiles, so both the H
     # blocks and the W tiles they read are shared through L2 (one output tile per program, as in a GEMM)
     pid = tl.program_id(0)
@@ -137,6 +150,8 @@ def _linear_grad_logits_kernel(
     # rows with zero upstream gradient (ignored targets, masked-out loss tokens, padding) contribute exactly 0:
     # a block of only such rows skips the recomputation and writes zeros
     any_active = tl.max(active.to(tl.int32), 0) > 0
+    if STORE_LOGITS:
+        any_active = True
     d_end = D
     if not any_active:
         d_end = 0
@@ -154,9 +169,16 @@ def _linear_grad_logits_kernel(
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_v, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     z = softcap_logits(acc, softcap, HAS_SOFTCAP) * inv_temp
-
-    dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, softcap,
-                     HAS_GRAD_ENTROPY, HAS_SOFTCAP)
+    zk = z
+    if HAS_TRUNC:
+        tau = tl.load(TAU + offs_n, mask=n_mask, other=0.0)
+        log_w = tl.load(LOGW + offs_n, mask=n_mask, other=0.0)
+        zk = kept_logits(z, tau, log_w, HAS_TRUNC)
+    if STORE_LOGITS:
+        dz = z
+    else:
+        dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, softcap,
+                         HAS_GRAD_ENTROPY, HAS_SOFTCAP, zk, HAS_TRUNC)
     mask = n_mask[:, None] & c_mask[None, :]
     dz = tl.where(mask & any_active, dz, 0.0)
     tl.store(DZ + offs_n.to(tl.int64)[:, None] * stride_dzn + offs_c[None, :],
@@ -201,9 +223,11 @@ L2_SPLITS = 16
 GROUP_N = 8
 
 
-def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=None):
+def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=None, th=None):
     """Launch the forward; returns ``(logp, entropy, lse)`` fp32 ``[N]``. ``params.chunk_size`` is unused here
-    (the forward needs no workspace beyond ``O(splits * N)`` statistics)."""
+    (the forward needs no workspace beyond ``O(splits * N)`` statistics). With ``th`` (a sampling-truncation
+    :class:`~edge_kernels.core.truncation.Threshold`): the statistics of the kept logits, returned as
+    ``(z_target, lse, entropy')`` for :mod:`edge_kernels.ops.truncated` to finish."""
     ignore_index = params.ignore_index
     n, d = hidden.shape
     vocab = weight.shape[0]
@@ -220,14 +244,16 @@ def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=N
     with on_device(hidden):
         _linear_stats_fwd_kernel[(row_blocks * num_splits,)](
             hidden, weight, bias if bias is not None else hidden, targets,
-            part[0], part[1], part[2], part[3],
+            part[0], part[1], part[2], part[3], part[3] if th is None else th.tau, part[3] if th is None else th.log_w,
             n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             cols_per_split, num_splits, params.inv_temp, ignore_index, params.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, UPCAST_DOT=upcast,
-            DOT_PRECISION=precision, **tiles, **launch,
+            DOT_PRECISION=precision, HAS_TRUNC=th is not None, **tiles, **launch,
         )
     lse, entropy = finalize_stats(*combine_stats_stacked(part[0], part[1], part[2]))
     zt = part[3].sum(dim=0)
+    if th is not None:
+        return zt, lse, entropy
     valid = targets != ignore_index
     zero = torch.zeros_like(lse)
     return torch.where(valid, zt - lse, zero), torch.where(valid, entropy, zero), lse
@@ -268,13 +294,17 @@ def _mm_fp32_reduction(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> N
         setattr(matmul, flag, saved)
 
 
-def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, needs):
-    """Gradients ``(d_hidden, d_weight, d_bias)``, None where ``needs`` (hidden, weight, bias) is False."""
+def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, needs,
+               th=None):
+    """Gradients ``(d_hidden, d_weight, d_bias)``, None where ``needs`` (hidden, weight, bias) is False. With
+    ``th`` (sampling truncation): the gradient of the truncated log-prob and entropy."""
     needs_hidden, needs_weight, needs_bias = needs
     n, d = hidden.shape
     vocab = weight.shape[0]
     chunk = params.chunk_size or default_chunk_size(n, vocab)
     tiles, launch = _tile_config(n, d, hidden.dtype)
+    if th is not None:  # column tiles aligned as in the forward and the threshold search: the same logits bits
+        chunk = cdiv(chunk, tiles["BLOCK_V"]) * tiles["BLOCK_V"]
     upcast, precision = _dot_settings(hidden.dtype)
     row_blocks = cdiv(n, tiles["BLOCK_N"])
     dz_buf = torch.empty((n, chunk), device=hidden.device, dtype=hidden.dtype)
@@ -290,11 +320,11 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
             _linear_grad_logits_kernel[(row_blocks * cdiv(cols, tiles["BLOCK_V"]),)](
                 hidden, weight, bias if bias is not None else hidden, targets, lse,
                 entropy if has_grad_entropy else lse, grad_logp, grad_entropy if has_grad_entropy else grad_logp,
-                dz, part_db if needs_bias else lse,
+                dz, part_db if needs_bias else lse, lse if th is None else th.tau, lse if th is None else th.log_w,
                 n, d, c0, cols, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 dz.stride(0), chunk, params.inv_temp, params.softcap or 1.0,
                 HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, WRITE_DB=needs_bias,
-                HAS_SOFTCAP=params.softcap is not None,
+                HAS_SOFTCAP=params.softcap is not None, HAS_TRUNC=th is not None,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, GROUP_N=GROUP_N, **tiles, **launch,
             )
         if dh is not None:
@@ -304,3 +334,35 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
         if db is not None and part_db is not None:
             db[c0:c0 + cols] = part_db[:, :cols].sum(dim=0).to(db.dtype)
     return (None if dh is None else dh.to(hidden.dtype)), dw, db
+
+
+def triton_logits_tiles(hidden, weight, bias, params: LaunchParams):
+    """The sampling-truncation threshold search's tiles: ``(col0, fp32 logits [N, c])`` chunks formed by the
+    gradient kernel's own code (``STORE_LOGITS``), so the kept set it finds is the one the forward and backward
+    kernels see, bit for bit."""
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    tiles, launch = _tile_config(n, d, hidden.dtype)
+    upcast, precision = _dot_settings(hidden.dtype)
+    chunk = cdiv(params.chunk_size or default_chunk_size(n, vocab), tiles["BLOCK_V"]) * tiles["BLOCK_V"]
+    row_blocks = cdiv(n, tiles["BLOCK_N"])
+    dummy = torch.zeros(n, device=hidden.device, dtype=torch.float32)
+    tgt = torch.zeros(n, device=hidden.device, dtype=torch.int64)
+
+    def gen():
+        buf = torch.empty((n, min(chunk, vocab)), device=hidden.device, dtype=torch.float32)
+        for c0 in range(0, vocab, chunk):
+            cols = min(chunk, vocab - c0)
+            z = buf[:, :cols] if cols == buf.shape[1] else torch.empty((n, cols), device=hidden.device)
+            with on_device(hidden):
+                _linear_grad_logits_kernel[(row_blocks * cdiv(cols, tiles["BLOCK_V"]),)](
+                    hidden, weight, bias if bias is not None else hidden, tgt, dummy, dummy, dummy, dummy,
+                    z, dummy, dummy, dummy,
+                    n, d, c0, cols, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                    z.stride(0), chunk, params.inv_temp, params.softcap or 1.0,
+                    HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=False, WRITE_DB=False,
+                    HAS_SOFTCAP=params.softcap is not None, STORE_LOGITS=True,
+                    UPCAST_DOT=upcast, DOT_PRECISION=precision, GROUP_N=GROUP_N, **tiles, **launch,
+                )
+            yield c0, z
+    return gen

@@ -18,6 +18,7 @@ from .common import (
     cdiv,
     grad_logits,
     interpreting,
+    kept_logits,
     load_row_grads,
     next_pow2,
     on_device,
@@ -36,9 +37,11 @@ def _row_offsets(offs_r, T, stride_b, stride_t):
 
 @triton.jit
 def _logits_stats_fwd_kernel(
-    X, TGT, LOGP, ENT, LSE, N, V, T, stride_b, stride_t, inv_temp, ignore_index, softcap,
-    HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    X, TGT, LOGP, ENT, LSE, TAU, LOGW, N, V, T, stride_b, stride_t, inv_temp, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_TRUNC: tl.constexpr = False,
 ):
+    # HAS_TRUNC (sampling truncation, edge_kernels.backends.truncated): statistics of the kept logits z' of the row
+    # thresholds TAU/LOGW, and LOGP receives the target's raw z (the caller finishes log-prob and entropy)
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_mask = offs_r < N
     x_rows = X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None]
@@ -47,6 +50,12 @@ def _logits_stats_fwd_kernel(
     s = tl.zeros([ROWS], tl.float32)
     b = tl.zeros([ROWS], tl.float32)
     zt = tl.zeros([ROWS], tl.float32)
+    if HAS_TRUNC:
+        tau = tl.load(TAU + offs_r, mask=r_mask, other=0.0)
+        log_w = tl.load(LOGW + offs_r, mask=r_mask, other=0.0)
+    else:
+        tau = zt
+        log_w = zt
     # rows whose targets are all ignored (padding) are never read: their outputs are 0 and their statistics
     # those of one zero logit (lse = 0), which the backward never uses (their gradient is 0)
     v_end = V
@@ -60,19 +69,23 @@ def _logits_stats_fwd_kernel(
         x = tl.load(x_rows + offs_v[None, :], mask=r_mask[:, None] & v_mask[None, :], other=float("-inf"))
         z = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP) * inv_temp
         z = tl.where(v_mask[None, :], z, float("-inf"))
-        m, s, b = softmax_stats_update(m, s, b, z)
+        m, s, b = softmax_stats_update(m, s, b, kept_logits(z, tau, log_w, HAS_TRUNC))
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
     lse, ent = softmax_stats_finalize(m, s, b)
     valid = tgt != ignore_index
-    tl.store(LOGP + offs_r, tl.where(valid, zt - lse, 0.0), mask=r_mask)
+    if HAS_TRUNC:
+        tl.store(LOGP + offs_r, zt, mask=r_mask)
+    else:
+        tl.store(LOGP + offs_r, tl.where(valid, zt - lse, 0.0), mask=r_mask)
     tl.store(ENT + offs_r, tl.where(valid, ent, 0.0), mask=r_mask)
     tl.store(LSE + offs_r, lse, mask=r_mask)
 
 
 @triton.jit
 def _logits_grad_kernel(
-    X, DX, TGT, LSE, ENT, G_LOGP, G_ENT, N, V, T, stride_b, stride_t, dstride_b, dstride_t, inv_temp, softcap,
-    HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    X, DX, TGT, LSE, ENT, G_LOGP, G_ENT, TAU, LOGW, N, V, T, stride_b, stride_t, dstride_b, dstride_t, inv_temp,
+    softcap, HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TRUNC: tl.constexpr = False,
 ):
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -84,8 +97,13 @@ def _logits_grad_kernel(
     mask = row_active[:, None] & (offs_v < V)[None, :]
     x = tl.load(X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None] + offs_v[None, :], mask=mask, other=0.0)
     z = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP) * inv_temp
+    zk = z
+    if HAS_TRUNC:
+        tau = tl.load(TAU + offs_r, mask=r_mask, other=0.0)
+        log_w = tl.load(LOGW + offs_r, mask=r_mask, other=0.0)
+        zk = kept_logits(z, tau, log_w, HAS_TRUNC)
     dz = grad_logits(z, offs_v[None, :] == tgt[:, None], lse, ent, g_logp, g_ent, inv_temp, softcap,
-                     HAS_GRAD_ENTROPY, HAS_SOFTCAP)
+                     HAS_GRAD_ENTROPY, HAS_SOFTCAP, zk, HAS_TRUNC)
     dz = tl.where(mask, dz, 0.0)
     tl.store(DX + _row_offsets(offs_r, T, dstride_b, dstride_t)[:, None] + offs_v[None, :],
              dz.to(DX.dtype.element_ty), mask=r_mask[:, None] & (offs_v < V)[None, :])
@@ -98,20 +116,25 @@ def _config(n: int, vocab: int, dtype: torch.dtype, interpret: Optional[bool] = 
     return dict(ROWS=1, BLOCK_V=block_v), dict(num_warps=8 if block_v >= 2048 else 4)
 
 
-def triton_fwd(x3, targets, params: LaunchParams):
+def triton_fwd(x3, targets, params: LaunchParams, th=None):
+    """``(logp, entropy, lse)``; with ``th`` (a sampling-truncation threshold) ``(z_target, lse, entropy')`` of
+    the kept logits, for :mod:`edge_kernels.ops.truncated` to finish."""
     bsz, t, vocab = x3.shape
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)
     out = torch.empty((3, n), device=x3.device, dtype=torch.float32)
     with on_device(x3):
         _logits_stats_fwd_kernel[(cdiv(n, cfg["ROWS"]),)](
-            x3, targets, out[0], out[1], out[2], n, vocab, t, x3.stride(0), x3.stride(1), params.inv_temp,
-            params.ignore_index, params.softcap or 1.0, HAS_SOFTCAP=params.softcap is not None, **cfg, **launch,
+            x3, targets, out[0], out[1], out[2], out[2] if th is None else th.tau, out[2] if th is None else th.log_w,
+            n, vocab, t, x3.stride(0), x3.stride(1), params.inv_temp, params.ignore_index, params.softcap or 1.0,
+            HAS_SOFTCAP=params.softcap is not None, HAS_TRUNC=th is not None, **cfg, **launch,
         )
+    if th is not None:
+        return out[0], out[2], out[1]
     return out[0], out[1], out[2]
 
 
-def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
+def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3, th=None):
     bsz, t, vocab = x3.shape
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)
@@ -119,7 +142,41 @@ def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: Launc
     with on_device(x3):
         _logits_grad_kernel[(cdiv(n, cfg["ROWS"]), cdiv(vocab, cfg["BLOCK_V"]))](
             x3, out3, targets, lse, entropy if has_ge else lse, grad_logp, grad_entropy if has_ge else grad_logp,
+            lse if th is None else th.tau, lse if th is None else th.log_w,
             n, vocab, t, x3.stride(0), x3.stride(1), out3.stride(0), out3.stride(1), params.inv_temp,
-            params.softcap or 1.0, HAS_GRAD_ENTROPY=has_ge, HAS_SOFTCAP=params.softcap is not None, **cfg, **launch,
+            params.softcap or 1.0, HAS_GRAD_ENTROPY=has_ge, HAS_SOFTCAP=params.softcap is not None,
+            HAS_TRUNC=th is not None, **cfg, **launch,
         )
     return out3
+
+
+@triton.jit
+def _logits_tile_kernel(X, OUT, N, V, T, stride_b, stride_t, col0, n_cols, inv_temp, softcap,
+                        HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``OUT [N, n_cols]`` = the fp32 scaled (soft-capped) logits of columns ``col0...``: the tiles of the
+    sampling-truncation threshold search, formed by the same code as the kernels above."""
+    offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = (offs_r < N)[:, None] & (offs_c < n_cols)[None, :]
+    x = tl.load(X + _row_offsets(offs_r, T, stride_b, stride_t)[:, None] + (col0 + offs_c)[None, :], mask=mask,
+                other=0.0)
+    z = softcap_logits(x.to(tl.float32), softcap, HAS_SOFTCAP) * inv_temp
+    tl.store(OUT + offs_r.to(tl.int64)[:, None] * n_cols + offs_c[None, :], z, mask=mask)
+
+
+def triton_logits_tiles(x3, params: LaunchParams, chunk: int):
+    """``(col0, fp32 logits [N, c])`` chunks for the threshold search (see ``_logits_tile_kernel``)."""
+    bsz, t, vocab = x3.shape
+    n = bsz * t
+    cfg, launch = _config(n, vocab, x3.dtype)
+
+    def gen():
+        for c0 in range(0, vocab, chunk):
+            cols = min(chunk, vocab - c0)
+            z = torch.empty((n, cols), device=x3.device, dtype=torch.float32)
+            with on_device(x3):
+                _logits_tile_kernel[(cdiv(n, cfg["ROWS"]), cdiv(cols, cfg["BLOCK_V"]))](
+                    x3, z, n, vocab, t, x3.stride(0), x3.stride(1), c0, cols, params.inv_temp,
+                    params.softcap or 1.0, HAS_SOFTCAP=params.softcap is not None, **cfg, **launch)
+            yield c0, z
+    return gen
