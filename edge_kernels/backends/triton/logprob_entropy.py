@@ -116,9 +116,18 @@ def _config(n: int, vocab: int, dtype: torch.dtype, interpret: Optional[bool] = 
     return dict(ROWS=1, BLOCK_V=block_v), dict(num_warps=8 if block_v >= 2048 else 4)
 
 
-def triton_fwd(x3, targets, params: LaunchParams, th=None):
-    """``(logp, entropy, lse)``; with ``th`` (a sampling-truncation threshold) ``(z_target, lse, entropy')`` of
-    the kept logits, for :mod:`edge_kernels.ops.truncated` to finish."""
+def triton_fwd(x3, targets, params: LaunchParams):
+    """``(logp, entropy, lse)`` (the backend signature every logits-in backend shares)."""
+    return kept_fwd(x3, targets, params, None)
+
+
+def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3):
+    return kept_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params, out3, None)
+
+
+def kept_fwd(x3, targets, params: LaunchParams, th):
+    """:func:`triton_fwd`, or with ``th`` (a sampling-truncation threshold) ``(z_target, lse, entropy')`` of the
+    kept logits, for :mod:`edge_kernels.ops.truncated` to finish."""
     bsz, t, vocab = x3.shape
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)
@@ -134,7 +143,8 @@ def triton_fwd(x3, targets, params: LaunchParams, th=None):
     return out[0], out[1], out[2]
 
 
-def triton_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3, th=None):
+def kept_bwd(x3, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams, out3, th):
+    """:func:`triton_bwd`, or with ``th`` the gradient of the truncated log-prob and entropy."""
     bsz, t, vocab = x3.shape
     n = bsz * t
     cfg, launch = _config(n, vocab, x3.dtype)

@@ -16,11 +16,11 @@ def logits_tiles(inputs, params: LaunchParams):
 
 
 def logits_fwd(inputs, targets, th, params: LaunchParams):
-    return lgt.triton_fwd(inputs[0], targets, params, th=th)
+    return lgt.kept_fwd(inputs[0], targets, params, th)
 
 
 def logits_bwd(inputs, targets, th, lse, entropy, g_logp, g_ent, params: LaunchParams, needs):
-    return (lgt.triton_bwd(inputs[0], targets, lse, entropy, g_logp, g_ent, params, needs[0], th=th),)
+    return (lgt.kept_bwd(inputs[0], targets, lse, entropy, g_logp, g_ent, params, needs[0], th),)
 
 
 def linear_tiles(inputs, params: LaunchParams):
