@@ -15,7 +15,8 @@ LM head patched onto the model (``trl.trainer.utils.add_fused_lm_head``, called 
 ``_get_per_token_logps_and_entropies`` and ``_compute_loss`` run unchanged on top of our kernel. Older TRL has
 no fused head and is refused at import. Under FSDP2 a head sharded by vocabulary runs on its slices without
 being gathered (:func:`edge_kernels.ops.vocab_parallel.linear_logprob_entropy_data_parallel`); other FSDP2
-layouts gather it per call, its gradient averaged and reduce-scattered back as FSDP2 does.
+layouts gather it per call, its gradient averaged and reduce-scattered back as FSDP2 does. Under DeepSpeed
+ZeRO-3 the partitioned head is gathered for the call (see :mod:`.head`). Distributed use: ``docs/trl.md``.
 
 Extension points used (all of ``trl/trainer/grpo_trainer.py``):
 
@@ -41,9 +42,8 @@ Refused with a clear error, never silently ignored (see :func:`_check_arguments`
 * ``eda_entropy_source="current"`` with another estimator, or with loss micro-batches that can split a group
   (``steps_per_generation != 1``, or ``per_device_train_batch_size`` not a multiple of ``num_generations``):
   the group mean of ``P`` comes from the policy being updated (docs/algorithms.md section 2);
-* ``use_edge_kernels`` with DeepSpeed ZeRO-3 (our backward does not re-gather the partitioned LM head), with a
-  non-positive logit scale, or an MoE router auxiliary loss (a final-logit soft-cap, Gemma 2/3's
-  ``final_logit_softcapping``, is passed to the kernel);
+* ``use_edge_kernels`` with a non-positive logit scale, or an MoE router auxiliary loss (a final-logit soft-cap,
+  Gemma 2/3's ``final_logit_softcapping``, is passed to the kernel);
 * GEC with vLLM in server mode or with tensor parallelism (colocate mode, one engine per process, is supported:
   the regeneration goes through TRL's engine), tools / environments / ``rollout_func``, vision-language
   processors, a dataset without the

@@ -15,12 +15,6 @@ def _check_arguments(config: EdgeGRPOConfig, params: dict) -> None:
             f"advantage_estimator={a.advantage_estimator!r} needs one scalar reward per completion: use "
             f"multi_objective_aggregation='sum_then_normalize' (got {a.multi_objective_aggregation!r})"
         )
-    if a.use_edge_kernels and is_deepspeed_zero3_enabled():
-        raise ValueError(
-            "use_edge_kernels=True is not supported under DeepSpeed ZeRO-3: the kernel's backward reads "
-            "lm_head.weight outside the module, where ZeRO-3 has partitioned it. Use ZeRO-2/FSDP, or "
-            "use_edge_kernels=False (TRL's fused head re-gathers the head)."
-        )
     if a.gec:
         reasons = []
         if a.use_vllm and a.vllm_mode != "colocate":

@@ -1,19 +1,32 @@
 """Our kernel in place of TRL's fused LM head: :func:`install_edge_lm_head` and the head's distributed paths.
 
 ``model(..., labels=..., fused_lm_head=True)`` (TRL's call convention since 1.15) runs the backbone, then
-:func:`edge_kernels.linear_logprob_entropy` on the last hidden state and ``lm_head.weight``. Under FSDP2 a head
-sharded by vocabulary runs on its slices without being gathered; other FSDP2 layouts are gathered per call.
+:func:`edge_kernels.linear_logprob_entropy` on the last hidden state and ``lm_head.weight``. Distributed paths:
+
+* FSDP2: a head sharded by vocabulary runs on its slices without being gathered; other layouts are gathered per
+  call, the gradient averaged and reduce-scattered back as FSDP2 does.
+* DeepSpeed ZeRO-3: the partitioned head (tied embedding, bias) is gathered for the kernel's forward and
+  released after it (:func:`_zero3_gather`). The backward needs it gathered again, and its ``[V, D]`` gradient
+  must arrive while it is: both come from DeepSpeed itself, because the head is read inside the engine's forward
+  (the model's own forward, which TRL calls through the engine): DeepSpeed then registers it as an external
+  parameter of the top module, re-gathers it in that module's backward hook, and reduce-scatters its gradient
+  into the partitions (``tests/integrations/test_trl_zero3.py`` drops that registration and the backward fails).
+  A gather inside the kernel's own backward would not replace it: released again before the gradient reaches
+  the parameter, it fails the same way (tried with DeepSpeed 0.19.8 on the CPU).
+* Any multi-process run: the targets are checked on every rank together (:func:`_check_targets_on_every_rank`), so
+  a bad target on one rank is an error on all of them rather than a hang in the next collective.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 from packaging.version import Version
-from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+from trl.trainer.utils import FusedCausalLMOutput
 
 from edge_kernels import linear_logprob_entropy
 from edge_kernels.dispatch import check_softcap
@@ -121,6 +134,7 @@ def install_edge_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: 
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = weight.dtype
+        _check_targets_on_every_rank(tgt, mask, weight)
         if DTensor and isinstance(weight, DTensor):
             vocab_slice = _fsdp2_vocab_slice(weight, bias)
             if vocab_slice is not None:  # FSDP2 shards the head by vocabulary: run on the slices, no gather
@@ -146,17 +160,20 @@ def _fused_output(mask, logp, ent, num_items_in_batch):
 
 def _dense_head(hidden, tgt, mask, weight, bias, dtype, temperature, softcap, chunk_size, impl,
                 num_items_in_batch):
-    """The fused head on a whole (or gathered) ``lm_head`` for the unmasked positions."""
-    if not bool(mask.any()):
-        # an all-masked micro-batch: a differentiable zero, connected to the backbone and the head
-        zero = (hidden.float().sum() + weight.float().sum()) * 0.0
-        log_probs = zero.expand(mask.shape)
-        return FusedCausalLMOutput(loss=zero, log_probs=log_probs, entropy=log_probs, label_mask=mask)
-    with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
-        logp, ent = linear_logprob_entropy(
-            hidden[mask].to(dtype), weight.to(dtype), tgt[mask], bias=None if bias is None else bias.to(dtype),
-            temperature=temperature, return_entropy=True, chunk_size=chunk_size, softcap=softcap, impl=impl,
-        )
+    """The fused head on a whole (or gathered) ``lm_head`` for the unmasked positions; a DeepSpeed ZeRO-3
+    partitioned head is gathered for the call (:func:`_zero3_gather`)."""
+    with _zero3_gather(weight, bias):
+        if not bool(mask.any()):
+            # an all-masked micro-batch: a differentiable zero, connected to the backbone and the (gathered) head,
+            # bias included (under ZeRO-3 every rank must produce the same gradients, in the same order)
+            zero = (hidden.float().sum() + weight.float().sum() + (0.0 if bias is None else bias.float().sum())) * 0.0
+            log_probs = zero.expand(mask.shape)
+            return FusedCausalLMOutput(loss=zero, log_probs=log_probs, entropy=log_probs, label_mask=mask)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, ent = linear_logprob_entropy(
+                hidden[mask].to(dtype), weight.to(dtype), tgt[mask], bias=None if bias is None else bias.to(dtype),
+                temperature=temperature, return_entropy=True, chunk_size=chunk_size, softcap=softcap, impl=impl,
+            )
     return _fused_output(mask, logp, ent, num_items_in_batch)
 
 
@@ -207,3 +224,52 @@ def _fsdp2_sharded_head(hidden, tgt, mask, weight, bias, vocab_slice, dtype, tem
             impl=impl,
             weight_grad_scale=1.0 / torch.distributed.get_world_size(group))
     return _fused_output(mask, logp, ent, num_items_in_batch)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3
+
+def _is_zero3(param) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (it carries ``ds_id``; its ``.data`` is empty outside a gather)."""
+    return param is not None and hasattr(param, "ds_id")
+
+
+def _zero3_gather(*params):
+    """DeepSpeed's ``GatheredParameters`` over the ZeRO-3 parameters not already available (with tied embeddings
+    ``embed_tokens`` may hold the weight gathered; re-partitioning it on exit would break its module's tracking).
+    TRL's ``maybe_gather_lm_head_ctx`` does the same keyed on transformers' global ZeRO-3 flag; this keys on the
+    parameters, so a head partitioned without that flag (an engine built by hand) is gathered too."""
+    if not any(_is_zero3(p) for p in params):
+        return nullcontext()  # also: no DeepSpeed import where it is not installed
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    todo = {id(p): p for p in params if _is_zero3(p) and p.ds_status != ZeroParamStatus.AVAILABLE}
+    if not todo:
+        return nullcontext()
+
+    return deepspeed.zero.GatheredParameters(list(todo.values()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every rank fails together
+
+
+def _check_targets_on_every_rank(tgt, mask, weight) -> None:
+    """In a multi-process run, every rank learns whether any rank has a target outside ``[0, V)`` and all raise
+    the same ValueError: one rank raising alone would leave the others blocked in the next collective (the ZeRO-3
+    gather, the FSDP2 all-gather, DDP's gradient all-reduce) until the backend's timeout. One small all-gather per
+    head call."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    vocab = int(weight.ds_shape[0]) if _is_zero3(weight) else int(weight.shape[0])  # a DTensor's shape is global
+    t = tgt[mask]
+    bad = ((t < 0) | (t >= vocab)).any().to(torch.int32).reshape(1)
+    flags = [torch.zeros_like(bad) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, bad)
+    ranks = [r for r, f in enumerate(flags) if int(f)]
+    if ranks:
+        raise ValueError(f"use_edge_kernels: targets outside the vocabulary [0, {vocab}) on rank(s) {ranks} (a "
+                         "tokenizer with more ids than the model's lm_head rows?); every rank stops here")
