@@ -190,7 +190,8 @@ def main(argv=None):
     trainer = GRPOTrainer(model=model, reward_funcs=accuracy_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
     trainer.train()
-    report(trainer)
+    if trainer.accelerator.is_main_process:
+        report(trainer)
     return trainer
 
 

@@ -116,3 +116,18 @@ def test_grpo_trainer_zero3_accelerate_launch(tmp_path):
             "--num_processes", "2", "--main_process_port", str(free_port()), SCRIPT, "--out", str(out)],
            timeout=480, cwd=ROOT)
     _check_runs(_load(out), _script(), tmp_path)
+
+
+def test_example_paper_setup_on_two_cpu_processes(tmp_path):
+    """The example's 8-GPU command (accelerate + ZeRO-3, --paper-setup) as CI runs it: 2 CPU processes, the
+    embedded tiny model (a short warm-up), 2 steps; a group of 2 completions spans both processes."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("math_verify")
+    script = os.path.join(ROOT, "integrations", "examples", "trl_edge_grpo.py")
+    out = launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE_CONFIG,
+                  "--num_processes", "2", "--main_process_port", str(free_port()), script, "--paper-setup", "--smoke",
+                  "--max-steps", "2", "--smoke-warmup-steps", "20", "--output-dir", str(tmp_path / "run")],
+                 timeout=480, cwd=ROOT)
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in steps] == ["step 1", "step 2"], out[-3000:]
+    assert all("GEC regenerated/injected/replaced" in line for line in steps)
