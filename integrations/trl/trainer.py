@@ -14,9 +14,14 @@ import torch
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from edge_kernels.advantages import eda_scale, seq_mean_entropy
-from edge_kernels.estimators import (EstimatorOptions, advantage_stats, compute_advantages, needed_inputs,
-                                     sequence_advantages)
+from edge_kernels import eda_scale, seq_mean_entropy
+from edge_kernels.estimators import (
+    EstimatorOptions,
+    advantage_stats,
+    compute_advantages,
+    needed_inputs,
+    sequence_advantages,
+)
 
 from .checks import _check_arguments, _check_dataset_columns
 from .config import EdgeGRPOConfig

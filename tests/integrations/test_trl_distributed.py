@@ -26,7 +26,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from dist_helpers import launch, free_port, torchrun  # noqa: E402
+from dist_helpers import free_port, launch, torchrun  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))

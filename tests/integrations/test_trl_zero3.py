@@ -9,8 +9,8 @@ tied, soft-capped Gemma-2 head. Tolerances: both sides are fp32 computations of 
 orders (TRL: vocabulary tiles of ``torch.mm``; ours: the chunked PyTorch path): 1e-5 on log-probs and the loss,
 rtol 1e-4 / atol 1e-5 on gradients (as the FSDP2 test), 1e-6 on weights after one AdamW step of lr 1e-3 (the
 observed differences are ~1e-8). Also: the backward fails when the head is not gathered for it, and a target
-outside the vocabulary on one rank stops every rank with the same named error (no hang: the launch has a time
-limit and its process group is killed on failure).
+outside the vocabulary on one rank stops every rank with the same named error, under ZeRO-3 and under DDP (no
+hang: the launch has a time limit and its process group is killed on failure).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ pytest.importorskip("deepspeed")
 from dist_helpers import torchrun  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "dist", "zero3_head.py")
-CHECKS = ["native_qwen_bias", "native_gemma_tied", "no_backward_gather", "bad_target"]
+CHECKS = ["native_qwen_bias", "native_gemma_tied", "no_backward_gather", "bad_target", "bad_target_ddp"]
 
 
 def test_zero3_head_matches_trl_native_head():
