@@ -259,7 +259,7 @@ def _check_targets_on_every_rank(tgt, mask, weight) -> None:
     """In a multi-process run, every rank learns whether any rank has a target outside ``[0, V)`` and all raise
     the same ValueError: one rank raising alone would leave the others blocked in the next collective (the ZeRO-3
     gather, the FSDP2 all-gather, DDP's gradient all-reduce) until the backend's timeout. One small all-gather per
-    head call."""
+    head call, so every rank must call the fused head together (TRL's trainer does)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
