@@ -144,7 +144,8 @@ def run_options(args) -> dict:
         options["ddp_backend"] = "gloo"  # the CPU's collectives
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         options.pop("use_cpu", None)  # DeepSpeed picks its accelerator (DS_ACCELERATOR=cpu on a CPU)
-        options["ddp_backend"] = "gloo" if args.smoke else options.get("ddp_backend")
+        if args.smoke:
+            options["ddp_backend"] = "gloo"  # the smoke run is a CPU run
     options.update(output_dir=args.output_dir, use_vllm=args.use_vllm, vllm_mode=args.vllm_mode, logging_steps=1,
                    report_to="none", save_strategy="no")
     return options
