@@ -76,3 +76,55 @@ class CountCollectives:
     def take(self):
         out, self.calls = self.calls, []
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers (torchrun, accelerate launch) as bounded subprocesses
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, timeout: float, env=None, cwd=None) -> str:
+    """Run a launcher command line (``python -m torch.distributed.run ...``, ``accelerate launch ...``) in its own
+    process group with a hard time limit; the whole group is killed when it ends, fails or times out, so no rank
+    outlives the test. Returns the combined output; a non-zero exit or the time limit fails with its tail.
+    One thread per process and DeepSpeed's CPU accelerator unless ``env`` says otherwise."""
+    import signal
+    import subprocess
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                **(env or {})}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=cwd, start_new_session=True)
+    timed_out = False
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a finished or failed launcher
+        except ProcessLookupError:
+            pass
+    tail = "\n".join(out.splitlines()[-80:])
+    if timed_out:
+        raise AssertionError(f"{args[:4]}... ran past its {timeout:.0f} s limit (killed):\n{tail}")
+    if proc.returncode != 0:
+        raise AssertionError(f"{args[:4]}... exited with {proc.returncode}:\n{tail}")
+    return out
+
+
+def torchrun(script, *script_args, nproc=2, timeout=300.0, env=None) -> str:
+    """``python -m torch.distributed.run --nproc_per_node nproc script ...`` through :func:`launch`."""
+    import sys
+
+    return launch([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", str(script), *map(str, script_args)], timeout, env=env)

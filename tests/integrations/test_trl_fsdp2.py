@@ -43,6 +43,7 @@ def _loss(log_probs, entropy, mask):
 
 def check_fsdp2_head(rank, world, *, gather=False, empty_rank=None, temperature=0.7):
     import edge_kernels.integrations.trl as et
+    import edge_kernels.integrations.trl.head as eh
     from torch.distributed.tensor import DTensor
 
     g = torch.Generator().manual_seed(10 + rank)
@@ -63,7 +64,7 @@ def check_fsdp2_head(rank, world, *, gather=False, empty_rank=None, temperature=
 
     ours = _model(world)
     et.install_edge_lm_head(ours, temperature=temperature, impl="torch")
-    saved = et._fsdp2_vocab_slice, DTensor.full_tensor, et._fsdp2_sharded_head
+    saved = eh._fsdp2_vocab_slice, DTensor.full_tensor, eh._fsdp2_sharded_head
     calls = []
 
     def counted_head(*a, **k):  # the head's own collectives (FSDP2's backbone gathers also use dist.*)
@@ -71,9 +72,9 @@ def check_fsdp2_head(rank, world, *, gather=False, empty_rank=None, temperature=
             res = saved[2](*a, **k)
             calls.append(cc.take())
         return res
-    et._fsdp2_sharded_head = counted_head
+    eh._fsdp2_sharded_head = counted_head
     if gather:
-        et._fsdp2_vocab_slice = lambda *a: None
+        eh._fsdp2_vocab_slice = lambda *a: None
     else:  # the vocabulary-slice path never gathers the head
         def no_gather(*a, **k):
             raise AssertionError("the head was gathered")
@@ -81,7 +82,7 @@ def check_fsdp2_head(rank, world, *, gather=False, empty_rank=None, temperature=
     try:
         out = ours(input_ids=ids, labels=labels, fused_lm_head=True)
     finally:
-        et._fsdp2_vocab_slice, DTensor.full_tensor, et._fsdp2_sharded_head = saved
+        eh._fsdp2_vocab_slice, DTensor.full_tensor, eh._fsdp2_sharded_head = saved
     # sizes, rows, targets, statistics; none on the gathering fallback
     assert calls == ([] if gather else [["all_gather_into_tensor"] * 4]), calls
     _loss(out.log_probs, out.entropy, mask).backward()
