@@ -80,7 +80,8 @@ def _check_runs(ranks, mod, tmp_path):
         assert any(g > 0 for _, g in edge["logs"])
     # one group across both ranks: the rewards of the gathered batch are one prompt's G completions
     call0 = [r[True]["calls"][0] for r in ranks]
-    assert call0[0]["local"]["completion_ids"].shape[0] == mod.PER_DEVICE and call0[0]["rewards_per_func"].shape[0] == mod.G
+    assert call0[0]["local"]["completion_ids"].shape[0] == mod.PER_DEVICE
+    assert call0[0]["rewards_per_func"].shape[0] == mod.G
     local = torch.cat([c["advantages"] for c in call0])
     torch.testing.assert_close(local, _single_process_advantages(mod, ranks, tmp_path), rtol=0, atol=1e-5)
 
