@@ -43,7 +43,8 @@ class BuildPyWithCudaSources(build_py):
 
 def _cuda_module():
     """edge_kernels/backends/cuda.py loaded by path (the build needs its flags, not the installed package)."""
-    spec = importlib.util.spec_from_file_location("_edge_kernels_cuda_build", ROOT / "edge_kernels" / "backends" / "cuda.py")
+    path = ROOT / "edge_kernels" / "backends" / "cuda.py"
+    spec = importlib.util.spec_from_file_location("_edge_kernels_cuda_build", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

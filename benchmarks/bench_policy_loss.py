@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from .bench_logprob_entropy import BenchConfig, Impl, compiled, log_row, log
+from .bench_logprob_entropy import BenchConfig, Impl, compiled, log_row
 from .data import make_linear_data, oracle_linear
 from .env import free_memory
 from .report import PEAK_COLUMN, Results, dtype_name, fmt_num, shape_tag, table_columns

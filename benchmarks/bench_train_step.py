@@ -226,7 +226,7 @@ def run_cases(cfg: BenchConfig) -> Dict[str, Any]:
         "loss_tolerance": tol, "reference_loss": ref_loss,
         "notes": notes, "columns": TRAIN_STEP_COLUMNS, "rows": rows,
     }
-    del model, batch
+    model = batch = None  # free the case before the next (the row builders above close over both)
     free_memory(dev)
     return section
 

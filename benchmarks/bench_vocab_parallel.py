@@ -106,7 +106,7 @@ def _bytes_counter(log):
 
 def _time_rank(rank, world, init_file, n, d, vocab, reps, out_file):
     torch.set_num_threads(1)
-    from edge_kernels import linear_logprob_entropy
+    from edge_kernels import VocabParallel, linear_logprob_entropy
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=g)
@@ -118,7 +118,7 @@ def _time_rank(rank, world, init_file, n, d, vocab, reps, out_file):
         v_r = math.ceil(vocab / world)
         lo, hi = rank * v_r, min(vocab, (rank + 1) * v_r)
         weight = weight[lo:hi].contiguous()
-        kw = dict(process_group=dist.group.WORLD, vocab_start=lo)
+        kw = dict(vocab_parallel=VocabParallel(dist.group.WORLD, vocab_start=lo))
     times, log = [], []
     for i in range(reps + 1):
         h = hidden.clone().requires_grad_()

@@ -54,8 +54,9 @@ class TimingConfig:
     cpu_warmup: bool = True  # one untimed call first (off for rows whose calls are very slow, e.g. the interpreter)
 
 
-def bench(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig = TimingConfig()) -> Timing:
-    """Median / p20 / p80 of ``fn()`` in ms."""
+def bench(fn: Callable[[], Any], device: torch.device, cfg: Optional[TimingConfig] = None) -> Timing:
+    """Median / p20 / p80 of ``fn()`` in ms (``cfg``: the defaults of :class:`TimingConfig` when None)."""
+    cfg = TimingConfig() if cfg is None else cfg
     if device.type == "cuda":
         from triton.testing import do_bench
 

@@ -21,6 +21,7 @@ from .estimators import EstimatorOptions, compute_advantages
 from .losses import fused_linear_policy_loss, policy_loss
 from .ops.linear_logprob_entropy import linear_logprob_entropy
 from .ops.logprob_entropy import logprob_entropy
+from .ops.vocab_parallel import VocabParallel
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     # kernels
     "linear_logprob_entropy",
     "logprob_entropy",
+    "VocabParallel",
     # losses
     "policy_loss",
     "fused_linear_policy_loss",

@@ -16,7 +16,8 @@ constants of the loss, except in :func:`eda_advantages`, which lets gradient flo
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -151,7 +152,8 @@ def _choice(name: str, value, allowed: Sequence[str]) -> str:
 # groups
 
 
-class _Groups(NamedTuple):
+@dataclass(frozen=True)
+class _Groups:
     index: Tensor  # [B] int64, the group of each row, in [0, count)
     count: int  # number of groups
     sizes: Tensor  # [count] int64, rows per group (every group has >= 1 row)

@@ -3,7 +3,8 @@
 Owns the names, defaults and validation of every estimator option (GRPO scale/eps; EDA entropy source, eps and
 clamp; EGPO uncertainty, weight bounds, mode, renorm and NSR value; ProGRPO alpha, low fraction and baseline;
 EP-GRPO gate bounds, buckets and lambda) and the dispatch from an estimator's name to the formulas of
-:mod:`edge_kernels.advantage_formulas` (docs/algorithms.md sections 1, 2, 4 and 5). edge-train (``Trainer._advantages``),
+:mod:`edge_kernels.advantage_formulas` (docs/algorithms.md sections 1, 2, 4 and 5). edge-train
+(``Trainer._advantages``),
 the TRL adapter (``EdgeGRPOTrainer._edge_advantages``) and the verl adapter (``algorithm.adv_estimator=edge_*``)
 only map their configuration onto :class:`EstimatorOptions` (the option names are the same in all three: the
 field names below) and call :func:`compute_advantages`; none forms an advantage by hand.
@@ -172,17 +173,16 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor, *
     baseline only. ``"dr_grpo"`` is ``"grpo"`` with ``adv_scale="none"``.
     """
     o = options.check_for(estimator)
-    groups = {"group_size": group_size, "group_ids": group_ids}
     mask = response_mask != 0
     valid = mask.any(-1) if valid is None else valid
     thr = o.correct_threshold
     scale = "none" if estimator == "dr_grpo" else o.adv_scale
-    base = adv.grpo_advantages(rewards, scale=scale, eps=o.adv_eps, **groups)
+    base = adv.grpo_advantages(rewards, scale=scale, eps=o.adv_eps, group_size=group_size, group_ids=group_ids)
     stats: Dict[str, Tensor] = {}
     out = base
     if estimator == "eda":
         p = adv.seq_mean_entropy(_need("entropy", entropy, estimator).detach(), mask)
-        s = adv.eda_scale(p, eps=o.eda_eps, clamp=o.eda_clamp, valid=valid, **groups)
+        s = adv.eda_scale(p, eps=o.eda_eps, clamp=o.eda_clamp, valid=valid, group_size=group_size, group_ids=group_ids)
         out = base * s
         stats = {"seq_entropy_mean": p.mean(), "eda_scale_mean": s.mean()}
     elif estimator == "egpo":
@@ -192,17 +192,18 @@ def compute_advantages(estimator: str, rewards: Tensor, response_mask: Tensor, *
             u = adv.seq_mean_entropy(_need("entropy", entropy, estimator).detach(), mask)
         out = adv.egpo_advantages(rewards, u, w_min=o.egpo_w_min, w_max=o.egpo_w_max, mode=o.egpo_mode,
                                   renorm=o.egpo_renorm, nsr_value=o.egpo_nsr_value, eps=o.egpo_eps, scale=scale,
-                                  correct_threshold=thr, valid=valid, **groups)
+                                  correct_threshold=thr, valid=valid, group_size=group_size, group_ids=group_ids)
         stats = {"seq_uncertainty_mean": u.mean()}
     elif estimator == "prog_grpo":
         out = adv.prog_grpo_advantages(base, _need("old_logp", old_logp, estimator).detach(), mask, rewards,
                                        alpha=o.prog_alpha, low_frac=o.prog_low_frac, baseline=o.prog_baseline,
                                        prompt_logp=prompt_logp, prompt_mask=prompt_mask, correct_threshold=thr,
-                                       **groups)
+                                       group_size=group_size, group_ids=group_ids)
     elif estimator == "ep_grpo":
         out = adv.ep_grpo_token_advantages(base, _need("entropy", entropy, estimator).detach(), mask, rewards,
                                            g_min=o.ep_g_min, g_max=o.ep_g_max, num_buckets=o.ep_num_buckets,
-                                           lam=o.ep_lambda, eps=o.ep_eps, correct_threshold=thr, **groups)
+                                           lam=o.ep_lambda, eps=o.ep_eps, correct_threshold=thr,
+                                           group_size=group_size, group_ids=group_ids)
     rescale = estimator == "eda" and o.eda_entropy_source == "current"
     return Estimate(out, base, rescale, {k: v.detach() for k, v in stats.items()})
 

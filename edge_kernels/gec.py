@@ -187,8 +187,10 @@ def apply_gec(
         conts = generate(regen_prefix, max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=top_p,
                          desc="gec")
         for i, cont in zip(regen_rows, conts):
-            out[i].tokens.extend(cont)
-            out[i].injected.extend([False] * len(cont))
+            row = out[i]
+            assert row is not None  # every regenerated row got its prefix above
+            row.tokens.extend(cont)
+            row.injected.extend([False] * len(cont))
     return out  # type: ignore[return-value]
 
 

@@ -1,7 +1,7 @@
 """verl adapter: ``edge_``-prefixed policy losses and advantage estimators, and our fused kernel in verl.
 
 Importing this module (which ``import verl`` does by itself once edge-kernels is installed, through the
-``verl.plugins`` entry point) registers, with verl 0.9's calling conventions:
+``verl.plugins`` entry point) registers, with verl 0.9's calling conventions, and does nothing else:
 
 * policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode=...``), built on
   :func:`edge_kernels.losses.policy_loss` and normalised over the global batch exactly like verl's ``agg_loss``:
@@ -23,10 +23,13 @@ log-probs and entropies it computed are not forwarded (the legacy trainer even p
 that keeps them is the smallest possible: a wrapper of ``PPOTrainer._compute_advantage`` (v1 trainer, the
 default ``trainer.use_v1=True``) that reads ``old_log_probs`` and ``entropy`` back from the TransferQueue, and a
 wrapper of ``RayPPOTrainer._compute_old_log_prob`` (legacy trainer) that copies them before they are dropped.
-Both hand them to our estimators through :func:`side_inputs` and do nothing for any other estimator. They are
-installed when verl imports those trainer modules (a post-import hook set by this module); set
-``EDGE_KERNELS_VERL_HOOKS=0`` to disable them. Estimators that need these inputs raise a clear error without them
-(e.g. in ``rollout_correction.bypass_mode``, where verl computes no entropies).
+Both hand them to our estimators through :func:`side_inputs` and do nothing for any other estimator. Importing
+this module (``import verl``) installs nothing: the hooks are installed by :func:`install_hooks`, which
+``EDGE_KERNELS_VERL_HOOKS=1`` in the driver's environment calls on import (verl's ``main_ppo`` runs no user code
+before the trainer, so the variable is the way to ask from the command line). A trainer module verl has not
+imported yet is patched right after it is (a one-shot ``sys.meta_path`` finder); a hook that cannot be installed
+raises with the reason. ``edge_grpo`` needs no hook; the estimators that need the inputs raise a clear error
+without them (also in ``rollout_correction.bypass_mode``, where verl computes no entropies).
 
 Fused kernels: with ``EDGE_KERNELS_VERL_FUSED_KERNELS=1`` in the workers' environment (or
 :func:`patch_verl_fused_kernels` called in them), verl's ``use_fused_kernels`` path (both
@@ -50,7 +53,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -59,6 +62,7 @@ from edge_kernels.estimators import DEFAULTS as _EST_DEFAULTS
 from edge_kernels.estimators import compute_advantages, needed_inputs, options_from
 from edge_kernels.losses import policy_loss as _policy_loss
 from edge_kernels.ops.linear_logprob_entropy import linear_logprob_entropy
+from edge_kernels.ops.vocab_parallel import VocabParallel
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ __all__ = [
     "side_inputs",
     "stash_side_inputs",
     "needed_side_inputs",
-    "install_trainer_hooks",
+    "install_hooks",
     "patch_verl_fused_kernels",
     "edge_linear_cross_entropy",
 ]
@@ -230,6 +234,8 @@ def _options(config):
                 edge = OmegaConf.to_container(edge, resolve=True)
         except ImportError:  # pragma: no cover
             pass
+        if not isinstance(edge, dict):
+            raise ValueError(f"algorithm.edge must be a mapping of options, got {type(edge).__name__}")
         unknown = sorted(set(edge) - set(EDGE_OPTIONS))
         if unknown:
             raise ValueError(f"unknown algorithm.edge option(s) {unknown}; known: {sorted(EDGE_OPTIONS)}")
@@ -270,10 +276,10 @@ def _side(name: str, explicit: Optional[torch.Tensor], side: dict, shape, estima
     if x is None:
         raise ValueError(
             f"{estimator} needs the old policy's per-token {name} ([B, T]), which verl's compute_advantage does not "
-            "pass to estimators. edge_kernels.integrations.verl keeps them when the trainer hooks are installed "
-            "(the default for the verl.plugins entry point / VERL_USE_EXTERNAL_MODULES; not disabled with "
-            "EDGE_KERNELS_VERL_HOOKS=0), and when old log-probs are recomputed: rollout_correction.bypass_mode "
-            "computes no entropies."
+            "pass to estimators. edge_kernels.integrations.verl keeps them once its trainer hooks are installed "
+            "(EDGE_KERNELS_VERL_HOOKS=1 in the driver's environment, or edge_kernels.integrations.verl."
+            "install_hooks() before the trainer runs), and when old log-probs are recomputed: "
+            "rollout_correction.bypass_mode computes no entropies."
         )
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{estimator}: {name} has shape {tuple(x.shape)}, expected the response mask's {tuple(shape)}")
@@ -292,8 +298,9 @@ def _make_estimator(name: str):
         mask = response_mask.bool()
         scores = token_level_rewards.sum(dim=-1).float()
         gid = _group_ids(index, scores.shape[0], scores.device)
-        inputs = {k: _side(_SIDE_NAMES[k], {"old_logp": old_log_probs, "entropy": entropys}[k], side, mask.shape,
-                           name).float() for k in needed_inputs(name[len("edge_"):], opts)}
+        given = {"old_logp": old_log_probs, "entropy": entropys}
+        inputs: Dict[str, Any] = {k: _side(_SIDE_NAMES[k], given[k], side, mask.shape, name).float()
+                                  for k in needed_inputs(name[len("edge_"):], opts)}
         with torch.no_grad():
             adv = compute_advantages(name[len("edge_"):], scores, mask, group_ids=gid, options=opts,
                                      **inputs).advantages
@@ -372,7 +379,7 @@ def _wrap_v1_compute_advantage(orig):
         with side_inputs(**{n: padded[fields[n]] for n in needs}):
             return orig(self, batch, metrics)
 
-    _compute_advantage._edge_kernels_hook = True
+    _OURS.add(_compute_advantage)
     return _compute_advantage
 
 
@@ -386,20 +393,35 @@ def _wrap_legacy_compute_old_log_prob(orig):
                               entropys=old_log_prob.batch["entropys"])
         return old_log_prob, mfu
 
-    _compute_old_log_prob._edge_kernels_hook = True
+    _OURS.add(_compute_old_log_prob)
     return _compute_old_log_prob
 
 
+# the wrappers and guards this module installed (so a second install is a no-op)
+_OURS: set = set()
+
+
+def hooked(fn) -> bool:
+    """Whether ``fn`` is one of this module's trainer wrappers or guards."""
+    return fn in _OURS
+
+
+def _patch(module, cls_name: str, method: str, wrap) -> None:
+    cls = getattr(module, cls_name, None)
+    orig = getattr(cls, method, None)
+    if cls is None or orig is None:
+        raise RuntimeError(f"edge_kernels: cannot install the verl trainer hook: {module.__name__}.{cls_name}."
+                           f"{method} does not exist in this verl (tested with {SUPPORTED_VERL})")
+    if not hooked(orig):
+        setattr(cls, method, wrap(orig))
+
+
 def _patch_v1(module) -> None:
-    cls = module.PPOTrainer
-    if not getattr(cls._compute_advantage, "_edge_kernels_hook", False):
-        cls._compute_advantage = _wrap_v1_compute_advantage(cls._compute_advantage)
+    _patch(module, "PPOTrainer", "_compute_advantage", _wrap_v1_compute_advantage)
 
 
 def _patch_legacy(module) -> None:
-    cls = module.RayPPOTrainer
-    if not getattr(cls._compute_old_log_prob, "_edge_kernels_hook", False):
-        cls._compute_old_log_prob = _wrap_legacy_compute_old_log_prob(cls._compute_old_log_prob)
+    _patch(module, "RayPPOTrainer", "_compute_old_log_prob", _wrap_legacy_compute_old_log_prob)
 
 
 _TRAINER_HOOKS = {
@@ -438,20 +460,19 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
                 sys.meta_path.remove(hook)
             _run_hook(hook.callback, module)
 
-        loader.exec_module = exec_module
+        setattr(loader, "exec_module", exec_module)
         return spec
 
 
 def _run_hook(callback, module) -> None:
-    try:
-        callback(module)
-    except Exception:  # never break verl's own import
-        logger.warning("edge_kernels: could not install the verl trainer hook on %s", module.__name__, exc_info=True)
+    # a hook that cannot be installed fails the import of that trainer module, with the reason
+    callback(module)
 
 
-def install_trainer_hooks() -> None:
-    """Install the side-input hooks on verl's trainers: now for already imported trainer modules, else right
-    after verl imports them (idempotent)."""
+def install_hooks() -> None:
+    """Install the side-input hooks on verl's trainers (idempotent): now for the trainer modules already
+    imported, else right after verl imports them. Raises ``RuntimeError`` naming what is missing when a hook
+    cannot be installed (a verl whose trainer differs from the tested one)."""
     for name, patch in _TRAINER_HOOKS.items():
         module = sys.modules.get(name)
         if module is not None:
@@ -480,17 +501,17 @@ def edge_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels
     no collective backward)."""
     if reduction != "none":
         raise NotImplementedError(f"edge_linear_cross_entropy supports reduction='none' only, got {reduction!r}")
-    sharded = {}
+    sharded = None
     if dist_process_group is not None and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size(dist_process_group) > 1:
-        sharded = dict(process_group=dist_process_group, reduce_hidden_grad=False,
-                       vocab_start=torch.distributed.get_rank(dist_process_group) * weight.shape[0])
+        sharded = VocabParallel(dist_process_group, reduce_hidden_grad=False,
+                                vocab_start=torch.distributed.get_rank(dist_process_group) * weight.shape[0])
     _announce_fused_kernel()
     h = hidden.reshape(-1, hidden.shape[-1])
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
     logp, ent = linear_logprob_entropy(h, weight, labels.reshape(-1), temperature=float(temperature),
-                                       impl=_kernel_impl(), **sharded)
+                                       impl=_kernel_impl(), vocab_parallel=sharded)
     return logp, ent
 
 
@@ -527,7 +548,7 @@ def _refuse_soft_capped_models(patch_forward):
             )
         return patch_forward(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
 
-    guarded._edge_kernels_guard = True
+    _OURS.add(guarded)
     return guarded
 
 
@@ -541,22 +562,22 @@ def patch_verl_fused_kernels() -> None:
     """
     from verl.utils.kernel import linear_cross_entropy as lce
 
-    lce.linear_cross_entropy = edge_linear_cross_entropy
+    setattr(lce, "linear_cross_entropy", edge_linear_cross_entropy)
     # modules that bound the name at import (Megatron forward) are rebound too
     for mod_name in ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap"):
         mod = sys.modules.get(mod_name)
         if mod is not None and hasattr(mod, "linear_cross_entropy"):
-            mod.linear_cross_entropy = edge_linear_cross_entropy
+            setattr(mod, "linear_cross_entropy", edge_linear_cross_entropy)
     try:
         from verl.utils.experimental import torch_functional as tf
 
-        tf.FusedLinearForPPO.forward = _edge_fused_linear_for_ppo_forward
+        setattr(tf.FusedLinearForPPO, "forward", _edge_fused_linear_for_ppo_forward)
     except ImportError:  # pragma: no cover
         pass
     try:
         from verl.models.transformers import monkey_patch as mp
 
-        if not getattr(mp.patch_forward_with_backends, "_edge_kernels_guard", False):
+        if not hooked(mp.patch_forward_with_backends):
             mp.patch_forward_with_backends = _refuse_soft_capped_models(mp.patch_forward_with_backends)
     except ImportError:  # pragma: no cover
         pass
@@ -567,7 +588,8 @@ def _env_flag(name: str, default: str) -> bool:
 
 
 register()
-if _env_flag("EDGE_KERNELS_VERL_HOOKS", "1"):
-    install_trainer_hooks()
+# the two explicit opt-ins below are the only work on import beyond the registration
+if _env_flag("EDGE_KERNELS_VERL_HOOKS", "0"):
+    install_hooks()
 if _env_flag("EDGE_KERNELS_VERL_FUSED_KERNELS", "0"):
     patch_verl_fused_kernels()

@@ -74,7 +74,8 @@ def cpu_build(tmp_path_factory):
     link the sm_90 objects with bindings into an importable extension. Returns a dict of results."""
     nvcc = _nvcc()
     if nvcc is None:
-        pytest.skip("nvcc not found (no CUDA toolkit on PATH, in CUDA_HOME or /usr/local/cuda): csrc/ cannot be compiled")
+        pytest.skip("nvcc not found (no CUDA toolkit on PATH, in CUDA_HOME or /usr/local/cuda): csrc/ cannot be "
+                    "compiled")
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     out = tmp_path_factory.mktemp("csrc_build")
     nvcc_flags, cxx_flags = _cuda.standalone_compile_flags()

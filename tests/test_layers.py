@@ -114,3 +114,34 @@ def test_bottom_modules_import_nothing_of_the_package(module):
     own = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or
                                                                           (n.module or "").startswith("edge_kernels"))]
     assert not own, f"{module} imports {[(n.module, n.level) for n in own]}"
+
+
+def test_no_function_local_import_of_the_package_below_the_trainers():
+    """Below edge-train and the adapters, a function-local import of the package's own modules is allowed only
+    for a module that imports an optional third-party package, named in a comment on that line (or the one
+    above): anything else is a hidden cycle the layer contract should see."""
+    bad = []
+    for path in sorted((ROOT / "edge_kernels").rglob("*.py")):
+        if "train" in path.relative_to(ROOT / "edge_kernels").parts:
+            continue
+        lines = path.read_text().splitlines()
+        for base, _, line in _local_imports(path, _module_of(path)):
+            if not base.startswith("edge_kernels"):
+                continue
+            near = " ".join(lines[max(0, line - 2): line + 1])
+            if not any(pkg in near for pkg in OPTIONAL):
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {base}")
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_below_the_adapters_imports_them():
+    """The adapters (integrations/, installed as edge_kernels.integrations) are the top layer; import-linter
+    cannot see that mapped package, so this test checks the arrow into it."""
+    bad = []
+    for path in sorted((ROOT / "edge_kernels").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n.startswith(("edge_kernels.integrations", "integrations")) for n in names):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, "\n".join(bad)

@@ -321,7 +321,8 @@ def make_fused_inputs(seed=0):
     mask[0, 3:] = 0
     mask[2, 4] = 0
     targets = torch.where(mask == 0, torch.full_like(targets, -7), targets)  # padding garbage must be ignored
-    old = oracle_logp_entropy(hidden, weight, bias, targets.clamp(min=0))[0].float() + 0.4 * torch.randn(B, T, generator=g)
+    old = oracle_logp_entropy(hidden, weight, bias, targets.clamp(min=0))[0].float() \
+        + 0.4 * torch.randn(B, T, generator=g)
     ref = old + 0.3 * torch.randn(B, T, generator=g)
     adv = torch.tensor([1.0, -0.5, 0.8])
     return hidden, weight, bias, targets, mask, old, ref, adv
@@ -429,7 +430,8 @@ def test_fused_three_matmul_path_matches_four_matmul_path(agg, dtype, monkeypatc
     backward (four matmuls), for every aggregation, with KL, entropy bonus, dual clip and a bias."""
     seen = []
     fwd, bwd = backends.REGISTRY[("linear_logprob_entropy", "torch")]
-    monkeypatch.setitem(backends.REGISTRY, ("linear_logprob_entropy", "torch"), (fwd, lambda *a: seen.append(1) or bwd(*a)))
+    monkeypatch.setitem(backends.REGISTRY, ("linear_logprob_entropy", "torch"),
+                        (fwd, lambda *a: seen.append(1) or bwd(*a)))
     hidden, weight, bias, targets, mask, old, ref, adv = make_fused_inputs()
     kw = dict(old_logp=old, ref_logp=ref, kl_coef=0.1, kl_type="k3", entropy_coef=0.02, dual_clip=3.0, agg=agg,
               bias=bias.to(dtype), temperature=TEMP, impl="torch")

@@ -231,7 +231,8 @@ def load():
             try:
                 mod = importlib.import_module(AOT_MODULE)
             except ImportError as e:  # e.g. built against another torch: fall back to the JIT build
-                warnings.warn(f"edge_kernels: the prebuilt {AOT_MODULE} does not load ({e}); building just in time")
+                warnings.warn(f"edge_kernels: the prebuilt {AOT_MODULE} does not load ({e}); building just in time",
+                              stacklevel=2)
         if mod is None:
             if _nvcc_path() is None:
                 raise RuntimeError("edge_kernels: impl='cuda' is unavailable: the prebuilt extension does not "
@@ -283,7 +284,8 @@ def _torch_cxx_std() -> str:
     return "-std=c++20" if "-std=c++20" in text else "-std=c++17"
 
 
-def standalone_compile_flags(extension_name: str = JIT_NAME, defines: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
+def standalone_compile_flags(extension_name: str = JIT_NAME,
+                             defines: Sequence[str] = ()) -> Tuple[List[str], List[str]]:
     """``(nvcc flags, c++ flags)`` equivalent to what ``torch.utils.cpp_extension`` passes when building this
     extension (its common nvcc flags, C++ standard, ABI, extension defines, include folders, Python headers)
     plus ours, without any ``-gencode``/``-c``/``-o``. Works with a CPU-only torch."""

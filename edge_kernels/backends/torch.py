@@ -19,7 +19,7 @@ policy loss's three-matmul path (:mod:`edge_kernels.losses.three_matmul`). The r
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, overload
 
 import torch
 
@@ -154,7 +154,14 @@ def compact_rows(keep: Tensor):
     return None if idx.numel() == keep.numel() else idx
 
 
+@overload
+def take_rows(t: Tensor, idx: Optional[Tensor]) -> Tensor: ...
+@overload
+def take_rows(t: None, idx: Optional[Tensor]) -> None: ...
+
+
 def take_rows(t: Optional[Tensor], idx: Optional[Tensor]) -> Optional[Tensor]:
+    """The rows ``idx`` of ``t`` (all of them when ``idx`` is None; None stays None)."""
     return t if t is None or idx is None else t.index_select(0, idx)
 
 
@@ -252,15 +259,15 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     Vocabulary chunks outside, row blocks inside: each weight chunk is upcast (16-bit on the CPU) once and
     reused by the logits GEMM and the ``d_hidden`` GEMM, and its ``d_weight`` rows are final when the chunk
     ends, so a 16-bit weight needs only a chunk-sized fp32 accumulator, never a ``V x D`` one."""
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     active = grad_logp != 0 if grad_entropy is None else (grad_logp != 0) | (grad_entropy != 0)
     idx = compact_rows(active)
     h = take_rows(hidden, idx)
-    dh = torch.zeros(hidden.shape, device=hidden.device) if needs_hidden else None
     dw = torch.zeros_like(weight) if needs_weight else None
-    db = torch.zeros(vocab, device=weight.device) if needs_bias else None
+    db = torch.zeros(vocab, device=weight.device) if needs_bias and bias is not None else None
     if h.shape[0] == 0:
-        return (dh.to(hidden.dtype) if needs_hidden else None), dw, (db.to(bias.dtype) if needs_bias else None)
+        dh0 = torch.zeros_like(hidden) if needs_hidden else None
+        return dh0, dw, (None if db is None or bias is None else db.to(bias.dtype))
     lse, g_l = take_rows(lse, idx), take_rows(grad_logp, idx)
     a, c = grad_coefs(take_rows(entropy, idx), g_l, take_rows(grad_entropy, idx), inv_temp)
     g_t, tgt = g_l * inv_temp, take_rows(targets, idx)
@@ -273,8 +280,8 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
     dh_act = torch.zeros((h.shape[0], h.shape[1]), device=hidden.device) if needs_hidden else None
     for c0, c1 in _chunks(vocab, chunk):
         w = weight[c0:c1] if mixed else weight[c0:c1].float()
-        dw_c = dw[c0:c1] if needs_weight and dw.dtype == torch.float32 else \
-            (torch.empty(w.shape, device=w.device) if needs_weight else None)
+        dw_c = None if dw is None else dw[c0:c1] if dw.dtype == torch.float32 else \
+            torch.empty(w.shape, device=w.device)
         bias_c = None if bias is None else bias[c0:c1].float()
         for r0 in range(0, h.shape[0], rows):
             r1 = min(h.shape[0], r0 + rows)
@@ -285,20 +292,20 @@ def linear_logprob_entropy_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
             if cap is not None:
                 dz.mul_(cap)
             dz_op = dz.to(h_op.dtype) if mixed else dz  # CUDA out_dtype GEMMs take 16-bit dz, as Triton's
-            if needs_hidden:
+            if dh_act is not None:
                 mm_into(dh_act[r0:r1], dz_op, w, accumulate=True)
-            if needs_weight:
+            if dw_c is not None:
                 mm_into(dw_c, dz_op.t(), h_op[r0:r1], accumulate=r0 > 0)
-            if needs_bias:
+            if db is not None:
                 db[c0:c1] += dz.sum(dim=0)
-        if needs_weight and dw_c.data_ptr() != dw[c0:c1].data_ptr():
+        if dw is not None and dw_c is not None and dw_c.data_ptr() != dw[c0:c1].data_ptr():
             dw[c0:c1] = dw_c.to(dw.dtype)
-    if needs_hidden:
-        if idx is None:
-            dh = dh_act
-        else:
-            dh.index_copy_(0, idx, dh_act)
-    return (dh.to(hidden.dtype) if needs_hidden else None), dw, (db.to(bias.dtype) if needs_bias else None)
+    dh = None
+    if dh_act is not None:
+        dh = dh_act if idx is None else \
+            torch.zeros(hidden.shape, device=hidden.device).index_copy_(0, idx, dh_act)
+    db_out = None if db is None or bias is None else db.to(bias.dtype)
+    return (None if dh is None else dh.to(hidden.dtype)), dw, db_out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +354,8 @@ def linear_forward(hidden, weight, bias, targets, params: LaunchParams):
 def linear_backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, params: LaunchParams,
                     needs):
     return linear_logprob_entropy_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-                                      params.inv_temp, params.chunk_size, *needs, softcap=params.softcap)
+                                      params.inv_temp, params.chunk_size, needs[0], needs[1], needs[2],
+                                      softcap=params.softcap)
 
 
 def logits_forward(x3, targets, params: LaunchParams):

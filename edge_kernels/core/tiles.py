@@ -51,6 +51,7 @@ def grad_logits_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy
     dz = -grad_logp[:, None] * p
     active = grad_logp != 0
     if grad_entropy is not None:
+        assert entropy is not None, "an entropy gradient needs the forward's entropy"
         ent_term = p * torch.where(torch.isneginf(z), torch.zeros_like(p), z - lse[:, None] + entropy[:, None])
         dz = dz - grad_entropy[:, None] * ent_term
         active = active | (grad_entropy != 0)

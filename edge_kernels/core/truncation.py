@@ -13,7 +13,8 @@ choice of the ``k_tau``; the gradient is shared symmetrically). Kernels see it a
 The threshold is found without ``[N, V]`` logits: ``tiles()`` yields fp32 logits chunks ``(col0, z [n, c])`` and
 is walked a few times (one pass for the max and a streaming top-k merge, one for min-p, four radix-select passes
 on the fp32 bit pattern with per-bin count and probability mass for top-p, the first also summing the kept mass,
-or for a top-k above ``TOPK_MERGE_MAX``). Torch only; every backend calls it with tiles bit-identical to the ones its kernels form.
+or for a top-k above ``TOPK_MERGE_MAX``). Torch only; every backend calls it with tiles bit-identical to the
+ones its kernels form.
 The options are validated by :func:`edge_kernels.ops.validation.check_truncation`.
 """
 

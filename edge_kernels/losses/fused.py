@@ -8,7 +8,7 @@ of :mod:`.three_matmul` (the gradient formed in the forward), then applies the o
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -16,6 +16,7 @@ from ..advantage_formulas import eda_scale as _eda_scale_formula
 from ..advantage_formulas import seq_mean_entropy
 from ..ops.linear_logprob_entropy import linear_logprob_entropy
 from ..ops.validation import check_softcap, validate_linear_inputs
+from ..ops.vocab_parallel import VocabParallel
 from .objectives import (
     EDA_MODES,
     _check_advantages,
@@ -40,7 +41,8 @@ def _eda_current(advantages: Tensor, entropy: Tensor, mask: Tensor, group_size, 
     :func:`edge_kernels.advantage_formulas.eda_scale` of ``P_i = mean_t[H]`` of the policy being updated (gradient
     through ``1 / P_i``, group mean detached). Returns ``(A^ [B], s [B])``."""
     p = seq_mean_entropy(entropy, mask)
-    s = _eda_scale_formula(p, group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp, valid=(mask != 0).any(-1))
+    s = _eda_scale_formula(p, group_size=group_size, group_ids=group_ids, eps=eps, clamp=clamp,
+                           valid=(mask != 0).any(-1))
     return advantages.to(p.dtype) * s, s
 
 
@@ -73,17 +75,15 @@ def fused_linear_policy_loss(
     agg: str = "token-mean",
     max_len: Optional[int] = None,
     softcap: Optional[float] = None,
-    process_group=None,
-    reduce_hidden_grad: bool = True,
-    vocab_start: Optional[int] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Policy loss from hidden states and the LM head, without ``[B, T, V]`` logits (section 6; section 2 for EDA).
 
     Log-probs and full-vocabulary entropies come from :func:`edge_kernels.linear_logprob_entropy` at
     ``temperature``; masked positions get ``ignore_index`` targets, so their targets may be anything (padding)
     and their gradient is 0 (the Triton kernel skips a 128-row block whose rows are all masked; the cuBLAS
-    matmuls and the PyTorch path still run over every row). The entropy is always computed (free in the forward, and reported as
-    ``entropy_mean``) but enters the graph only where its gradient is needed (``entropy_coef != 0`` or
+    matmuls and the PyTorch path still run over every row). The entropy is always computed (free in the forward,
+    and reported as ``entropy_mean``) but enters the graph only where its gradient is needed (``entropy_coef != 0`` or
     ``eda="current"``); otherwise a detached copy is used and the backward does no entropy-gradient work.
 
     Args:
@@ -105,9 +105,9 @@ def fused_linear_policy_loss(
         clip_low ... max_len: as in :func:`policy_loss`.
         softcap: the model's final-logit soft-cap (Gemma 2/3), passed to
             :func:`edge_kernels.linear_logprob_entropy`; None for none.
-        process_group, reduce_hidden_grad, vocab_start: a vocabulary-sharded LM head (``weight``/``bias`` are
-            this rank's slice), passed to :func:`edge_kernels.linear_logprob_entropy`; every rank gets the same
-            loss and metrics, its own ``d_weight`` slice and the summed (or partial) ``d_hidden``.
+        vocab_parallel: a :class:`~edge_kernels.VocabParallel` for a vocabulary-sharded LM head (``weight``/
+            ``bias`` are this rank's slice), passed to :func:`edge_kernels.linear_logprob_entropy`; every rank gets
+            the same loss and metrics, its own ``d_weight`` slice and the summed (or partial) ``d_hidden``.
 
     Returns:
         ``(loss, metrics)`` as :func:`policy_loss` (the advantage metrics describe the EDA-rescaled
@@ -119,11 +119,11 @@ def fused_linear_policy_loss(
                         top_entropy_quantile, agg, max_len)
     tgt = targets.to(torch.int64)
     tgt = torch.where(mask != 0, tgt, torch.full_like(tgt, _IGNORE_INDEX))
-    loss_kwargs = dict(ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+    loss_kwargs: Dict[str, Any] = dict(ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                        is_level=is_level, kl_coef=kl_coef, kl_type=kl_type, entropy_coef=entropy_coef,
                        top_entropy_quantile=top_entropy_quantile, agg=agg, max_len=max_len,
                        group_size=group_size, group_ids=group_ids)
-    if process_group is None and three_matmul_applies(impl, hidden, weight, bias, advantages, eda, is_level,
+    if vocab_parallel is None and three_matmul_applies(impl, hidden, weight, bias, advantages, eda, is_level,
                                                       top_entropy_quantile, chunk_size):
         inv_temp = 1.0 / validate_linear_inputs(hidden, weight, tgt, bias, temperature, chunk_size, _IGNORE_INDEX)
         return fused_policy_loss_three_matmul(hidden, weight, tgt, bias, inv_temp, _IGNORE_INDEX,
@@ -131,8 +131,7 @@ def fused_linear_policy_loss(
     logp, entropy = linear_logprob_entropy(hidden, weight, tgt, bias=bias, temperature=temperature,
                                            ignore_index=_IGNORE_INDEX, return_entropy=True,
                                            chunk_size=chunk_size, softcap=softcap, impl=impl,
-                                           process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
-                                           vocab_start=vocab_start)
+                                           vocab_parallel=vocab_parallel)
     eda_scale = None
     if eda == "current":
         advantages, eda_scale = _eda_current(advantages, entropy, mask, group_size, group_ids, eda_eps, eda_clamp)

@@ -296,11 +296,14 @@ def policy_loss(
     per_token, pg_clip = _clipped_surrogate(adv, ratio, clip_low, clip_high, dual_clip)
     kl = None if ref_logp is None else _kl(torch.where(valid, l - ref_logp.detach().to(dtype), zero), kl_type)
     ent = None if entropy is None else torch.where(valid, entropy.to(dtype), zero)
+    # _check_policy_inputs made sure: kl_coef != 0 has ref_logp, entropy_coef != 0 or q < 1 has entropy
     if kl_coef != 0.0:
+        assert kl is not None
         per_token = per_token + kl_coef * kl
     if entropy_coef != 0.0:
+        assert ent is not None
         per_token = per_token - entropy_coef * ent
-    keep = _entropy_quantile_keep(ent.detach(), valid, q) if q < 1.0 else None
+    keep = _entropy_quantile_keep(ent.detach(), valid, q) if q < 1.0 and ent is not None else None
     loss_mask = m if keep is None else m * keep.to(dtype)
     loss = aggregate(per_token, loss_mask, agg, max_len)
 

@@ -5,9 +5,9 @@ With token-level ratios (``is_level="token"``), every aggregation mode, no entro
 constants: advantages, old/ref log-probs, the mask's denominators), so it is known as soon as the token's row
 log-sum-exp is. This module walks the tokens in row blocks, each with the whole vocabulary: one GEMM forms
 the block's fp32 logits, the statistics give ``l`` and ``H``, the per-token gradient comes from
-:func:`edge_kernels.losses.objectives.policy_loss` itself (autograd on the ``[B, T]`` log-probs; only the block's entries
-are read, which is exact because they depend on nothing else), and two more GEMMs turn the logits gradient
-into ``d_hidden`` rows and a ``d_weight`` contribution. Forward plus backward is three matmuls instead of four
+:func:`edge_kernels.losses.objectives.policy_loss` itself (autograd on the ``[B, T]`` log-probs; only the
+block's entries are read, which is exact because they depend on nothing else), and two more GEMMs turn the logits
+gradient into ``d_hidden`` rows and a ``d_weight`` contribution. Forward plus backward is three matmuls instead of four
 (the chunked op recomputes the logits in its backward); the workspace is one row block's logits.
 
 Where a token's gradient depends on other tokens' log-probs or entropies the four-matmul path stays:

@@ -14,7 +14,9 @@ import torch
 
 from .. import backends
 from ..core.params import LaunchParams
-from . import truncated, vocab_parallel
+from . import truncated
+from . import vocab_parallel as vp
+from .vocab_parallel import VocabParallel
 from .backend_choice import resolve_impl
 from .validation import check_softcap, check_truncation, validate_linear_inputs
 
@@ -53,10 +55,9 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
 def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                            bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
                            return_entropy: bool = True, chunk_size: Optional[int] = None,
-                           softcap: Optional[float] = None, impl: str = "auto", process_group=None,
-                           reduce_hidden_grad: bool = True, vocab_start: Optional[int] = None,
-                           top_k: Optional[int] = None, top_p: Optional[float] = None,
-                           min_p: Optional[float] = None):
+                           softcap: Optional[float] = None, impl: str = "auto",
+                           vocab_parallel: Optional[VocabParallel] = None,
+                           top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
 
     Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles (soft-capped first when
@@ -78,29 +79,26 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         softcap: ``c`` > 0 to soft-cap the fp32 logits as ``c * tanh(z / c)`` before the temperature (Gemma 2/3's
             ``final_logit_softcapping``), or None (no cap, no cost); differentiated through ``tanh``.
         impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
-        process_group: a ``torch.distributed`` group over which the LM head is sharded by vocabulary: rank r
-            holds the r-th contiguous slice (``weight [V_r, D]``, ``bias [V_r]``), ``hidden``/``targets``
-            (global ids) are the same on every rank, and every rank gets the full-vocabulary outputs
-            (:mod:`edge_kernels.ops.vocab_parallel`). ``None`` or a one-rank group: the unsharded op.
-        reduce_hidden_grad: sharded only: True sums ``d_hidden`` over the group (one all-reduce); False
-            returns this rank's partial ``d_hidden`` (for callers whose own collective sums it).
-        vocab_start: sharded only: this rank's first vocabulary id; saves the all-gather that finds it.
+        vocab_parallel: a :class:`~edge_kernels.VocabParallel` for an LM head sharded by vocabulary over its
+            ``process_group``: rank r holds the r-th contiguous slice (``weight [V_r, D]``, ``bias [V_r]``),
+            ``hidden``/``targets`` (global ids) are the same on every rank, and every rank gets the
+            full-vocabulary outputs (:mod:`edge_kernels.ops.vocab_parallel`). None: the unsharded op.
         top_k, top_p, min_p: score under the distribution a sampler truncated this way (vLLM's rule: temperature,
             then min-p, top-k, top-p, renormalised over the kept set; ``docs/algorithms.md`` section 9): a target
             outside the kept set gets ``logp = -inf`` (no gradient), the entropy is the kept set's. None (or
             ``top_p=1``, ``min_p=0``): the full softmax. Costs a few more passes over the vocabulary (the
-            threshold search); not with ``process_group``.
+            threshold search); not with ``vocab_parallel``.
 
     Returns:
         ``(logp, entropy)``: float32 tensors shaped like ``targets`` (``entropy`` is None when
         ``return_entropy=False``). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both.
     """
     trunc = check_truncation(top_k, top_p, min_p)
-    sharded = vocab_parallel.check_group_args(process_group, vocab_start)
+    sharded = vp.check_options(vocab_parallel, hidden_states_in=True)
     if trunc is not None:
         truncated.check_impl(impl, sharded, "linear_logprob_entropy")
     temperature = validate_linear_inputs(hidden, weight, targets, bias, temperature, chunk_size, ignore_index,
-                                         target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
+                                         target_vocab=vp.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap), chunk_size)
     impl = resolve_impl(impl, hidden, weight, op=OP)
     lead_shape = targets.shape
@@ -117,8 +115,10 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if trunc is not None:
         logp, entropy = truncated.apply_linear(h2, weight, bias, t1, params, trunc, impl)
     elif sharded:
-        logp, entropy = vocab_parallel.VocabParallelLinearFunction.apply(
-            h2, weight, bias, t1, params, backends.get(OP, impl), process_group, vocab_start, bool(reduce_hidden_grad))
+        assert vocab_parallel is not None
+        logp, entropy = vp.VocabParallelLinearFunction.apply(
+            h2, weight, bias, t1, params, backends.get(OP, impl), vocab_parallel.process_group,
+            vocab_parallel.vocab_start, vocab_parallel.reduce_hidden_grad)
     else:
         logp, entropy = LinearLogprobEntropyFunction.apply(h2, weight, bias, t1, params, impl)
     logp = logp.view(lead_shape)

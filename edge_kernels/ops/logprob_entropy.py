@@ -2,7 +2,8 @@
 
 Owns the public function (validation, backend choice, the ``[B, T, V]`` view) and the thin
 ``torch.autograd.Function`` over the backends registered in :mod:`edge_kernels.backends`: PyTorch, Triton
-(imported on first use, so the package works without triton) and the csrc/ CUDA kernels. The op is memory-bound: the forward reads each logit once (fp32 statistics,
+(imported on first use, so the package works without triton) and the csrc/ CUDA kernels. The op is
+memory-bound: the forward reads each logit once (fp32 statistics,
 whatever the input dtype) and writes three floats per row; the backward reads the logits once more and writes
 their gradient, into a new tensor or, with ``inplace_backward=True``, over the logits themselves (the caller
 promises not to use them after backward).
@@ -20,7 +21,9 @@ import torch
 
 from .. import backends
 from ..core.params import LaunchParams
-from . import truncated, vocab_parallel
+from . import truncated
+from . import vocab_parallel as vp
+from .vocab_parallel import VocabParallel
 from .backend_choice import resolve_impl
 from .validation import check_softcap, check_truncation, validate_logits_inputs
 
@@ -72,7 +75,7 @@ class LogprobEntropyFunction(torch.autograd.Function):
 
 def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                     ignore_index: int = -100, inplace_backward: bool = False, softcap: Optional[float] = None,
-                    impl: str = "auto", process_group=None, vocab_start: Optional[int] = None,
+                    impl: str = "auto", vocab_parallel: Optional[VocabParallel] = None,
                     top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from ``logits [..., V]``.
 
@@ -94,25 +97,24 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
             (no cap, no cost). The gradient is taken through ``tanh``.
         impl: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"cuda"`` (the csrc/
             extension, built on first use) or ``"torch"``.
-        process_group: a ``torch.distributed`` group over which the vocabulary is sharded: rank r holds the r-th
-            contiguous slice ``logits [..., V_r]``, ``targets`` are global ids (the same on every rank), and
-            every rank gets the full-vocabulary outputs; its logits gradient is its slice's
-            (:mod:`edge_kernels.ops.vocab_parallel`). ``None`` or a one-rank group: the unsharded op.
-        vocab_start: sharded only: this rank's first vocabulary id; saves the all-gather that finds it.
+        vocab_parallel: a :class:`~edge_kernels.VocabParallel` for logits sharded by vocabulary over its
+            ``process_group``: rank r holds the r-th contiguous slice ``logits [..., V_r]``, ``targets`` are
+            global ids (the same on every rank), and every rank gets the full-vocabulary outputs; its logits
+            gradient is its slice's (:mod:`edge_kernels.ops.vocab_parallel`). None: the unsharded op.
         top_k, top_p, min_p: score under the distribution a sampler truncated this way (vLLM's rule: temperature,
             then min-p, top-k, top-p, renormalised over the kept set; ``docs/algorithms.md`` section 9): a target
             outside the kept set gets ``logp = -inf`` (no gradient), the entropy is the kept set's. None (or
-            ``top_p=1``, ``min_p=0``): the full softmax. Not with ``process_group`` or ``impl="cuda"``.
+            ``top_p=1``, ``min_p=0``): the full softmax. Not with ``vocab_parallel`` or ``impl="cuda"``.
 
     Returns:
         ``(logp, entropy)`` float32, shaped like ``targets``.
     """
     trunc = check_truncation(top_k, top_p, min_p)
-    sharded = vocab_parallel.check_group_args(process_group, vocab_start)
+    sharded = vp.check_options(vocab_parallel, hidden_states_in=False)
     if trunc is not None:
         truncated.check_impl(impl, sharded, "logprob_entropy")
     temperature = validate_logits_inputs(logits, targets, temperature, ignore_index,
-                                         target_vocab=vocab_parallel.UNCHECKED_VOCAB if sharded else None)
+                                         target_vocab=vp.UNCHECKED_VOCAB if sharded else None)
     params = LaunchParams(1.0 / temperature, ignore_index, check_softcap(softcap))
     impl = resolve_impl(impl, logits, op=OP)
     lead_shape = targets.shape
@@ -121,8 +123,10 @@ def logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
     if trunc is not None:
         logp, entropy = truncated.apply_logits(x3, t1, params, trunc, bool(inplace_backward), impl)
     elif sharded:
-        logp, entropy = vocab_parallel.VocabParallelLogitsFunction.apply(
-            x3, t1, params, bool(inplace_backward), backends.get(OP, impl), process_group, vocab_start)
+        assert vocab_parallel is not None
+        logp, entropy = vp.VocabParallelLogitsFunction.apply(
+            x3, t1, params, bool(inplace_backward), backends.get(OP, impl), vocab_parallel.process_group,
+            vocab_parallel.vocab_start)
     else:
         logp, entropy = LogprobEntropyFunction.apply(x3, t1, params, bool(inplace_backward), impl)
     return logp.view(lead_shape), entropy.view(lead_shape)

@@ -1,8 +1,9 @@
 """Vocabulary-parallel (sharded LM head) versions of the log-prob/entropy ops: one collective each way.
 
 Owns the sharded path of :func:`edge_kernels.linear_logprob_entropy` and :func:`edge_kernels.logprob_entropy`
-(``process_group=`` with more than one rank). It is handed the backend the front-end chose (the
-``(forward, backward)`` pair of :mod:`edge_kernels.backends`), runs it on each rank's vocabulary slice and merges their per-row results; it adds no kernel.
+(``vocab_parallel=`` over more than one rank). It is handed the backend the front-end chose (the
+``(forward, backward)`` pair of :mod:`edge_kernels.backends`), runs it on each rank's vocabulary slice and
+merges their per-row results; it adds no kernel.
 
 Contract: rank ``r`` of a group of ``W`` ranks holds the ``r``-th contiguous slice ``[start_r, start_r + V_r)``
 of the vocabulary (``weight [V_r, D]``, ``bias [V_r]``, ``logits [..., V_r]``), slices in rank order, sizes may
@@ -35,7 +36,8 @@ collective (gloo raises; NCCL may hang). Different ``D`` is detected and raised 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,12 +59,51 @@ _DIGIT = 1 << 20
 UNCHECKED_VOCAB = 1 << 62
 
 
-def check_group_args(process_group, vocab_start) -> bool:
-    """True when the call is sharded (a group of > 1 ranks); ``vocab_start`` must be 0/None otherwise."""
-    sharded = group_size(process_group) > 1
-    if not sharded and vocab_start not in (None, 0):
-        raise ValueError(f"vocab_start={vocab_start!r} needs a process_group of more than one rank (an "
-                         f"unsharded vocabulary starts at 0)")
+@dataclass(frozen=True)
+class VocabParallel:
+    """The vocabulary-parallel settings of one call (``vocab_parallel=`` of :func:`edge_kernels.linear_logprob_entropy`,
+    :func:`edge_kernels.logprob_entropy` and :func:`edge_kernels.fused_linear_policy_loss`), checked on
+    construction.
+
+    Attributes:
+        process_group: the ``torch.distributed`` group over which the LM head (or the logits) is sharded by
+            vocabulary, rank r holding the r-th contiguous slice; a one-rank group runs the unsharded op.
+        vocab_start: this rank's first vocabulary id, or None (one extra all-gather finds it).
+        reduce_hidden_grad: hidden states in only: True sums ``d_hidden`` over the group (one all-reduce);
+            False returns this rank's partial ``d_hidden`` (for callers whose own collective sums it).
+    """
+
+    process_group: Any
+    vocab_start: Optional[int] = None
+    reduce_hidden_grad: bool = True
+
+    def __post_init__(self):
+        if self.process_group is None:
+            raise ValueError("VocabParallel.process_group is required (for an unsharded head pass "
+                             "vocab_parallel=None)")
+        vs = self.vocab_start
+        if vs is not None and (isinstance(vs, bool) or not isinstance(vs, int) or vs < 0):
+            raise ValueError(f"VocabParallel.vocab_start must be a non-negative int or None, got {vs!r}")
+        if not isinstance(self.reduce_hidden_grad, bool):
+            raise TypeError(f"VocabParallel.reduce_hidden_grad must be a bool, got {self.reduce_hidden_grad!r}")
+
+
+def check_options(options: Optional[VocabParallel], hidden_states_in: bool) -> bool:
+    """True when the call is sharded (a group of > 1 ranks). Raises, naming the option, where one cannot apply:
+    a non-``VocabParallel`` value, ``reduce_hidden_grad=False`` on the logits-in op (it has no ``d_hidden``), or
+    ``vocab_start`` other than 0 on a one-rank group (an unsharded vocabulary starts at 0)."""
+    if options is None:
+        return False
+    if not isinstance(options, VocabParallel):
+        raise TypeError(f"vocab_parallel must be an edge_kernels.VocabParallel or None, got "
+                        f"{type(options).__name__}")
+    if not hidden_states_in and not options.reduce_hidden_grad:
+        raise ValueError("VocabParallel.reduce_hidden_grad=False applies to hidden-states-in ops only: "
+                         "logprob_entropy takes logits and returns no hidden-state gradient")
+    sharded = group_size(options.process_group) > 1
+    if not sharded and options.vocab_start not in (None, 0):
+        raise ValueError(f"VocabParallel.vocab_start={options.vocab_start!r} needs a process_group of more than "
+                         f"one rank (an unsharded vocabulary starts at 0)")
     return sharded
 
 
@@ -71,7 +112,7 @@ def group_size(process_group) -> int:
     if process_group is None:
         return 1
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("process_group= was given but torch.distributed is not initialized")
+        raise RuntimeError("a process group was given but torch.distributed is not initialized")
     return dist.get_world_size(process_group)
 
 
@@ -160,7 +201,6 @@ def merge_gathered(stats: Tensor, targets: Tensor, ignore_index: int, name: str 
 def gather_and_merge(logp_r, ent_r, lse_r, owned, targets, ignore_index, local_vocab, hidden_size, start,
                      vocab_start, process_group, name="targets"):
     """The forward's one collective: all-gather ``[lse_r, H_r, zt_r, meta]`` and merge (see the module doc)."""
-    n = targets.shape[0]
     zt_r = torch.where(owned, logp_r + lse_r, torch.zeros_like(lse_r))  # the backends return zt - lse
     meta = torch.tensor(_encode(local_vocab, hidden_size, -1 if vocab_start is None else start),
                         dtype=torch.float32, device=lse_r.device)
@@ -342,8 +382,7 @@ def linear_logprob_entropy_data_parallel(hidden: Tensor, weight: Tensor, targets
     counts = torch.empty(world, dtype=torch.int64, device=_comm_device(process_group))
     _all_gather_flat(counts, torch.tensor([hidden.shape[0]], dtype=torch.int64, device=counts.device),
                      process_group)
-    counts = counts.tolist()
-    n_max, n = max(counts), hidden.shape[0]
+    n_max, n = max(counts.tolist()), hidden.shape[0]
     if n_max == 0:  # every rank agrees: no row anywhere
         zero = (hidden.float().sum() + weight.float().sum()) * 0.0
         return zero.expand(0), zero.expand(0)

@@ -64,9 +64,9 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     mask = att[:, P:].bool()
     packed = Packed(ids, att, pos, P, ids[:, P:].clone(), mask, inj & mask)
     if device is not None:
-        packed = Packed(*(x.to(device) if isinstance(x, Tensor) else x for x in (
-            packed.input_ids, packed.attention_mask, packed.position_ids, packed.prompt_width, packed.targets,
-            packed.mask, packed.injected)))
+        src = packed
+        packed = Packed(src.input_ids.to(device), src.attention_mask.to(device), src.position_ids.to(device),
+                        src.prompt_width, src.targets.to(device), src.mask.to(device), src.injected.to(device))
     return packed
 
 

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def _f(default, help: str, choices: Optional[Sequence[str]] = None, group: str = "run"):
-    meta = {"help": help, "group": group}
+    meta: Dict[str, Any] = {"help": help, "group": group}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if isinstance(default, list):

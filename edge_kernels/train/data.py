@@ -167,7 +167,7 @@ class PromptSampler:
         return torch.randperm(self.n, generator=g).tolist()
 
     def next(self, k: int) -> List[int]:
-        out = []
+        out: List[int] = []
         while len(out) < k:
             if self.pos >= self.n:
                 self.epoch += 1

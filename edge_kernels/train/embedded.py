@@ -91,7 +91,8 @@ def make_problem(rng: random.Random, task: TaskConfig = TaskConfig()) -> Dict[st
 def make_task(seed: int, n_train: int, n_eval: int, task: TaskConfig = TaskConfig()):
     """``(train_rows, eval_rows)``: unique problems, the two splits disjoint by problem text."""
     rng = random.Random(f"edge-train-task-{seed}")
-    seen, rows = set(), []
+    seen: set = set()
+    rows: list = []
     attempts = 0
     while len(rows) < n_train + n_eval:
         attempts += 1

@@ -137,4 +137,4 @@ def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device) -> T
     model.generation_config = clean_generation_config(source, tokenizer)
     if source is not None:
         setattr(model, SOURCE_GENERATION_CONFIG, source)
-    return model.to(device), tokenizer
+    return model.to(device), tokenizer  # type: ignore[arg-type]  # transformers types .to() for its own models only

@@ -15,6 +15,7 @@ pass recomputes them with the fused kernel at the same temperature, so the two e
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -262,14 +263,16 @@ def _quiet_reload_warning() -> None:
     """Every push logs "RotaryEmbedding: Failed to load weights": the rotary cos/sin cache is computed, not a
     checkpoint weight, and vLLM puts its own copy back. Dropped (that message only) so real warnings stay
     visible."""
-    import logging
-
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(getattr(f, "_edge_train", False) for f in log.filters):
-        f = logging.Filter()
-        f.filter = lambda rec: rec.getMessage() != "RotaryEmbedding: Failed to load weights"
-        f._edge_train = True
-        log.addFilter(f)
+    if not any(isinstance(f, _RotaryReloadFilter) for f in log.filters):
+        log.addFilter(_RotaryReloadFilter())
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" (see :func:`_quiet_reload_warning`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
 def _start_llm(model_path: str, *, dtype: str, seed: int, gpu_memory_utilization: float,
@@ -350,6 +353,8 @@ def make_rollout(kind: str, model, tokenizer, *, model_path: Optional[str], seed
         return HFRollout(model, tokenizer, batch_size=batch_size, progress=progress, stop_ids=stop_ids,
                          autocast_dtype=autocast_dtype)
     if kind == "vllm":
+        if model_path is None:
+            raise ValueError("the vLLM engine loads the policy from a directory: model_path is required")
         return VLLMRollout(model_path, tokenizer, seed=seed, dtype=dtype,
                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                            stop_ids=stop_ids)

@@ -27,7 +27,8 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 
 
 def accuracy_reward(completions, answer, **kwargs):
-    """1.0 when the last ``\\boxed{}`` of the completion equals the answer per math-verify (docs/algorithms.md section 7)."""
+    """1.0 when the last ``\\boxed{}`` of the completion equals the answer per math-verify
+    (docs/algorithms.md section 7)."""
     from edge_kernels.train.rewards import accuracy_reward as score
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]

@@ -14,12 +14,15 @@
 #
 # use_fused_kernels -> edge-kernels: EDGE_KERNELS_VERL_FUSED_KERNELS=1 in the workers' environment. On one node
 # the workers inherit the launching shell's environment; the runtime_env line below covers multi-node clusters.
-# Megatron with tensor parallelism > 1 (vocabulary-parallel head) is refused at the first forward.
+# Megatron with tensor parallelism > 1 (vocabulary-parallel head) runs the vocabulary-parallel op (docs/distributed.md).
 #
 # Dataset: verl's parquet layout (e.g. examples/data_preprocess/gsm8k.py or math_dataset.py), whose reward
 # function scores \boxed{} answers.
 set -euo pipefail
 
+# the driver's trainer hooks that hand edge_eda/edge_egpo/edge_prog_grpo/edge_ep_grpo the old log-probs and
+# entropies verl does not pass to estimators (edge_grpo needs none); importing verl alone installs nothing
+export EDGE_KERNELS_VERL_HOOKS=1
 export EDGE_KERNELS_VERL_FUSED_KERNELS=1
 
 MODEL=${MODEL:-Qwen/Qwen2.5-Math-1.5B}

@@ -607,14 +607,16 @@ def _through_edge_train(estimator, source, opts, batch, tmp_path):
     if not est.rescale_in_loss:
         return est.advantages
     seen = []
-    real = L.policy_loss
-    L.policy_loss = lambda lp, old, adv, *a, **k: (seen.append(adv), real(lp, old, adv, *a, **k))[1]
+    import edge_kernels.losses.fused as fused_module  # where fused_linear_policy_loss looks policy_loss up
+
+    real = fused_module.policy_loss
+    fused_module.policy_loss = lambda lp, old, adv, *a, **k: (seen.append(adv), real(lp, old, adv, *a, **k))[1]
     try:
         o = tr.estimator_options
         L.fused_linear_policy_loss(hidden.clone().requires_grad_(), _moved(weight), targets, est.base, mask,
                                    eda="current", group_size=G, eda_eps=o.eda_eps, eda_clamp=o.eda_clamp, impl="torch")
     finally:
-        L.policy_loss = real
+        fused_module.policy_loss = real
     assert seen[0].requires_grad  # gradient through 1 / P_i
     assert not torch.allclose(seen[0], est.advantages)  # the moved policy's entropies, group mean included
     return seen[0]

@@ -329,7 +329,8 @@ def test_v1_trainer_compute_advantage_keeps_side_inputs(name, monkeypatch):
     from omegaconf import OmegaConf
     from verl.trainer.ppo.v1 import trainer_base
 
-    assert getattr(trainer_base.PPOTrainer._compute_advantage, "_edge_kernels_hook", False), "hook not installed"
+    ev.install_hooks()
+    assert ev.hooked(trainer_base.PPOTrainer._compute_advantage), "hook not installed"
     rewards, mask, uid, scores, logp, ent = _verl_batch(seed=7)
     batch, lengths = mask.shape[0], mask.sum(1).long()
     tq = _InMemoryTransferQueue({
@@ -363,6 +364,7 @@ def test_v1_trainer_refuses_multi_output_agent_sessions(monkeypatch):
     from omegaconf import OmegaConf
     from verl.trainer.ppo.v1 import trainer_base
 
+    ev.install_hooks()
     trainer_cls = type("Trainer", (trainer_base.PPOTrainer,), {"on_sample_end": lambda *a, **k: None,
                                                                 "on_step_end": lambda *a, **k: None})
     trainer = object.__new__(trainer_cls)
@@ -381,7 +383,8 @@ def test_legacy_trainer_keeps_entropies_that_fit_pops():
     from verl.trainer.ppo import ray_trainer
     from verl.utils import tensordict_utils as tu
 
-    assert getattr(ray_trainer.RayPPOTrainer._compute_old_log_prob, "_edge_kernels_hook", False)
+    ev.install_hooks()
+    assert ev.hooked(ray_trainer.RayPPOTrainer._compute_old_log_prob)
     rewards, mask, uid, scores, logp, ent = _verl_batch(seed=8)
     batch, resp_len, prompt_len = mask.shape[0], mask.shape[1], 3
     g = torch.Generator().manual_seed(0)
@@ -439,10 +442,45 @@ def test_post_import_hook(tmp_path, monkeypatch):
         if hook in sys.meta_path:
             sys.meta_path.remove(hook)
         sys.modules.pop("edge_fake_target", None)
-    # and the real hooks are armed for, or already installed on, verl's trainer modules
-    armed = {f.name for f in sys.meta_path if isinstance(f, ev._PostImportHook)}
-    for name in ev._TRAINER_HOOKS:
-        assert name in armed or name in sys.modules
+
+
+def test_import_verl_registers_and_installs_nothing_else():
+    """``import verl`` (through which the entry point loads us) registers the losses and estimators and nothing
+    else: no sys.meta_path finder, verl's trainer methods untouched; EDGE_KERNELS_VERL_HOOKS=1 asks for the
+    hooks, which then land when verl imports its trainer modules."""
+    check = CHECK_REGISTERED + """
+    from edge_kernels.integrations.verl import _PostImportHook
+    armed = [f for f in sys.meta_path if isinstance(f, _PostImportHook)]
+    from verl.trainer.ppo import ray_trainer
+    from verl.trainer.ppo.v1 import trainer_base
+    hooked = (ev.hooked(ray_trainer.RayPPOTrainer._compute_old_log_prob),
+              ev.hooked(trainer_base.PPOTrainer._compute_advantage))
+    print("ARMED", len(armed), "HOOKED", hooked)
+"""
+    env = dict(VERL_USE_EXTERNAL_MODULES="edge_kernels.integrations.verl", VERL_USE_EXTERNAL_PLUGINS="none")
+    plain = _run(check, EDGE_KERNELS_VERL_HOOKS="", **env)
+    assert "REGISTERED" in plain.stdout and "ARMED 0 HOOKED (False, False)" in plain.stdout, plain.stderr[-3000:]
+    asked = _run(check, EDGE_KERNELS_VERL_HOOKS="1", **env)
+    assert "ARMED 2 HOOKED (True, True)" in asked.stdout, asked.stderr[-3000:]
+
+
+def test_a_hook_that_cannot_be_installed_raises_with_the_reason(tmp_path, monkeypatch):
+    import types
+
+    with pytest.raises(RuntimeError, match=r"edge_fake_trainer\.PPOTrainer\._compute_advantage does not exist"):
+        ev._patch_v1(types.ModuleType("edge_fake_trainer"))
+    # deferred: the failure surfaces as the failed import of that trainer module, not as a log line
+    (tmp_path / "edge_fake_trainer2.py").write_text("class RayPPOTrainer:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hook = ev._PostImportHook("edge_fake_trainer2", ev._patch_legacy)
+    sys.meta_path.insert(0, hook)
+    try:
+        with pytest.raises(RuntimeError, match="RayPPOTrainer._compute_old_log_prob does not exist"):
+            import edge_fake_trainer2  # noqa: F401
+    finally:
+        if hook in sys.meta_path:
+            sys.meta_path.remove(hook)
+        sys.modules.pop("edge_fake_trainer2", None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,7 +555,7 @@ def test_fused_kernel_switch_refuses_a_soft_capped_model(restore_verl_kernels, m
 
     ev.patch_verl_fused_kernels()
     ev.patch_verl_fused_kernels()  # idempotent: wrapped once
-    assert not getattr(mp.patch_forward_with_backends.__wrapped__, "_edge_kernels_guard", False)
+    assert not ev.hooked(mp.patch_forward_with_backends.__wrapped__)
     monkeypatch.setattr(Qwen2ForCausalLM, "forward", Qwen2ForCausalLM.forward)
     model = _tiny_qwen2()
     model.config.final_logit_softcapping = 30.0

@@ -21,7 +21,8 @@ pytest.importorskip("triton")
 def compiled():
     # a subprocess with the interpreter off: under TRITON_INTERPRET=1 kernels are not compilable objects
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "edge_kernels.backends.triton.aot", "--json"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "edge_kernels.backends.triton.aot", "--json"], capture_output=True,
+                          text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [SimpleNamespace(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]

@@ -10,7 +10,8 @@ values, so only the kernel's own arithmetic is measured):
   a logit or log-sum-exp carries an absolute error ~u32 * (1 + max|z|) (u32 = 6e-8), which moves a row's
   logits gradient by |g| times that; we allow 16x, i.e. 1e-6 * (1 + max|z|) * |g_row| * ||W_row|| (or
   ||hidden_row|| for d_weight). It matters only for very peaked rows (p_target = 1 - 1e-7), whose tiny
-  gradient 1 - p_target is a cancellation no fp32 softmax resolves to full relative precision. rtol: fp32 inputs run in fp32 end to end -> 2e-5.
+  gradient 1 - p_target is a cancellation no fp32 softmax resolves to full relative precision. rtol: fp32
+  inputs run in fp32 end to end -> 2e-5.
   16-bit inputs round the logits-gradient tile (Triton path) and the returned gradient to the input dtype:
   two roundings of unit roundoff u (fp16 2**-11 = 4.9e-4, bf16 2**-8 = 3.9e-3) give a relative norm error of
   about u; we allow 3u (fp16 1.5e-3, bf16 1.2e-2). Measured: fp16 ~3e-4, bf16 ~3e-3.

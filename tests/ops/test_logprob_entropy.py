@@ -4,7 +4,8 @@ Tolerances: statistics run in fp32 on logits read exactly, so forward errors are
 asserted, the library's accuracy goal). The logits gradient is computed in fp32 and rounded once to the
 logits' dtype: elementwise |err| <= u_dtype * |ref| + 1e-6 * |g_row| (u: fp32 2**-24, fp16 2**-11,
 bf16 2**-8, but 2**-7 under Triton's interpreter, whose fp32 -> bf16 cast truncates instead of rounding
-to nearest: measured on triton 3.9, half of all values differ from torch's cast); the absolute term is the fp32 resolution of p for very peaked rows, see
+to nearest: measured on triton 3.9, half of all values differ from torch's cast); the absolute term is the fp32
+resolution of p for very peaked rows, see
 test_linear_logprob_entropy).
 """
 
@@ -36,7 +37,8 @@ def _check(impl, logits, targets, temperature, seed=0, inplace=False):
     assert (logp.double() - r_logp).abs().max() <= 1e-4
     assert (ent.double() - r_ent).abs().max() <= 1e-4
     assert x.grad.dtype == logits.dtype
-    row_atol = 1e-6 * (g_logp.abs() + g_ent.abs()).double()[..., None] * (1 + logits.double().nan_to_num(0.0, 0.0, 0.0).abs().max())
+    row_atol = 1e-6 * (g_logp.abs() + g_ent.abs()).double()[..., None] \
+        * (1 + logits.double().nan_to_num(0.0, 0.0, 0.0).abs().max())
     err = (x.grad.double() - x64.grad).abs()
     unit = UNIT[logits.dtype]
     if impl == "triton" and logits.dtype == torch.bfloat16 and not logits.is_cuda:

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel ops (``process_group=``) in real multi-process gloo groups against the float64 oracle.
+"""Vocabulary-parallel ops (``vocab_parallel=``) in real multi-process gloo groups against the float64 oracle.
 
 Each test spawns one process group (world sizes 2, 3, 4; uneven slices such as V=37 over 3 ranks) and runs a
 list of checks in it, to pay the spawn cost once. Every rank compares its outputs with the single-process
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from edge_kernels import fused_linear_policy_loss, linear_logprob_entropy, logprob_entropy
+from edge_kernels import VocabParallel, fused_linear_policy_loss, linear_logprob_entropy, logprob_entropy
 from dist_helpers import CountCollectives as _CountCollectives, spawn, split as _split
 from edge_kernels.oracle import oracle_logprob_entropy
 from data_builders import make_linear_inputs, make_logits
@@ -80,8 +80,9 @@ def check_linear(rank, world, *, n=24, d=16, vocab=37, sizes=None, dtype="float3
         bb = None if b is None else b[lo:hi].to(device, copy=True).requires_grad_()
         with _CountCollectives() as cc:
             logp, ent = linear_logprob_entropy(h, w, targets.to(device), bias=bb, temperature=temperature, impl=impl,
-                                               softcap=softcap, process_group=dist.group.WORLD, reduce_hidden_grad=reduce,
-                                               vocab_start=lo if pass_start else None)
+                                               softcap=softcap,
+                                               vocab_parallel=VocabParallel(dist.group.WORLD,
+                                                                            lo if pass_start else None, reduce))
             fwd_calls = cc.take()
             ((logp * g_logp.to(device)).sum() + (ent * g_ent.to(device)).sum()).backward()
             bwd_calls = cc.take()
@@ -121,7 +122,7 @@ def check_logits(rank, world, *, n=20, vocab=37, sizes=None, impl="torch", tempe
     mine = logits[:, lo:hi].to(device, copy=True).requires_grad_()
     with _CountCollectives() as cc:
         logp, ent = logprob_entropy(mine, targets.to(device), temperature=temperature, impl=impl,
-                                    process_group=dist.group.WORLD, vocab_start=lo if pass_start else None)
+                                    vocab_parallel=VocabParallel(dist.group.WORLD, lo if pass_start else None))
         assert cc.take() == ["all_gather_into_tensor"] * (1 if pass_start else 2)
         ((logp * g_logp.to(device)).sum() + (ent * g_ent.to(device)).sum()).backward()
         assert cc.take() == []
@@ -146,8 +147,8 @@ def check_policy_loss(rank, world, *, vocab=37, eda="off"):
     loss_ref, m_ref = fused_linear_policy_loss(h_ref, w_ref, targets, adv, mask, **kw)
     loss_ref.backward()
     h, w = hidden.clone().requires_grad_(), weight[lo:hi].clone().requires_grad_()
-    loss, metrics = fused_linear_policy_loss(h, w, targets, adv, mask, process_group=dist.group.WORLD,
-                                             vocab_start=lo, **kw)
+    loss, metrics = fused_linear_policy_loss(h, w, targets, adv, mask,
+                                             vocab_parallel=VocabParallel(dist.group.WORLD, lo), **kw)
     loss.backward()
     # both are the library's fp32 op; the sharded one merges the slices' statistics in fp32 (a few roundings)
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * (1 + abs(loss_ref.item()))
@@ -203,26 +204,27 @@ def check_errors(rank, world, *, vocab=37):
     bad = targets.clone()
     bad[3] = vocab  # inside no slice: every rank raises (they all see the gathered sizes)
     with pytest.raises(ValueError, match=rf"targets must lie in \[0, {vocab}\)"):
-        linear_logprob_entropy(hidden, weight[lo:hi], bad, process_group=pg, impl="torch")
+        linear_logprob_entropy(hidden, weight[lo:hi], bad, vocab_parallel=VocabParallel(pg), impl="torch")
     bad[3] = -5
     with pytest.raises(ValueError, match="targets must lie in"):
-        linear_logprob_entropy(hidden, weight[lo:hi], bad, process_group=pg, impl="torch")
+        linear_logprob_entropy(hidden, weight[lo:hi], bad, vocab_parallel=VocabParallel(pg), impl="torch")
     # hidden sizes that differ across ranks (same N): found in the one gather, raised on every rank
     dd = 16 + rank
     h2, w2, _, _ = make_linear_inputs(8, dd, vocab, seed=7)
     with pytest.raises(ValueError, match="hidden sizes differ across the ranks"):
-        linear_logprob_entropy(h2, w2[lo:hi], targets, process_group=pg, impl="torch")
+        linear_logprob_entropy(h2, w2[lo:hi], targets, vocab_parallel=VocabParallel(pg), impl="torch")
     with pytest.raises(ValueError, match="vocab_start disagrees"):
-        linear_logprob_entropy(hidden, weight[lo:hi], targets, process_group=pg, impl="torch", vocab_start=lo + 1)
+        linear_logprob_entropy(hidden, weight[lo:hi], targets, vocab_parallel=VocabParallel(pg, lo + 1), impl="torch")
     # a one-rank group is the unsharded op (no collective)
     singles = [dist.new_group([r]) for r in range(world)]
     with _CountCollectives() as cc:
-        logp, _ = linear_logprob_entropy(hidden, weight, targets, process_group=singles[rank], impl="torch")
+        logp, _ = linear_logprob_entropy(hidden, weight, targets, vocab_parallel=VocabParallel(singles[rank]),
+                                         impl="torch")
         assert cc.take() == []
     ref, _ = linear_logprob_entropy(hidden, weight, targets, impl="torch")
     assert torch.equal(logp, ref)
-    with pytest.raises(ValueError, match="vocab_start=3 needs a process_group"):
-        linear_logprob_entropy(hidden, weight, targets, vocab_start=3)
+    with pytest.raises(ValueError, match="VocabParallel.vocab_start=3 needs a process_group of more than one"):
+        linear_logprob_entropy(hidden, weight, targets, vocab_parallel=VocabParallel(singles[rank], 3))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,3 +284,18 @@ def test_world2_triton_interpreter():
         (check_linear, dict(impl="triton", sizes=[30, 7], pass_start=False, seed=2)),
         (check_logits, dict(impl="triton")),
     ])
+
+
+def test_vocab_parallel_options_that_cannot_apply_raise_by_name():
+    """One options object; what cannot apply is refused, naming it, before any collective."""
+    with pytest.raises(ValueError, match="VocabParallel.process_group is required"):
+        VocabParallel(None)
+    with pytest.raises(ValueError, match="VocabParallel.vocab_start must be a non-negative int"):
+        VocabParallel(object(), vocab_start=-1)
+    with pytest.raises(TypeError, match="VocabParallel.reduce_hidden_grad must be a bool"):
+        VocabParallel(object(), reduce_hidden_grad=1)
+    logits, targets = torch.randn(3, 7), torch.randint(0, 7, (3,))
+    with pytest.raises(ValueError, match="reduce_hidden_grad=False applies to hidden-states-in ops only"):
+        logprob_entropy(logits, targets, vocab_parallel=VocabParallel(object(), reduce_hidden_grad=False))
+    with pytest.raises(TypeError, match="vocab_parallel must be an edge_kernels.VocabParallel"):
+        linear_logprob_entropy(torch.randn(3, 4), torch.randn(7, 4), targets, vocab_parallel=object())

@@ -247,8 +247,8 @@ def triton_fwd(hidden, weight, bias, targets, params: LaunchParams, num_splits=N
             part[0], part[1], part[2], part[3], part[3] if th is None else th.tau, part[3] if th is None else th.log_w,
             n, vocab, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             cols_per_split, num_splits, params.inv_temp, ignore_index, params.softcap or 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision,
-            HAS_TRUNC=th is not None, **tiles, **launch,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=params.softcap is not None, UPCAST_DOT=upcast,
+            DOT_PRECISION=precision, HAS_TRUNC=th is not None, **tiles, **launch,
         )
     lse, entropy = finalize_stats(*combine_stats_stacked(part[0], part[1], part[2]))
     zt = part[3].sum(dim=0)
@@ -327,13 +327,13 @@ def triton_bwd(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entr
                 HAS_SOFTCAP=params.softcap is not None, HAS_TRUNC=th is not None,
                 UPCAST_DOT=upcast, DOT_PRECISION=precision, GROUP_N=GROUP_N, **tiles, **launch,
             )
-        if needs_hidden:
+        if dh is not None:
             _accumulate_mm(dh, dz, weight[c0:c0 + cols])
-        if needs_weight:
+        if dw is not None:
             _mm_fp32_reduction(dz.t(), hidden, out=dw[c0:c0 + cols])
-        if needs_bias:
+        if db is not None and part_db is not None:
             db[c0:c0 + cols] = part_db[:, :cols].sum(dim=0).to(db.dtype)
-    return (dh.to(hidden.dtype) if needs_hidden else None), dw, db
+    return (None if dh is None else dh.to(hidden.dtype)), dw, db
 
 
 def triton_logits_tiles(hidden, weight, bias, params: LaunchParams):
