@@ -57,8 +57,7 @@ def linear_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            return_entropy: bool = True, chunk_size: Optional[int] = None,
                            softcap: Optional[float] = None, impl: str = "auto",
                            vocab_parallel: Optional[VocabParallel] = None,
-                           top_k: Optional[int] = None, top_p: Optional[float] = None,
-                           min_p: Optional[float] = None):
+                           top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None):
     """Per-token log-prob of ``targets`` and full-vocabulary entropy from hidden states, without ``[N, V]`` logits.
 
     Logits are ``(hidden @ weight.T + bias) / temperature``, formed in fp32 tiles (soft-capped first when

@@ -97,8 +97,8 @@ def check_impl(impl: str, sharded: bool, op: str) -> None:
     """Refuse, by name, what has no truncated path (before any kernel is built): the csrc/ CUDA extension and a
     vocabulary-sharded group (the threshold would need the whole row: a distributed select)."""
     if sharded:
-        raise NotImplementedError(f"top_k/top_p/min_p are not implemented with a vocabulary-sharded vocab_parallel "
-                                  f"in {op}")
+        raise NotImplementedError(f"top_k/top_p/min_p are not implemented with vocab_parallel (a vocabulary-"
+                                  f"sharded head) in {op}")
     if impl == "cuda":
         raise NotImplementedError(
             f"top_k/top_p/min_p are not implemented for impl='cuda' (the csrc/ kernels) in {op}; "
