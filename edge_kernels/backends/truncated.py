@@ -119,13 +119,13 @@ def torch_linear_bwd(inputs, targets, th, lse, entropy, g_logp, g_ent, params: L
             dz = dz * softcap_grad(z / params.inv_temp, params.softcap)
         dz = (dz * params.inv_temp).to(h_op.dtype)
         w = weight[c0:c1] if mixed else weight[c0:c1].float()
-        if needs_h:
+        if dh is not None:
             mm_into(dh, dz, w, accumulate=True)
-        if needs_w:
+        if dw is not None:
             dw[c0:c1] = mm_into(torch.empty(w.shape, device=w.device), dz.t(), h_op).to(dw.dtype)
-        if needs_b:
+        if db is not None:
             db[c0:c1] = dz.float().sum(dim=0)
-    return (dh.to(hidden.dtype) if needs_h else None), dw, (db.to(bias.dtype) if needs_b else None)
+    return (None if dh is None else dh.to(hidden.dtype)), dw, (None if db is None else db.to(bias.dtype))
 
 
 KINDS = ("logprob_entropy", "linear_logprob_entropy")

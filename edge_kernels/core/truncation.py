@@ -102,6 +102,7 @@ def _radix_select(tiles: Tiles, n: int, device, target: Optional[Tensor], floor:
                     e = torch.exp(zs - m[r0:r1, None]).to(torch.float64) * one
                     h_w[r0:r1].scatter_add_(1, dig, e)
         if target is None:
+            assert frac is not None  # the caller passes one of target, frac
             target = frac * h_w.sum(dim=1)
         at_least = above[:, None] + h_w.flip(1).cumsum(1).flip(1)
         # the bin holding u: the highest one whose cumulative weight from the top reaches the target (>= 1 bin
@@ -129,6 +130,7 @@ def _max_and_topk(tiles: Tiles, n: int, device, k: Optional[int]):
             best = merged
     if k is None:
         return m, None
+    assert best is not None  # k is set: the merge ran over every chunk
     if best.shape[1] < k:  # fewer tokens than k: nothing is cut
         return m, torch.full((n,), float("-inf"), device=device)
     return m, best[:, k - 1].contiguous()
@@ -208,6 +210,7 @@ def grad_kept_tile(z: Tensor, col0: int, targets: Tensor, lse: Tensor, entropy: 
         d = -grad_logp[sl, None] * p
         active = grad_logp[sl] != 0
         if grad_entropy is not None:
+            assert entropy is not None  # an entropy gradient comes with the entropy it differentiates
             logq = torch.where(p > 0, z[sl] - lse[sl, None] + entropy[sl, None], 0.0)
             d -= grad_entropy[sl, None] * p * logq
             active = active | (grad_entropy[sl] != 0)

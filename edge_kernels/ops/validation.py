@@ -154,7 +154,8 @@ def check_truncation(top_k=None, top_p=None, min_p=None) -> Optional[Truncation]
             continue
         if isinstance(val, bool) or not isinstance(val, numbers.Real):
             raise TypeError(f"{name} must be a number or None, got {val!r}")
-        ok = (0 < val <= 1) if lo_open else (0 <= val <= 1)
+        v = float(val)
+        ok = (0 < v <= 1) if lo_open else (0 <= v <= 1)
         if not ok:  # also catches NaN
             raise ValueError(f"{name} must lie in {'(0, 1]' if lo_open else '[0, 1]'} or be None, got {val!r}")
     top_p = None if top_p is None or float(top_p) == 1.0 else float(top_p)

@@ -24,7 +24,8 @@ def logits_bwd(inputs, targets, th, lse, entropy, g_logp, g_ent, params: LaunchP
 
 
 def linear_tiles(inputs, params: LaunchParams):
-    return lin.triton_logits_tiles(*inputs, params)
+    hidden, weight, bias = inputs
+    return lin.triton_logits_tiles(hidden, weight, bias, params)
 
 
 def linear_fwd(inputs, targets, th, params: LaunchParams):
