@@ -135,6 +135,22 @@ def test_full_run_outputs(tmp_path):
     assert state["step"] == 3 and state["phase"] == "rl" and state["sampler"]["pos"] == 6
     assert summary["final_eval"]["total"] == TINY["embedded_eval_size"]
     assert summary["warmup_eval"]["total"] == TINY["embedded_eval_size"]
+    # greedy and sampled pass@1 and pass@k, after the warm-up and at the end (also in the eval step's line)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    k = summary["pass_at_k_k"]
+    assert k == 8 and summary["final_eval"]["samples"] == 8
+    for when in ("warmup", "final"):
+        g, s, pk = (summary[f"{m}_{when}"] for m in ("greedy_pass_at_1", "sampled_pass_at_1", "pass_at_k"))
+        assert 0 <= g <= 1 and 0 <= s <= 1
+        assert s <= pk <= min(1.0, k * s) + 1e-12  # pass@k >= pass@1, and the union bound
+        assert summary[f"{when}_eval"]["greedy_pass_at_1"] == g == summary[f"{when}_eval"]["pass_at_1"]
+    for m in ("greedy_pass_at_1", "sampled_pass_at_1", "pass_at_k"):
+        assert summary[f"{m}_change"] == pytest.approx(summary[f"{m}_final"] - summary[f"{m}_warmup"])
+    assert {"eval_greedy_pass_at_1", "eval_sampled_pass_at_1", "eval_pass_at_k", "eval_time_s"} <= set(rows[1])
+    assert rows[1]["eval_accuracy"] == rows[1]["eval_greedy_pass_at_1"]
+    for r in rows:  # where each step's time went
+        assert {"rollout_time_s", "gec_time_s", "scoring_time_s", "update_time_s", "rollout_cpu_time_s",
+                "update_cpu_time_s"} <= set(r)
     # a second run into the same directory must not silently mix with the first
     with pytest.raises(TrainError, match="--resume"):
         Trainer(TrainConfig(**{**TINY, "output": str(out)}), log=lambda s: None).setup()
