@@ -63,7 +63,7 @@ class TrainConfig:
                                          "weights and AdamW's two moments, 12 bytes/parameter with fp32 master "
                                          "weights, ~90 GB for a 7B model, on disk twice during the atomic swap)")
     eval_every: Optional[int] = _f(None, "evaluate on the eval set every N steps (0: only after warm-up and at the "
-                                         "end; auto: 20 embedded, 0 with --model)")
+                                         "end; auto: 40 embedded, 0 with --model)")
     progress: bool = _f(True, "show progress bars")
     cpu_threads: int = _f(0, "torch CPU threads (0: auto = 1 for the embedded model on CPU, where a tiny model "
                              "gains nothing from more and shared cores make more threads much slower; "
@@ -416,7 +416,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if c.warmup_steps is None:
         c.warmup_steps = 300 if embedded else 0
     if c.eval_every is None:
-        c.eval_every = 20 if embedded else 0
+        c.eval_every = 40 if embedded else 0
     if c.save_every is None:
         c.save_every = 1 if embedded else 50
     if c.loss_agg == "auto":
