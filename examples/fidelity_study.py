@@ -1,18 +1,21 @@
-"""Fidelity study: GRPO vs EDA only vs GEC only vs EDA + GEC (EDGE-GRPO) on edge-train's embedded task, paired
-by seed, with bootstrap 95% intervals.
+"""Fidelity study: GRPO vs EDA, GEC, EDA + GEC (EDGE-GRPO), EGPO, ProGRPO and EP-GRPO on edge-train's embedded
+default, paired by seed, with bootstrap 95% intervals.
 
 For each seed the supervised warm-up runs once (``--max-steps 0``) and is cached; every arm resumes a copy of
 it, so all arms of a seed start from the same weights. Arms (edge-train flags):
 
     GRPO      --estimator grpo --no-gec        EDA       --estimator eda --no-gec
     GEC       --estimator grpo --gec           EDA+GEC   --estimator eda --gec      (EDGE-GRPO)
-    EGPO      --estimator egpo --no-gec        (only with --arms ... EGPO)
+    EGPO      --estimator egpo --no-gec        ProGRPO   --estimator prog_grpo --no-gec
+    EP-GRPO   --estimator ep_grpo --no-gec     GEC-mask  --estimator grpo --gec --gec-mask-injected
 
-Per run it records final eval pass@1, the mean of the last 20 rollout accuracies (before GEC), and the run means
-of the intra-group advantage variance and the zero-advantage group fraction; per arm the mean over seeds with a
-percentile-bootstrap 95% interval (resampling seeds), and per arm the paired difference to GRPO (same seed) with
-its interval. Resumable: a run whose ``OUT/seedS/ARM.json`` exists is skipped, and a killed run continues from
-its last checkpoint (edge-train saves every step). Prints the total wall time.
+Per run it records the change from the warm-up of greedy and of sampled eval pass@1 (held-out problems; sampled:
+the mean over ``--eval-samples`` responses at the rollout temperature), the mean of the last 20 rollout
+accuracies (before GEC), and the run means of the intra-group advantage variance and the zero-advantage group
+fraction; per arm the mean over seeds with a percentile-bootstrap 95% interval (resampling seeds), and per arm
+the paired difference to GRPO (same seed) with its interval and the seeds higher / lower. Resumable: a run
+whose ``OUT/seedS/ARM.json`` exists is skipped, and a killed run continues from its last checkpoint (edge-train saves
+every step). Prints the total wall time.
 
     python examples/fidelity_study.py --out ./fidelity-study --seeds 0 1 2 3 4 5 6 7 --jobs 2
     python examples/fidelity_study.py --out /tmp/probe --seeds 0 --arms GRPO --steps 10   # a timing probe
@@ -25,12 +28,14 @@ Runs are deterministic per machine (same code, same seed, same machine), not acr
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,9 +46,13 @@ ARMS = {
     "GEC": ["--estimator", "grpo", "--gec"],
     "EDA+GEC": ["--estimator", "eda", "--gec"],
     "EGPO": ["--estimator", "egpo", "--no-gec"],
+    "ProGRPO": ["--estimator", "prog_grpo", "--no-gec"],
+    "EP-GRPO": ["--estimator", "ep_grpo", "--no-gec"],
+    "GEC-mask": ["--estimator", "grpo", "--gec", "--gec-mask-injected"],
 }
 METRICS = {  # key in a run's record: label
-    "eval_final": "final eval pass@1",
+    "greedy_change": "greedy eval pass@1, change from warm-up",
+    "sampled_change": "sampled eval pass@1, change from warm-up",
     "rollout_acc_last20": "rollout accuracy, last 20 steps (before GEC)",
     "adv_var": "intra-group advantage variance (run mean)",
     "zero_adv_frac": "zero-advantage group fraction (run mean)",
@@ -53,7 +62,9 @@ EXTRA = ("reward_mean", "accuracy", "entropy_mean", "gec_applied", "gec_regenera
          "gec_reference", "response_len_mean", "adv_abs_mean", "clip_frac")
 
 SECONDARY = {  # label: value of a run's record
-    "eval change from warm-up": lambda r: r["eval_final"] - r["eval_warmup"],
+    "greedy eval pass@1 (final)": lambda r: r["eval_final"],
+    "sampled eval pass@1 (final)": lambda r: r["sampled_final"],
+    "pass@8 change from warm-up": lambda r: r["pass_k_final"] - r["pass_k_warmup"],
     "reward, last 20 steps": lambda r: r["reward_last20"],
     "entropy (run mean)": lambda r: r["run_means"]["entropy_mean"],
     "GEC-modified responses per step (of 64)": lambda r: r["run_means"]["gec_applied"],
@@ -80,14 +91,23 @@ def read_rows(run_dir):
         return [json.loads(line) for line in fh if line.strip()]
 
 
+_LOCKS = collections.defaultdict(threading.Lock)
+
+
 def warmup(seed, out, extra):
-    """The seed's warmed-up run directory (built once; its summary holds the warm-up eval)."""
+    """The seed's warmed-up run directory (built once, under a per-seed lock; its summary holds the warm-up
+    eval)."""
     warm = os.path.join(out, f"seed{seed}", "warmup")
+    with _LOCKS[seed]:
+        _warmup(seed, warm, extra)
+    return warm
+
+
+def _warmup(seed, warm, extra):
     if not os.path.exists(os.path.join(warm, "summary.json")):
         shutil.rmtree(warm, ignore_errors=True)
         os.makedirs(os.path.dirname(warm), exist_ok=True)
         edge_train(["--output", warm, "--seed", str(seed), "--max-steps", "0", *extra], warm + ".log")
-    return warm
 
 
 def run_arm(seed, arm, out, steps, eval_every):
@@ -120,8 +140,14 @@ def summarise(seed, arm, run, steps):
     tail = rows[-20:]
     return {
         "seed": seed, "arm": arm, "steps": steps,
-        "eval_warmup": summ["warmup_eval"]["pass_at_1"],
-        "eval_final": summ["final_eval"]["pass_at_1"],
+        "eval_warmup": summ["greedy_pass_at_1_warmup"],
+        "eval_final": summ["greedy_pass_at_1_final"],
+        "sampled_warmup": summ["sampled_pass_at_1_warmup"],
+        "sampled_final": summ["sampled_pass_at_1_final"],
+        "pass_k_warmup": summ["pass_at_k_warmup"],
+        "pass_k_final": summ["pass_at_k_final"],
+        "greedy_change": summ["greedy_pass_at_1_change"],
+        "sampled_change": summ["sampled_pass_at_1_change"],
         "rollout_acc_last20": sum(r["accuracy"] for r in tail) / len(tail),
         "reward_last20": sum(r["reward_mean"] for r in tail) / len(tail),
         "adv_var": mean("adv_var"),
@@ -130,6 +156,7 @@ def summarise(seed, arm, run, steps):
         "curves": {k: [r[k] for r in rows] for k in ("adv_var", "accuracy", "reward_mean", "entropy_mean")},
         "eval_curve": [(r["step"], r["eval_accuracy"]) for r in read_rows(run) if "eval_accuracy" in r],
         "wall_time_s": summ["wall_time_s"],
+        "cpu_time_s": summ.get("cpu_time_s"),
     }
 
 
@@ -143,8 +170,10 @@ def bootstrap_ci(values, n_boot=10000, seed=0):
 
 
 def analyse(records, arms, seeds):
-    """Per-arm means and paired differences to GRPO, each with a bootstrap 95% interval."""
+    """Per-arm means and paired differences to GRPO, each with a bootstrap 95% interval (over the seeds where
+    every arm finished)."""
     by = {(r["seed"], r["arm"]): r for r in records}
+    seeds = [s for s in seeds if all((s, a) in by for a in arms)]
     stats = {}
     for arm in arms:
         stats[arm] = {}
@@ -183,7 +212,8 @@ def table(stats, arms, warm, steps, seeds):
               "|---" * (len(SECONDARY) + 1) + "|"]
     for arm in arms:
         lines.append(f"| {arm} | " + " | ".join(fmt(stats[arm]['secondary'][k]) for k in SECONDARY) + " |")
-    lines += ["", "Warm-up eval pass@1 per seed: " + ", ".join(f"{s}: {warm[s]:.3f}" for s in seeds)]
+    lines += ["", "Warm-up eval (greedy / sampled pass@1) per seed: " + ", ".join(
+        f"{s}: {warm[s][0]:.3f} / {warm[s][1]:.3f}" for s in seeds)]
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +242,10 @@ def plot_intervals(stats, arms, path):
 def report(out, records, arms, seeds, steps, wall_s):
     from edge_kernels.train.plots import plot_comparison
 
-    warm = {r["seed"]: r["eval_warmup"] for r in records}
+    warm = {r["seed"]: (r["eval_warmup"], r["sampled_warmup"]) for r in records}
+    by = {(r["seed"], r["arm"]) for r in records}
+    seeds = [s for s in seeds if all((s, a) in by for a in arms)]  # whole seeds only
+    records = [r for r in records if r["seed"] in seeds]
     stats = analyse(records, arms, seeds)
     text = table(stats, arms, warm, steps, seeds)
     with open(os.path.join(out, "table.md"), "w") as fh:
@@ -234,24 +267,37 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="./fidelity-study")
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
-    p.add_argument("--arms", nargs="+", default=["GRPO", "EDA", "GEC", "EDA+GEC"], choices=list(ARMS))
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--arms", nargs="+", default=[a for a in ARMS if a != "GEC-mask"], choices=list(ARMS))
+    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the embedded default's)")
     p.add_argument("--eval-every", type=int, default=0, help="0: eval after warm-up and at the end only")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each uses one CPU thread)")
     p.add_argument("extra", nargs="*", help="more edge-train flags for the warm-up run (after --); the arms "
                                             "inherit them through the copied config.yaml")
+    p.add_argument("--report-only", action="store_true", help="no runs: report the finished ones (whole seeds)")
     a = p.parse_args(argv)
+    if a.steps is None:
+        sys.path.insert(0, REPO)
+        from edge_kernels.train.config import TrainConfig, resolve
+
+        a.steps = resolve(TrainConfig()).max_steps
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    with ThreadPoolExecutor(a.jobs) as pool:
-        # the warm-ups first, then the arms seed-major, so a cut-short study has whole seeds
-        list(pool.map(lambda s: warmup(s, out, a.extra), a.seeds))
-        jobs = [(s, arm) for s in a.seeds for arm in a.arms]
-        records = list(pool.map(lambda sa: run_arm(sa[0], sa[1], out, a.steps, a.eval_every), jobs))
+    jobs = [(s, arm) for s in a.seeds for arm in a.arms]
+    if a.report_only:
+        paths = [os.path.join(out, f"seed{s}", f"{arm}.json") for s, arm in jobs]
+        records = [read_json(q) for q in paths if os.path.exists(q)]
+    else:
+        with ThreadPoolExecutor(a.jobs) as pool:
+            # seed-major (warm-up, then its arms), so a cut-short study has whole seeds
+            def one(sa):
+                warmup(sa[0], out, a.extra)
+                return run_arm(sa[0], sa[1], out, a.steps, a.eval_every)
+
+            records = list(pool.map(one, jobs))
     wall = time.time() - t0
     report(out, records, a.arms, a.seeds, a.steps, wall)
-    print(f"total wall time: {wall:.0f} s ({len(jobs)} runs, {len(a.seeds)} warm-ups, --jobs {a.jobs})")
+    print(f"total wall time: {wall:.0f} s ({len(records)} runs, --jobs {a.jobs})")
 
 
 if __name__ == "__main__":

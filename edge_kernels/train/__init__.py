@@ -1,9 +1,12 @@
 """edge-train: the reference end-to-end EDGE-GRPO loop (``python -m edge_kernels.train`` / ``edge-train``).
 
-Modules: ``cli`` (the command), ``config`` (options, YAML), ``loop`` (the trainer), ``data`` (problem sets,
-prompts, sampler), ``rollout`` (hf, vllm), ``gec`` (Guided Error Correction), ``rewards`` (math-verify),
-``batch`` (packing, scoring pass), ``evaluate`` (pass@1), ``checkpoint``, ``model`` (loading), ``embedded``
-(offline tiny model + task), ``plots``. Heavy imports (transformers, math-verify, matplotlib) happen lazily.
+Modules: ``cli`` (the command), ``config`` (options, YAML), ``loop`` (the trainer: setup and the run), ``step``
+(one RL step), ``warmup`` (supervised warm-up), ``checkpointing`` (the run's checkpoints) on ``checkpoint``
+(atomic files), ``report`` (logs, metrics, summary), ``runtime`` (errors, OOM guard, seeds, timers), ``data``
+(problem sets, prompts, sampler), ``rollout`` (hf, vllm), ``rewards`` (math-verify), ``batch`` (packing, scoring
+pass), ``evaluate`` (greedy/sampled pass@1, pass@k), ``model`` (loading), ``embedded`` (offline tiny model +
+task), ``plots``; GEC lives in :mod:`edge_kernels.gec`. Heavy imports (transformers, math-verify,
+matplotlib) happen lazily.
 """
 
 

@@ -89,7 +89,7 @@ class TrainConfig:
                                          "weights and AdamW's two moments, 12 bytes/parameter with fp32 master "
                                          "weights, ~90 GB for a 7B model, on disk twice during the atomic swap)")
     eval_every: Optional[int] = _f(None, "evaluate on the eval set every N steps (0: only after warm-up and at the "
-                                         "end; auto: 20 embedded, 0 with --model)")
+                                         "end; auto: 40 embedded, 0 with --model)")
     progress: bool = _f(True, "show progress bars")
     cpu_threads: int = _f(0, "torch CPU threads (0: auto = 1 for the embedded model on CPU, where a tiny model "
                              "gains nothing from more and shared cores make more threads much slower; "
@@ -231,6 +231,13 @@ class TrainConfig:
     embedded_layers: int = _f(2, "embedded model: layers", group="embedded")
     embedded_heads: int = _f(4, "embedded model: attention heads", group="embedded")
     embedded_intermediate_size: int = _f(384, "embedded model: MLP size", group="embedded")
+    # ---- held-out evaluation beyond greedy pass@1, and the embedded task's hard part (issue 23)
+    eval_samples: int = _f(8, "sampled eval: responses per held-out problem at --temperature, for sampled pass@1 "
+                              "(their mean) and pass@k with k = this (unbiased estimator); 0: greedy pass@1 only",
+                           group="eval")
+    embedded_hard_frac: float = _f(0.0, "embedded task: share of hard problems (two steps, operands up to "
+                                        "--embedded-hard-max-operand)", group="embedded")
+    embedded_hard_max_operand: int = _f(30, "embedded task: largest operand of a hard problem", group="embedded")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -380,15 +387,16 @@ def validate(cfg: TrainConfig) -> None:
 
     for name in ("group_size", "prompts_per_step", "max_new_tokens", "rollout_batch_size",
                  "temperature", "lr", "ppo_epochs", "save_every", "warmup_batch_size",
-                 "max_prompt_tokens", "embedded_train_size", "embedded_eval_size", "embedded_max_operand"):
+                 "max_prompt_tokens", "embedded_train_size", "embedded_eval_size", "embedded_max_operand",
+                 "embedded_hard_max_operand"):
         positive(name)
     for name in ("max_steps", "cpu_threads", "warmup_steps", "eval_every", "micro_batch_size", "max_eval_problems",
-                 "eval_temperature",
+                 "eval_temperature", "eval_samples",
                  "max_grad_norm", "format_reward"):
         v = getattr(cfg, name)
         if v is not None and v < 0:
             raise ConfigError(f"{name} must be >= 0, got {v}")
-    for name in ("embedded_unboxed_frac", "embedded_two_step_frac"):
+    for name in ("embedded_unboxed_frac", "embedded_two_step_frac", "embedded_hard_frac"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
     if not 0 < cfg.top_p <= 1:
@@ -469,7 +477,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if c.warmup_steps is None:
         c.warmup_steps = 300 if embedded else 0
     if c.eval_every is None:
-        c.eval_every = 20 if embedded else 0
+        c.eval_every = 40 if embedded else 0
     if c.save_every is None:
         c.save_every = 1 if embedded else 50
     if c.loss_agg == "auto":

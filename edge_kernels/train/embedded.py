@@ -51,10 +51,27 @@ _SUB_VERBS = ["gives away", "eats", "loses"]
 @dataclass(frozen=True)
 class TaskConfig:
     """Difficulty of the synthetic task: operands in ``[1, max_operand]``; ``two_step_frac`` of the problems
-    chain an addition and a subtraction."""
+    chain an addition and a subtraction. ``hard_frac`` of the problems are hard: two steps with operands in
+    ``[1, hard_max_operand]`` (multi-digit sums with carries), where a small warmed-up model is mostly wrong and
+    whole groups of rollouts get reward 0 (the advantage collapse GEC and EDA address)."""
 
     max_operand: int = 9
     two_step_frac: float = 0.3
+    hard_frac: float = 0.0
+    hard_max_operand: int = 30
+
+
+def _two_step(rng: random.Random, name: str, item: str, hi: int) -> Dict[str, str]:
+    he = _PRONOUN[name]
+    a, b = rng.randint(1, hi), rng.randint(1, hi)
+    s = a + b
+    c = rng.randint(1, s)
+    r = s - c
+    add, sub = rng.choice(_ADD_VERBS), rng.choice(_SUB_VERBS)
+    problem = (f"{name} has {a} {item}. {he} {add} {b} more and then {sub} {c}. "
+               f"How many {item} does {name} have now?")
+    solution = f"{a} + {b} = {s}. {s} - {c} = {r}. The answer is \\boxed{{{r}}}."
+    return {"problem": problem, "answer": str(r), "solution": solution}
 
 
 def make_problem(rng: random.Random, task: TaskConfig = TaskConfig()) -> Dict[str, str]:
@@ -62,16 +79,10 @@ def make_problem(rng: random.Random, task: TaskConfig = TaskConfig()) -> Dict[st
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     he = _PRONOUN[name]
     hi = task.max_operand
+    if task.hard_frac > 0 and rng.random() < task.hard_frac:  # no extra draw without a hard part
+        return _two_step(rng, name, item, task.hard_max_operand)
     if rng.random() < task.two_step_frac:
-        a, b = rng.randint(1, hi), rng.randint(1, hi)
-        s = a + b
-        c = rng.randint(1, s)
-        r = s - c
-        add, sub = rng.choice(_ADD_VERBS), rng.choice(_SUB_VERBS)
-        problem = (f"{name} has {a} {item}. {he} {add} {b} more and then {sub} {c}. "
-                   f"How many {item} does {name} have now?")
-        solution = f"{a} + {b} = {s}. {s} - {c} = {r}. The answer is \\boxed{{{r}}}."
-        return {"problem": problem, "answer": str(r), "solution": solution}
+        return _two_step(rng, name, item, hi)
     if rng.random() < 0.5:
         a, b = rng.randint(1, hi), rng.randint(1, hi)
         r = a + b

@@ -1,15 +1,16 @@
 """PNG plots of a run's ``metrics.jsonl`` (matplotlib, headless Agg backend).
 
-``plots/``: ``reward_accuracy.png`` (reward and policy accuracy), ``entropy.png``, ``adv_var.png`` (intra-group
-advantage variance, EDGE-GRPO's Figure 5 quantity), ``zero_adv_frac.png`` (fraction of zero-advantage groups),
-each over steps.
+``plots/``: ``reward_accuracy.png`` (reward and policy accuracy, greedy eval pass@1), ``entropy.png``,
+``adv_var.png`` (intra-group advantage variance, EDGE-GRPO's Figure 5 quantity), ``zero_adv_frac.png`` (fraction
+of zero-advantage groups), each over steps, and ``eval.png``: greedy pass@1, sampled pass@1 and pass@k at every
+evaluation point, the warm-up as step 0.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 PLOTS = {
     "reward_accuracy.png": (("reward_mean", "reward (after GEC)"), ("accuracy", "accuracy (rollouts, before GEC)")),
@@ -52,8 +53,33 @@ def _pyplot():
     return plt
 
 
-def plot_metrics(metrics_path: str, out_dir: str) -> List[str]:
-    """Write the PNGs of :data:`PLOTS` for ``metrics_path`` into ``out_dir``; returns their paths."""
+def plot_eval(evals: Sequence[Tuple[int, Dict[str, Any]]], path: str) -> Optional[str]:
+    """``eval.png``: each evaluation point's greedy pass@1, sampled pass@1 and pass@k over steps."""
+    if not evals:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    k = next((r["k"] for _, r in evals if "k" in r), None)
+    for key, label in (("greedy_pass_at_1", "greedy pass@1"), ("sampled_pass_at_1", "sampled pass@1"),
+                       ("pass_at_k", f"pass@{k}")):
+        pts = [(s, r[key]) for s, r in evals if key in r]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=label)
+    ax.set_xlabel("RL step (0: after the warm-up)")
+    ax.set_ylabel("held-out")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(metrics_path: str, out_dir: str,
+                 evals: Optional[Sequence[Tuple[int, Dict[str, Any]]]] = None) -> List[str]:
+    """Write the PNGs of :data:`PLOTS` for ``metrics_path`` into ``out_dir``, and ``eval.png`` from ``evals``
+    (``(step, evaluation record)``, the warm-up at step 0); returns their paths."""
     if not os.path.exists(metrics_path):
         return []
     rows = read_metrics(metrics_path)
@@ -76,9 +102,10 @@ def plot_metrics(metrics_path: str, out_dir: str) -> List[str]:
             else:
                 line.set_label(label)
         if name == "reward_accuracy.png":
-            ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+            ev = ([(s, r["greedy_pass_at_1"]) for s, r in evals if "greedy_pass_at_1" in r] if evals else
+                  [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r])
             if ev:
-                ax.plot(*zip(*ev), "o-", label="eval pass@1")
+                ax.plot(*zip(*ev), "o-", label="eval greedy pass@1")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -87,7 +114,8 @@ def plot_metrics(metrics_path: str, out_dir: str) -> List[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    return written
+    ev_path = plot_eval(evals or [], os.path.join(out_dir, "eval.png"))
+    return written + ([ev_path] if ev_path else [])
 
 
 def plot_comparison(runs: Dict[str, List[List[Dict]]], out_path: str, keys=("adv_var", "accuracy"),

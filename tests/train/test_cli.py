@@ -64,7 +64,7 @@ def test_train_then_eval_subcommand(tmp_path, capsys):
     # the YAML says 5 steps and grpo; the flag says 1 step
     assert main(["--config", str(yaml_cfg), "--output", str(out), *tiny_flags(max_steps=1)]) == 0
     printed = capsys.readouterr().out
-    assert "eval pass@1 after warm-up:" in printed and "eval pass@1 after RL:" in printed
+    assert "eval after warm-up: greedy pass@1" in printed and "eval after RL:      greedy pass@1" in printed
     cfg_text = (out / "config.yaml").read_text()
     assert "estimator: grpo" in cfg_text and "max_steps: 1" in cfg_text
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

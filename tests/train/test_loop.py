@@ -127,7 +127,7 @@ def test_full_run_outputs(tmp_path):
         assert REQUIRED <= set(r)
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["zero_adv_frac"] <= 1 and r["step_time_s"] > 0
     assert "eval_accuracy" in rows[1]
-    assert sorted(os.listdir(out / "plots")) == ["adv_var.png", "entropy.png", "reward_accuracy.png",
+    assert sorted(os.listdir(out / "plots")) == ["adv_var.png", "entropy.png", "eval.png", "reward_accuracy.png",
                                                 "zero_adv_frac.png"]
     assert (out / "config.yaml").exists() and (out / "data" / "eval.jsonl").exists()
     assert {"model", "optimizer.pt", "rng.pt", "trainer_state.json"} <= set(os.listdir(out / "checkpoint"))
@@ -135,6 +135,22 @@ def test_full_run_outputs(tmp_path):
     assert state["step"] == 3 and state["phase"] == "rl" and state["sampler"]["pos"] == 6
     assert summary["final_eval"]["total"] == TINY["embedded_eval_size"]
     assert summary["warmup_eval"]["total"] == TINY["embedded_eval_size"]
+    # greedy and sampled pass@1 and pass@k, after the warm-up and at the end (also in the eval step's line)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    k = summary["pass_at_k_k"]
+    assert k == 8 and summary["final_eval"]["samples"] == 8
+    for when in ("warmup", "final"):
+        g, s, pk = (summary[f"{m}_{when}"] for m in ("greedy_pass_at_1", "sampled_pass_at_1", "pass_at_k"))
+        assert 0 <= g <= 1 and 0 <= s <= 1
+        assert s <= pk <= min(1.0, k * s) + 1e-12  # pass@k >= pass@1, and the union bound
+        assert summary[f"{when}_eval"]["greedy_pass_at_1"] == g == summary[f"{when}_eval"]["pass_at_1"]
+    for m in ("greedy_pass_at_1", "sampled_pass_at_1", "pass_at_k"):
+        assert summary[f"{m}_change"] == pytest.approx(summary[f"{m}_final"] - summary[f"{m}_warmup"])
+    assert {"eval_greedy_pass_at_1", "eval_sampled_pass_at_1", "eval_pass_at_k", "eval_time_s"} <= set(rows[1])
+    assert rows[1]["eval_accuracy"] == rows[1]["eval_greedy_pass_at_1"]
+    for r in rows:  # where each step's time went
+        assert {"rollout_time_s", "gec_time_s", "scoring_time_s", "update_time_s", "rollout_cpu_time_s",
+                "update_cpu_time_s"} <= set(r)
     # a second run into the same directory must not silently mix with the first
     with pytest.raises(TrainError, match="--resume"):
         Trainer(TrainConfig(**{**TINY, "output": str(out)}), log=lambda s: None).setup()
@@ -176,7 +192,7 @@ def straight_run(tmp_path_factory):
 @pytest.mark.parametrize("point", ["update", "metrics", "checkpoint"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, straight_run, point):
     out = str(tmp_path / "run")
-    killed = run_cli(["--output", out, *tiny_flags(max_steps=5)], env_extra={"EDGE_TRAIN_KILL_AT": f"3:{point}"})
+    killed = run_cli(["--output", out, *tiny_flags(max_steps=5)], kill_at=f"3:{point}")
     assert killed.returncode == -9, killed.stderr  # SIGKILL
     steps_logged = [r["step"] for r in _metrics(out)]
     assert steps_logged == ([1, 2] if point == "update" else [1, 2, 3])
@@ -299,7 +315,7 @@ def test_rollout_engine_gets_stop_ids_and_a_max_model_len(tmp_path, monkeypatch)
 
 
 def test_real_model_path_uses_every_stop_id_and_no_sampling_defaults(tmp_path, monkeypatch):
-    from edge_kernels.train import loop as loop_mod
+    from edge_kernels.train import step as step_mod
     from edge_kernels.train.embedded import make_task
     from edge_kernels.train.data import Problem, write_problems
     from train_helpers import save_model_with_sampling_defaults
@@ -308,13 +324,13 @@ def test_real_model_path_uses_every_stop_id_and_no_sampling_defaults(tmp_path, m
     tr_rows, _ = make_task(0, 8, 0)
     write_problems([Problem(**r) for r in tr_rows], str(tmp_path / "train.jsonl"))
     seen = []
-    real_gec = loop_mod.apply_gec
+    real_gec = step_mod.apply_gec
 
     def spy(*a, **k):
         seen.append(k["stop_ids"])
         return real_gec(*a, **k)
 
-    monkeypatch.setattr(loop_mod, "apply_gec", spy)
+    monkeypatch.setattr(step_mod, "apply_gec", spy)
     tr = make_trainer(tmp_path, model=str(tmp_path / "m"), data=str(tmp_path / "train.jsonl"), warmup_steps=0,
                       lr=1e-6)
     assert tr.cfg.save_every == 50 and tr.param_dtype == torch.float32

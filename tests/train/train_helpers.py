@@ -41,14 +41,16 @@ def tiny_flags(**over):
     return out
 
 
-def run_cli(args, env_extra=None, timeout=240):
-    """``python -m edge_kernels.train ARGS`` in a fresh process; returns the CompletedProcess."""
+def run_cli(args, env_extra=None, timeout=240, kill_at=None):
+    """``python -m edge_kernels.train ARGS`` in a fresh process; returns the CompletedProcess. ``kill_at``
+    ("STEP:POINT") runs it through ``kill_at.py`` instead, which SIGKILLs the process at that point."""
     env = dict(os.environ)
-    env.pop("EDGE_TRAIN_KILL_AT", None)
     env.update(env_extra or {})
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "edge_kernels.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = ([os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_at.py"), kill_at] if kill_at
+           else ["-m", "edge_kernels.train"])
+    return subprocess.run([sys.executable, *cmd, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def tiny_model_and_tokenizer():
