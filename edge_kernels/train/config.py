@@ -223,9 +223,12 @@ class TrainConfig:
     embedded_train_size: int = _f(4000, "embedded task: training problems", group="embedded")
     embedded_eval_size: int = _f(200, "embedded task: held-out eval problems", group="embedded")
     embedded_max_operand: int = _f(9, "embedded task: largest operand", group="embedded")
-    embedded_two_step_frac: float = _f(0.3, "embedded task: share of two-step problems", group="embedded")
+    embedded_two_step_frac: float = _f(0.5, "embedded task: share of two-step problems", group="embedded")
     embedded_unboxed_frac: float = _f(0.5, "embedded task: share of warm-up demonstrations that state the answer "
                                            "without \\boxed{} (the format gap RL closes)", group="embedded")
+    embedded_two_step_unboxed_frac: Optional[float] = _f(
+        0.65, "embedded task: share of two-step warm-up demonstrations without \\boxed{}, in one phrasing (above "
+              "0.5 the greedy two-step answer is unboxed; unset: --embedded-unboxed-frac)", group="embedded")
     embedded_vocab_size: int = _f(512, "embedded tokenizer: BPE vocabulary size", group="embedded")
     embedded_hidden_size: int = _f(128, "embedded model: hidden size", group="embedded")
     embedded_layers: int = _f(2, "embedded model: layers", group="embedded")
@@ -396,8 +399,9 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and v < 0:
             raise ConfigError(f"{name} must be >= 0, got {v}")
-    for name in ("embedded_unboxed_frac", "embedded_two_step_frac", "embedded_hard_frac"):
-        if not 0 <= getattr(cfg, name) <= 1:
+    for name in ("embedded_unboxed_frac", "embedded_two_step_frac", "embedded_hard_frac",
+                 "embedded_two_step_unboxed_frac"):
+        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
     if not 0 < cfg.top_p <= 1:
         raise ConfigError(f"top_p must lie in (0, 1], got {cfg.top_p}")
@@ -467,17 +471,17 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     embedded = cfg.model is None
     c = dataclasses.replace(cfg)
     if c.max_steps is None:
-        c.max_steps = 80 if embedded else 200
+        c.max_steps = 60 if embedded else 200
     if c.max_new_tokens is None:
         c.max_new_tokens = 48 if embedded else 1024
     if c.gec_max_new_tokens is None:
         c.gec_max_new_tokens = 32 if embedded else _gec_mod.DEFAULTS.max_new_tokens
     if c.lr is None:
-        c.lr = 1e-4 if embedded else 1e-6
+        c.lr = 1.5e-4 if embedded else 1e-6
     if c.warmup_steps is None:
-        c.warmup_steps = 300 if embedded else 0
+        c.warmup_steps = 450 if embedded else 0
     if c.eval_every is None:
-        c.eval_every = 40 if embedded else 0
+        c.eval_every = 30 if embedded else 0
     if c.save_every is None:
         c.save_every = 1 if embedded else 50
     if c.loss_agg == "auto":

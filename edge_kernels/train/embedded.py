@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -128,21 +128,42 @@ UNBOXED_ENDINGS = (" So we get {r}.", " Hence {r}.", " Thus {r}.")
 BOXED_ENDING = " The answer is \\boxed{{{r}}}."
 
 
-def warmup_demonstrations(rows: Sequence[Dict[str, str]], unboxed_frac: float, seed: int) -> List[str]:
+#: the one unboxed ending of two-step demonstrations with ``two_step_unboxed_frac`` set: a single phrasing, so
+#: that above 0.5 the unboxed ending is the greedy choice on two-step problems (see :func:`warmup_demonstrations`)
+TWO_STEP_UNBOXED_ENDING = UNBOXED_ENDINGS[0]
+
+
+def is_two_step(solution: str) -> bool:
+    """Whether a reference solution of the embedded task has two arithmetic steps (two ``=``)."""
+    return solution.count(" = ") >= 2
+
+
+def warmup_demonstrations(rows: Sequence[Dict[str, str]], unboxed_frac: float, seed: int,
+                          two_step_unboxed_frac: Optional[float] = None) -> List[str]:
     """Demonstrations for the supervised warm-up: the reference solutions, of which a seeded ``unboxed_frac``
     end without ``\\boxed{}`` in one of :data:`UNBOXED_ENDINGS` (drawn uniformly), like a base model that
     follows the boxed-answer instruction only some of the time. The reward needs the box, so RL has a real,
     quickly learnable improvement to find on top of the arithmetic; the task's own ``solution`` fields (used by
-    GEC's reference replacement) all keep their box."""
+    GEC's reference replacement) all keep their box.
+
+    With ``two_step_unboxed_frac`` the two-step solutions (the longer ones) drop the box with that probability
+    instead, always as :data:`TWO_STEP_UNBOXED_ENDING`: above 0.5 the greedy answer to a two-step problem is
+    unboxed (reward 0) while a share of sampled answers is boxed, like a base model that forgets the format in
+    longer answers. RL can then move greedy pass@1, not only sampled pass@1: the gap between what the policy
+    samples and what it decodes greedily is what GRPO's sharpening closes."""
     rng = random.Random(f"edge-train-demos-{seed}")
     out = []
     for r in rows:
         sol = r["solution"]
-        if rng.random() < unboxed_frac:
-            boxed = BOXED_ENDING.format(r=r["answer"])
+        boxed = BOXED_ENDING.format(r=r["answer"])
+        if two_step_unboxed_frac is not None and is_two_step(sol):
+            drop, endings = rng.random() < two_step_unboxed_frac, (TWO_STEP_UNBOXED_ENDING,)
+        else:
+            drop, endings = rng.random() < unboxed_frac, UNBOXED_ENDINGS
+        if drop:
             if not sol.endswith(boxed):
                 raise ValueError(f"solution does not end with {boxed!r}: {sol!r}")
-            sol = sol[:-len(boxed)] + rng.choice(UNBOXED_ENDINGS).format(r=r["answer"])
+            sol = sol[:-len(boxed)] + rng.choice(endings).format(r=r["answer"])
         out.append(sol)
     return out
 

@@ -335,10 +335,12 @@ class Trainer:
     def run(self) -> Dict[str, Any]:
         t_start, cpu_start = time.time(), time.process_time()
         self._start()
-        if self.phase == "warmup":
+        warmed_up_now = self.phase == "warmup"
+        if warmed_up_now:
             self._warmup_phase()
         self._rl_phase()
-        self.final_eval = self.eval_point()
+        # no RL step since the warm-up's eval (--max-steps 0): the same policy, so the same eval
+        self.final_eval = self.warmup_eval if warmed_up_now and self.step == 0 else self.eval_point()
         summary: Dict[str, Any] = {"steps": self.step, "wall_time_s": round(time.time() - t_start, 2),
                                    "cpu_time_s": round(time.process_time() - cpu_start, 2),
                                    "threads": torch.get_num_threads()}

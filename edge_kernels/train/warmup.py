@@ -24,7 +24,8 @@ def demonstrations(cfg, problems, embedded_task: bool) -> List[str]:
         from .embedded import warmup_demonstrations
 
         return warmup_demonstrations([{"solution": p.solution, "answer": p.answer} for p in problems],
-                                     cfg.embedded_unboxed_frac, cfg.seed)
+                                     cfg.embedded_unboxed_frac, cfg.seed,
+                                     cfg.embedded_two_step_unboxed_frac)
     return [p.solution for p in problems]
 
 
