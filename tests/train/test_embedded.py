@@ -45,27 +45,62 @@ def test_model_is_a_small_qwen2():
         assert torch.equal(a, b)
 
 
-def test_warmup_demos_make_the_boxed_ending_the_greedy_choice():
-    """Where a demonstration's ending parts from the work (the first token after "... = r."), the boxed ending
-    must hold a clear plurality at the default unboxed_frac 0.5 on every seed, so greedy decoding after the
-    warm-up boxes its answers (with one unboxed phrasing it was a coin flip, and seed 1 never boxed)."""
+def _ending_first_tokens(tok, rows, demos):
+    """Per row kind (two-step or not): how often each token follows the work ("... = r.") in the demos."""
     from collections import Counter
 
-    from edge_kernels.gec import DEFAULT_INJECTION, DEFAULT_REFLECTION
+    first = {True: Counter(), False: Counter()}
+    for row, demo in zip(rows, demos):
+        work = row["solution"][:-len(E.BOXED_ENDING.format(r=row["answer"]))]
+        assert demo.startswith(work) and row["answer"] in demo[len(work):]
+        n = len(tok.encode(work, add_special_tokens=False))
+        first[E.is_two_step(row["solution"])][tok.encode(demo, add_special_tokens=False)[n]] += 1
+    return first
 
+
+def test_warmup_demos_box_one_step_answers_and_leave_two_step_answers_unboxed():
+    """The embedded default's warm-up, per seed: where a one-step demonstration's ending parts from the work
+    (the first token after "... = r."), the boxed ending holds a clear plurality (greedy one-step answers are
+    boxed: with a single unboxed phrasing it was a coin flip, and seed 1 never boxed), while on two-step
+    problems the one unboxed phrasing holds the majority, so greedy two-step answers start unboxed (reward 0)
+    and sampled ones are boxed about 35% of the time: the gap between sampled and greedy that RL closes."""
+    from edge_kernels.gec import DEFAULT_INJECTION, DEFAULT_REFLECTION
+    from edge_kernels.train.config import TrainConfig
+
+    d = TrainConfig()
+    task = E.TaskConfig(max_operand=d.embedded_max_operand, two_step_frac=d.embedded_two_step_frac)
     for seed in range(10):
-        tr, _ = E.make_task(seed, 1000, 0)  # the tokenizer as edge-train builds it
+        tr, _ = E.make_task(seed, 1000, 0, task)  # the tokenizer as edge-train builds it
         tok = E.build_tokenizer(E.tokenizer_corpus(tr, extra=[DEFAULT_REFLECTION, DEFAULT_INJECTION,
                                                              E.SYSTEM_PROMPT]), vocab_size=512)
-        demos = E.warmup_demonstrations(tr, 0.5, seed)
-        unboxed = sum("\\boxed{" not in d for d in demos) / len(demos)
-        assert 0.45 < unboxed < 0.55  # the format gap RL closes is still there
-        first = Counter()
-        for row, demo in zip(tr, demos):
-            work = row["solution"][:-len(E.BOXED_ENDING.format(r=row["answer"]))]
-            assert demo.startswith(work) and row["answer"] in demo[len(work):]
-            n = len(tok.encode(work, add_special_tokens=False))
-            first[tok.encode(demo, add_special_tokens=False)[n]] += 1
+        demos = E.warmup_demonstrations(tr, d.embedded_unboxed_frac, seed, d.embedded_two_step_unboxed_frac)
+        two = [E.is_two_step(r["solution"]) for r in tr]
+        assert 0.4 < sum(two) / len(tr) < 0.6  # two_step_frac 0.5, before duplicates are dropped
+        for kind, frac in ((True, d.embedded_two_step_unboxed_frac), (False, d.embedded_unboxed_frac)):
+            rows = [dm for dm, t in zip(demos, two) if t == kind]
+            unboxed = sum("\\boxed{" not in dm for dm in rows) / len(rows)
+            assert abs(unboxed - frac) < 0.07, (seed, kind, unboxed)  # the format gap RL closes is there
+        first = _ending_first_tokens(tok, tr, demos)
         boxed_tok = tok.encode(E.BOXED_ENDING.format(r=7), add_special_tokens=False)[0]
-        top_other = max(c for t, c in first.items() if t != boxed_tok)
-        assert first[boxed_tok] > 2 * top_other, (seed, first.most_common(3))
+        one = first[False]
+        assert one[boxed_tok] > 2 * max(c for t, c in one.items() if t != boxed_tok), (seed, one.most_common(3))
+        two_step = first[True]
+        assert set(two_step) == {boxed_tok, tok.encode(E.TWO_STEP_UNBOXED_ENDING.format(r=7),
+                                                       add_special_tokens=False)[0]}
+        assert two_step.most_common(1)[0][0] != boxed_tok, (seed, two_step)
+
+
+def test_warmup_demos_without_a_two_step_rate_treat_every_row_alike():
+    """``two_step_unboxed_frac=None``: every demonstration drops the box at ``unboxed_frac`` in any of the
+    three phrasings (the previous default), two-step ones included."""
+    tr, _ = E.make_task(0, 2000, 0, E.TaskConfig(two_step_frac=0.5))
+    demos = E.warmup_demonstrations(tr, 0.5, 0)
+    for kind in (True, False):
+        rows = [dm for dm, r in zip(demos, tr) if E.is_two_step(r["solution"]) == kind]
+        assert 0.45 < sum("\\boxed{" not in dm for dm in rows) / len(rows) < 0.55
+        for ending in E.UNBOXED_ENDINGS:
+            assert any(dm.endswith(ending.format(r=r["answer"])) for dm, r in zip(demos, tr)
+                       if E.is_two_step(r["solution"]) == kind)
+    assert all(r["solution"].endswith(E.BOXED_ENDING.format(r=r["answer"])) for r in tr)  # GEC's references
+
+

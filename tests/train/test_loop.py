@@ -156,6 +156,21 @@ def test_full_run_outputs(tmp_path):
         Trainer(TrainConfig(**{**TINY, "output": str(out)}), log=lambda s: None).setup()
 
 
+def test_zero_rl_steps_evaluates_once(tmp_path, monkeypatch):
+    """``--max-steps 0`` (the fidelity study's cached warm-up): the policy after the warm-up is the final one, so
+    the run evaluates it once and reports it as both; a resumed run evaluates again (its policy may differ)."""
+    calls = []
+    real = Trainer.eval_point
+    monkeypatch.setattr(Trainer, "eval_point", lambda self: calls.append(self.step) or real(self))
+    out = tmp_path / "run"
+    summary = Trainer(TrainConfig(**{**TINY, "output": str(out), "max_steps": 0}), log=lambda s: None).run()
+    assert calls == [0] and summary["final_eval"] == summary["warmup_eval"]
+    assert summary["greedy_pass_at_1_change"] == 0
+    Trainer(TrainConfig(**{**TINY, "output": str(out), "resume": str(out), "max_steps": 1}),
+            log=lambda s: None).run()
+    assert calls == [0, 1]
+
+
 def test_out_of_memory_names_the_option_that_helps(tmp_path):
     tr = make_trainer(tmp_path, warmup_steps=0)
 
