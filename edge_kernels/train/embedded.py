@@ -156,6 +156,7 @@ def warmup_demonstrations(rows: Sequence[Dict[str, str]], unboxed_frac: float, s
     for r in rows:
         sol = r["solution"]
         boxed = BOXED_ENDING.format(r=r["answer"])
+        endings: Sequence[str]
         if two_step_unboxed_frac is not None and is_two_step(sol):
             drop, endings = rng.random() < two_step_unboxed_frac, (TWO_STEP_UNBOXED_ENDING,)
         else:

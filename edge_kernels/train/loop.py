@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
@@ -35,6 +35,14 @@ from .step import METRIC_FIELDS, Rollout, RLStep
 __all__ = ["Trainer", "TrainError", "train", "METRIC_FIELDS", "Rollout"]
 
 _progress = progress  # the name edge-train eval imports
+_T = TypeVar("_T")
+
+
+def _auto(value: Optional[_T]) -> _T:
+    """A config field that :func:`~edge_kernels.train.config.resolve` fills ("auto"), or ``--model`` where only
+    its branch reads it: never None where it is read."""
+    assert value is not None, "resolve() leaves no auto field unset"
+    return value
 
 
 class Trainer:
@@ -178,10 +186,10 @@ class Trainer:
             mcfg = ModelConfig(hidden_size=c.embedded_hidden_size, intermediate_size=c.embedded_intermediate_size,
                                num_hidden_layers=c.embedded_layers, num_attention_heads=c.embedded_heads,
                                num_key_value_heads=max(1, c.embedded_heads // 2),
-                               max_position_embeddings=max(256, 2 * (c.max_prompt_tokens + c.max_new_tokens)))
+                               max_position_embeddings=max(256, 2 * (c.max_prompt_tokens + _auto(c.max_new_tokens))))
             self.model = build_model(self.tokenizer, mcfg, seed=c.seed).to(self.device, self.param_dtype)
         else:
-            self.model, self.tokenizer = load_pretrained(c.model, dtype=self.param_dtype, device=self.device)
+            self.model, self.tokenizer = load_pretrained(_auto(c.model), dtype=self.param_dtype, device=self.device)
         decoder_and_head(self.model)  # fails early on a model without a decoder / LM head
         if c.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -209,8 +217,8 @@ class Trainer:
                                    progress=progress(c.progress), stop_ids=self.stop_ids,
                                    max_model_len=self.max_model_len(), autocast_dtype=self.autocast_dtype)
         self.sampler = PromptSampler(len(self.train_problems), c.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.phase = "warmup" if c.warmup_steps > 0 else "rl"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=_auto(c.lr), weight_decay=c.weight_decay)
+        self.phase = "warmup" if _auto(c.warmup_steps) > 0 else "rl"
 
     def _rollout_model_path(self) -> Optional[str]:
         """The directory a rollout engine that loads from disk (vLLM) starts from: --model, or the resumed
@@ -248,7 +256,7 @@ class Trainer:
         c = self.cfg
         with oom_guard("eval"):
             return evaluate(self.engine, self.tokenizer, self.eval_problems, system_prompt=c.system_prompt,
-                            max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature, top_p=c.top_p,
+                            max_new_tokens=_auto(c.max_new_tokens), temperature=c.eval_temperature, top_p=c.top_p,
                             seed=mix_seed(c.seed, 11), max_prompt_tokens=c.max_prompt_tokens)
 
     def eval_point(self) -> Optional[Dict[str, Any]]:
@@ -261,7 +269,7 @@ class Trainer:
         if c.eval_samples:
             with oom_guard("eval"):
                 sampled = evaluate_sampled(self.engine, self.tokenizer, self.eval_problems, n=c.eval_samples,
-                                           system_prompt=c.system_prompt, max_new_tokens=c.max_new_tokens,
+                                           system_prompt=c.system_prompt, max_new_tokens=_auto(c.max_new_tokens),
                                            temperature=c.temperature, top_p=c.top_p, seed=mix_seed(c.seed, 13),
                                            max_prompt_tokens=c.max_prompt_tokens)
         return eval_record(res, sampled, c.eval_samples)
@@ -291,13 +299,14 @@ class Trainer:
 
     def _rl_phase(self) -> None:
         c, fault = self.cfg, self.checkpointer.point
+        max_steps, save_every = _auto(c.max_steps), _auto(c.save_every)
         bar_f = progress(c.progress)
-        bar = bar_f(total=c.max_steps, initial=self.step, desc="RL steps") if bar_f else None
+        bar = bar_f(total=max_steps, initial=self.step, desc="RL steps") if bar_f else None
         try:
-            while self.step < c.max_steps:
+            while self.step < max_steps:
                 t0 = time.time()
                 rec = self.rl_step()
-                if c.eval_every and self.step % c.eval_every == 0 and self.step < c.max_steps:
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < max_steps:
                     w, cpu = time.perf_counter(), time.process_time()
                     ev = self.eval_point()
                     if ev is not None:
@@ -310,7 +319,7 @@ class Trainer:
                 fault(self.step, "update")
                 self.reporter.write_metrics(rec)
                 fault(self.step, "metrics")
-                if self.step % c.save_every == 0 or self.step == c.max_steps:
+                if self.step % save_every == 0 or self.step == max_steps:
                     self.save()
                 self.log(Reporter.line(rec))
                 if bar is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 
@@ -103,7 +103,7 @@ def model_dir(path: str) -> str:
                      "by save_pretrained) or an edge-train output directory")
 
 
-def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device) -> Tuple[object, object]:
+def load_pretrained(path: str, *, dtype: torch.dtype, device: torch.device) -> Tuple[Any, Any]:
     """``(model, tokenizer)`` from a local directory, the parameters in ``dtype``; a model that is not a causal LM
     is a :class:`ModelError`. The model's ``generation_config`` is replaced by :func:`clean_generation_config`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
