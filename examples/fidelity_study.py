@@ -221,7 +221,7 @@ def plot_intervals(stats, arms, path):
     from edge_kernels.train.plots import _pyplot
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.2))
     for ax, (key, label) in zip(axes, METRICS.items()):
         per_seed = [stats[a][key]["per_seed"] for a in arms]
         for i in range(len(per_seed[0])):
@@ -230,7 +230,7 @@ def plot_intervals(stats, arms, path):
             e = stats[a][key]
             ax.errorbar([j + 0.15], [e["mean"]], yerr=[[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]],
                         fmt="s", color="k", capsize=4)
-        ax.set_xticks(range(len(arms)), arms)
+        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()

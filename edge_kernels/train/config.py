@@ -80,7 +80,7 @@ def _gec(name: str):
 class TrainConfig:
     # ---- run
     output: str = _f("./edge-train-out", "output directory (metrics.jsonl, plots/, checkpoint/, config.yaml)")
-    max_steps: Optional[int] = _f(None, "number of RL steps (auto: 80 embedded, 200 with --model)")
+    max_steps: Optional[int] = _f(None, "number of RL steps (auto: 60 embedded, 200 with --model)")
     seed: int = _f(0, "random seed (model init, task, sampling, GEC); a run is deterministic under it")
     device: str = _f("auto", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     resume: Optional[str] = _f(None, "resume from this output directory (or its checkpoint/)")
@@ -89,7 +89,7 @@ class TrainConfig:
                                          "weights and AdamW's two moments, 12 bytes/parameter with fp32 master "
                                          "weights, ~90 GB for a 7B model, on disk twice during the atomic swap)")
     eval_every: Optional[int] = _f(None, "evaluate on the eval set every N steps (0: only after warm-up and at the "
-                                         "end; auto: 40 embedded, 0 with --model)")
+                                         "end; auto: 30 embedded, 0 with --model)")
     progress: bool = _f(True, "show progress bars")
     cpu_threads: int = _f(0, "torch CPU threads (0: auto = 1 for the embedded model on CPU, where a tiny model "
                              "gains nothing from more and shared cores make more threads much slower; "
@@ -162,7 +162,9 @@ class TrainConfig:
     ep_lambda: float = _est("ep_lambda")
     ep_eps: float = _est("ep_eps")
     # ---- GEC (names, defaults and help: edge_kernels.gec.GECConfig)
-    gec: bool = _f(True, "Guided Error Correction of incorrect responses (EDGE-GRPO)", group="gec")
+    gec: Optional[bool] = _f(None, "Guided Error Correction of incorrect responses (EDGE-GRPO; auto: on with "
+                                   "--model, off on the embedded default, where it lowers sampled pass@1: "
+                                   "docs/edge-train.md, fidelity study)", group="gec")
     gec_p_regenerate: float = _gec("gec_p_regenerate")
     gec_p_inject: float = _gec("gec_p_inject")
     gec_p_reference: float = _gec("gec_p_reference")
@@ -175,7 +177,7 @@ class TrainConfig:
     format_reward: float = _f(0.0, "weight of the optional format reward (1 if a \\boxed{} exists)",
                               group="reward")
     # ---- optimisation
-    lr: Optional[float] = _f(None, "RL learning rate (auto: 1e-4 embedded, 1e-6 with --model)", group="optim")
+    lr: Optional[float] = _f(None, "RL learning rate (auto: 1.5e-4 embedded, 1e-6 with --model)", group="optim")
     weight_decay: float = _f(0.0, "AdamW weight decay", group="optim")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)", group="optim")
     clip_low: Optional[float] = _f(None, f"PPO clip eps_low (auto: {_po.DEFAULTS['clip_low']} where the objective "
@@ -216,7 +218,7 @@ class TrainConfig:
                                             "(2 is a common truncation cap)")
     # ---- supervised warm-up (embedded default)
     warmup_steps: Optional[int] = _f(None, "supervised warm-up steps on reference solutions before RL "
-                                           "(auto: 300 embedded, 0 with --model)", group="warmup")
+                                           "(auto: 450 embedded, 0 with --model)", group="warmup")
     warmup_lr: float = _f(3e-3, "warm-up learning rate", group="warmup")
     warmup_batch_size: int = _f(32, "warm-up batch size", group="warmup")
     # ---- embedded task and model
@@ -472,6 +474,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     c = dataclasses.replace(cfg)
     if c.max_steps is None:
         c.max_steps = 60 if embedded else 200
+    if c.gec is None:
+        c.gec = not embedded
     if c.max_new_tokens is None:
         c.max_new_tokens = 48 if embedded else 1024
     if c.gec_max_new_tokens is None:

@@ -9,14 +9,16 @@
 * **Model** - a small randomly initialised ``Qwen2ForCausalLM`` (the real models' architecture), built from a
   ``Qwen2Config``. A short supervised warm-up on the reference solutions (done by the loop) makes rewards
   non-zero before RL starts.
-* **Warm-up demonstrations** - the reference solutions, half of which (``--embedded-unboxed-frac``) end
-  without ``\\boxed{}`` in one of three other phrasings (:data:`UNBOXED_ENDINGS`): sampled at temperature 1
-  (the rollouts), the warmed-up policy, like a base model, follows the boxed-answer instruction only part of
-  the time and gets its arithmetic partly right. The reward needs both, so RL has something real to learn in
-  the few minutes a CPU allows. Greedy decoding (the eval) takes the boxed ending, the most likely single
-  continuation, on every seed: with one unboxed phrasing the box was a coin flip and seed 1's warm-up never
-  boxed (pass@1 0.000; now 0.405). The task's own ``solution`` fields (GEC's reference replacement) all keep
-  their box.
+* **Warm-up demonstrations** - the reference solutions with endings that imitate a base model which keeps the
+  answer format on short answers and forgets it on longer ones: one-step demonstrations drop the ``\\boxed{}``
+  with probability ``--embedded-unboxed-frac`` in one of three phrasings (:data:`UNBOXED_ENDINGS`), so the boxed
+  ending stays the greedy choice (with a single unboxed phrasing it was a coin flip, and seed 1 never boxed);
+  two-step ones drop it with probability ``--embedded-two-step-unboxed-frac`` (0.65), always as
+  :data:`TWO_STEP_UNBOXED_ENDING`, so there the greedy answer starts unboxed (reward 0) while a third of the
+  sampled ones are boxed. RL then has two things to learn in the few minutes a CPU allows: boxing sampled
+  answers (sampled pass@1) and, once boxing is the more likely ending, greedy two-step answers (greedy pass@1;
+  ``docs/edge-train.md``, "The embedded default"). The task's own ``solution`` fields (GEC's reference
+  replacement) all keep their box.
 
 Everything is deterministic under the seed.
 """

@@ -139,7 +139,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         c = self.cfg
-        need_solution = c.gec and c.gec_p_reference > 0
+        need_solution = bool(c.gec) and c.gec_p_reference > 0
         self.embedded_task = c.data is None
         # data
         if c.data is None:

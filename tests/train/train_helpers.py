@@ -25,6 +25,7 @@ TINY = {
     "max_steps": 2,
     "progress": False,
     "lr": 1e-3,
+    "gec": True,  # off on the embedded default; the tests cover the loop with it
 }
 
 

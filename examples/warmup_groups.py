@@ -1,0 +1,64 @@
+"""Where the advantage collapse is at the start of RL: from a warmed-up embedded run (``edge-train --max-steps 0``,
+or the fidelity study's ``OUT/seedS/warmup``), sample G responses at temperature 1 for the first N training
+problems and report, for one-step and two-step problems apart, the share of all-wrong groups (every response
+reward 0: zero advantage under GRPO), of all-right groups, and the sampled accuracy. Offline; one CPU thread.
+
+    python examples/warmup_groups.py /tmp/study/seed0/warmup /tmp/study/seed1/warmup
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+
+def groups(run_dir: str, n: int, group_size: int, seed: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_kernels.train.data import Problem, encode_prompts
+    from edge_kernels.train.embedded import SYSTEM_PROMPT, is_two_step
+    from edge_kernels.train.evaluate import _generate
+    from edge_kernels.train.rewards import accuracy_reward
+    from edge_kernels.train.rollout import make_rollout
+
+    path = os.path.join(run_dir, "checkpoint", "model")
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    with open(os.path.join(run_dir, "data", "train.jsonl")) as fh:
+        problems = [Problem(**json.loads(line)) for line in fh][:n]
+    engine = make_rollout("hf", model, tok, model_path=None, seed=seed, batch_size=256, dtype="float32",
+                          gpu_memory_utilization=0.3, progress=None, stop_ids=[tok.eos_token_id],
+                          max_model_len=256, autocast_dtype=None)
+    prompts = encode_prompts(tok, problems, SYSTEM_PROMPT, 1024)
+    outs = _generate(engine, [p for p in prompts for _ in range(group_size)], seed=seed, max_new_tokens=48,
+                     temperature=1.0, top_p=1.0, greedy=False, desc="groups")
+    texts = tok.batch_decode(outs, skip_special_tokens=True)
+    res = {}
+    for kind, two in (("one-step", False), ("two-step", True)):
+        idx = [i for i, p in enumerate(problems) if is_two_step(p.solution or "") == two]
+        ok = [[accuracy_reward(texts[i * group_size + j], problems[i].answer) >= 1 for j in range(group_size)]
+              for i in idx]
+        res[kind] = {"groups": len(ok), "all_wrong": sum(not any(g) for g in ok) / max(len(ok), 1),
+                     "all_right": sum(all(g) for g in ok) / max(len(ok), 1),
+                     "accuracy": sum(map(sum, ok)) / max(group_size * len(ok), 1)}
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="warmed-up run directories")
+    p.add_argument("--problems", type=int, default=200)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=5)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    for run in a.runs:
+        r = groups(run, a.problems, a.group_size, a.seed)
+        print(run, " ".join(f"{k}: all-wrong {v['all_wrong']:.3f} all-right {v['all_right']:.3f} accuracy "
+                            f"{v['accuracy']:.3f} ({v['groups']} groups);" for k, v in r.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
