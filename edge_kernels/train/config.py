@@ -80,7 +80,7 @@ def _gec(name: str):
 class TrainConfig:
     # ---- run
     output: str = _f("./edge-train-out", "output directory (metrics.jsonl, plots/, checkpoint/, config.yaml)")
-    max_steps: Optional[int] = _f(None, "number of RL steps (auto: 60 embedded, 200 with --model)")
+    max_steps: Optional[int] = _f(None, "number of RL steps (auto: 40 embedded, 200 with --model)")
     seed: int = _f(0, "random seed (model init, task, sampling, GEC); a run is deterministic under it")
     device: str = _f("auto", "device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     resume: Optional[str] = _f(None, "resume from this output directory (or its checkpoint/)")
@@ -89,7 +89,7 @@ class TrainConfig:
                                          "weights and AdamW's two moments, 12 bytes/parameter with fp32 master "
                                          "weights, ~90 GB for a 7B model, on disk twice during the atomic swap)")
     eval_every: Optional[int] = _f(None, "evaluate on the eval set every N steps (0: only after warm-up and at the "
-                                         "end; auto: 30 embedded, 0 with --model)")
+                                         "end; auto: 20 embedded, 0 with --model)")
     progress: bool = _f(True, "show progress bars")
     cpu_threads: int = _f(0, "torch CPU threads (0: auto = 1 for the embedded model on CPU, where a tiny model "
                              "gains nothing from more and shared cores make more threads much slower; "
@@ -218,7 +218,7 @@ class TrainConfig:
                                             "(2 is a common truncation cap)")
     # ---- supervised warm-up (embedded default)
     warmup_steps: Optional[int] = _f(None, "supervised warm-up steps on reference solutions before RL "
-                                           "(auto: 450 embedded, 0 with --model)", group="warmup")
+                                           "(auto: 600 embedded, 0 with --model)", group="warmup")
     warmup_lr: float = _f(3e-3, "warm-up learning rate", group="warmup")
     warmup_batch_size: int = _f(32, "warm-up batch size", group="warmup")
     # ---- embedded task and model
@@ -473,7 +473,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     embedded = cfg.model is None
     c = dataclasses.replace(cfg)
     if c.max_steps is None:
-        c.max_steps = 60 if embedded else 200
+        c.max_steps = 40 if embedded else 200
     if c.gec is None:
         c.gec = not embedded
     if c.max_new_tokens is None:
@@ -483,9 +483,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if c.lr is None:
         c.lr = 1.5e-4 if embedded else 1e-6
     if c.warmup_steps is None:
-        c.warmup_steps = 450 if embedded else 0
+        c.warmup_steps = 600 if embedded else 0
     if c.eval_every is None:
-        c.eval_every = 30 if embedded else 0
+        c.eval_every = 20 if embedded else 0
     if c.save_every is None:
         c.save_every = 1 if embedded else 50
     if c.loss_agg == "auto":

@@ -18,7 +18,7 @@ def test_defaults():
     assert cfg.estimator == "eda" and cfg.gec is None and cfg.rollout == "hf" and cfg.output == "./edge-train-out"
     r = resolve(cfg)
     assert r.gec is False  # the embedded default: EDA without GEC (docs/edge-train.md, the fidelity study)
-    assert r.max_steps == 60 and r.warmup_steps == 450 and r.lr == 1.5e-4 and r.eval_every == 30
+    assert r.max_steps == 40 and r.warmup_steps == 600 and r.lr == 1.5e-4 and r.eval_every == 20
     assert r.loss_agg == "token-mean"
     real = resolve(build_config(parse(["--model", "/m", "--estimator", "dr_grpo"])))
     assert real.gec is True and real.warmup_steps == 0 and real.lr == 1e-6
