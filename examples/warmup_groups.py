@@ -36,20 +36,16 @@ def _load(run_dir: str, split: str, n: int):
 
 def greedy(run_dir: str, n: int) -> dict:
     """Greedy answers to the held-out problems by kind: shares correct, boxed but wrong, unboxed."""
-    from edge_kernels.train.data import encode_prompts
     from edge_kernels.train.embedded import SYSTEM_PROMPT, is_two_step
-    from edge_kernels.train.evaluate import _generate
-    from edge_kernels.train.rewards import accuracy_reward
+    from edge_kernels.train.evaluate import evaluate
 
     tok, problems, engine = _load(run_dir, "eval", n)
-    outs = _generate(engine, encode_prompts(tok, problems, SYSTEM_PROMPT, 1024), seed=0, max_new_tokens=48,
-                     temperature=0.0, top_p=1.0, greedy=True, desc="greedy")
-    texts = tok.batch_decode(outs, skip_special_tokens=True)
+    r = evaluate(engine, tok, problems, system_prompt=SYSTEM_PROMPT, max_new_tokens=48, max_prompt_tokens=1024)
     res = {}
     for kind, two in (("one-step", False), ("two-step", True)):
         idx = [i for i, p in enumerate(problems) if is_two_step(p.solution or "") == two]
-        ok = [accuracy_reward(texts[i], problems[i].answer) >= 1 for i in idx]
-        unboxed = [("\\boxed" not in texts[i]) for i in idx]
+        ok = [r.per_problem[i] for i in idx]
+        unboxed = [("\\boxed" not in r.responses[i]) for i in idx]
         m = max(len(idx), 1)
         res[kind] = {"problems": len(idx), "correct": sum(ok) / m, "unboxed": sum(unboxed) / m,
                      "boxed_wrong": sum(not o and not u for o, u in zip(ok, unboxed)) / m}
@@ -57,24 +53,20 @@ def greedy(run_dir: str, n: int) -> dict:
 
 
 def groups(run_dir: str, n: int, group_size: int, seed: int) -> dict:
-    from edge_kernels.train.data import encode_prompts
+    """Groups of ``group_size`` rollouts at temperature 1 on training problems, by kind: all wrong, all right."""
     from edge_kernels.train.embedded import SYSTEM_PROMPT, is_two_step
-    from edge_kernels.train.evaluate import _generate
-    from edge_kernels.train.rewards import accuracy_reward
+    from edge_kernels.train.evaluate import evaluate_sampled
 
     tok, problems, engine = _load(run_dir, "train", n)
-    prompts = encode_prompts(tok, problems, SYSTEM_PROMPT, 1024)
-    outs = _generate(engine, [p for p in prompts for _ in range(group_size)], seed=seed, max_new_tokens=48,
-                     temperature=1.0, top_p=1.0, greedy=False, desc="groups")
-    texts = tok.batch_decode(outs, skip_special_tokens=True)
+    r = evaluate_sampled(engine, tok, problems, n=group_size, system_prompt=SYSTEM_PROMPT, max_new_tokens=48,
+                         temperature=1.0, seed=seed, max_prompt_tokens=1024)
     res = {}
     for kind, two in (("one-step", False), ("two-step", True)):
-        idx = [i for i, p in enumerate(problems) if is_two_step(p.solution or "") == two]
-        ok = [[accuracy_reward(texts[i * group_size + j], problems[i].answer) >= 1 for j in range(group_size)]
-              for i in idx]
-        res[kind] = {"groups": len(ok), "all_wrong": sum(not any(g) for g in ok) / max(len(ok), 1),
-                     "all_right": sum(all(g) for g in ok) / max(len(ok), 1),
-                     "accuracy": sum(map(sum, ok)) / max(group_size * len(ok), 1)}
+        counts = [r.counts[i] for i, p in enumerate(problems) if is_two_step(p.solution or "") == two]
+        m = max(len(counts), 1)
+        res[kind] = {"groups": len(counts), "all_wrong": sum(c == 0 for c in counts) / m,
+                     "all_right": sum(c == group_size for c in counts) / m,
+                     "accuracy": sum(counts) / (group_size * m)}
     return res
 
 

@@ -19,6 +19,7 @@ from edge_kernels import gec as _gec_mod
 from edge_kernels.advantage_formulas import EGPO_MODES, SCALES
 from edge_kernels.losses import options as _po
 from edge_kernels.estimators import EDA_SOURCES, EGPO_UNCERTAINTIES, ESTIMATORS
+from edge_kernels.train.embedded import TaskConfig
 
 ROLLOUTS = ("hf", "vllm")
 AGGS = ("auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -26,6 +27,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+_TASK = TaskConfig()  # the embedded task's defaults live in embedded.TaskConfig
 
 
 class ConfigError(ValueError):
@@ -224,8 +226,9 @@ class TrainConfig:
     # ---- embedded task and model
     embedded_train_size: int = _f(4000, "embedded task: training problems", group="embedded")
     embedded_eval_size: int = _f(200, "embedded task: held-out eval problems", group="embedded")
-    embedded_max_operand: int = _f(9, "embedded task: largest operand", group="embedded")
-    embedded_two_step_frac: float = _f(0.5, "embedded task: share of two-step problems", group="embedded")
+    embedded_max_operand: int = _f(_TASK.max_operand, "embedded task: largest operand", group="embedded")
+    embedded_two_step_frac: float = _f(_TASK.two_step_frac, "embedded task: share of two-step problems",
+                                       group="embedded")
     embedded_unboxed_frac: float = _f(0.5, "embedded task: share of warm-up demonstrations that state the answer "
                                            "without \\boxed{} (the format gap RL closes)", group="embedded")
     embedded_two_step_unboxed_frac: Optional[float] = _f(
@@ -240,9 +243,10 @@ class TrainConfig:
     eval_samples: int = _f(8, "sampled eval: responses per held-out problem at --temperature, for sampled pass@1 "
                               "(their mean) and pass@k with k = this (unbiased estimator); 0: greedy pass@1 only",
                            group="eval")
-    embedded_hard_frac: float = _f(0.0, "embedded task: share of hard problems (two steps, operands up to "
-                                        "--embedded-hard-max-operand)", group="embedded")
-    embedded_hard_max_operand: int = _f(30, "embedded task: largest operand of a hard problem", group="embedded")
+    embedded_hard_frac: float = _f(_TASK.hard_frac, "embedded task: share of hard problems (two steps, operands up "
+                                                     "to --embedded-hard-max-operand)", group="embedded")
+    embedded_hard_max_operand: int = _f(_TASK.hard_max_operand, "embedded task: largest operand of a hard problem",
+                                        group="embedded")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -58,7 +58,7 @@ class TaskConfig:
     whole groups of rollouts get reward 0 (the advantage collapse GEC and EDA address)."""
 
     max_operand: int = 9
-    two_step_frac: float = 0.3
+    two_step_frac: float = 0.5
     hard_frac: float = 0.0
     hard_max_operand: int = 30
 

@@ -194,6 +194,9 @@ def main(argv=None):
     trainer.train()
     if trainer.accelerator.is_main_process:
         report(trainer)
+    # destroys the process group: left to interpreter exit, gloo's worker threads can abort the process after
+    # a finished run ("terminate called without an active exception"; pytorch/pytorch#190489)
+    trainer.accelerator.end_training()
     return trainer
 
 

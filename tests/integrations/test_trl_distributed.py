@@ -55,11 +55,12 @@ def _pad_cat(tensors, left):
 def _single_process_advantages(mod, ranks, tmp_path):
     """EDA advantages of the first global batch from one process: a world-1 trainer, same model and config."""
     from char_tokenizer import make_tokenizer
+    from tiny_qwen2 import tiny_qwen2
     from edge_kernels.integrations.trl import EdgeGRPOTrainer
 
     tok = make_tokenizer()
     cfg = mod.config(str(tmp_path / "single"), True, ddp=False, single=True)
-    trainer = EdgeGRPOTrainer(model=mod.tiny_model(tok), reward_funcs=[mod.accuracy_reward, mod.noise_reward],
+    trainer = EdgeGRPOTrainer(model=tiny_qwen2(tok), reward_funcs=[mod.accuracy_reward, mod.noise_reward],
                               args=cfg, train_dataset=mod.dataset(), processing_class=tok)
     assert trainer.accelerator.num_processes == 1
     calls = [r[True]["calls"][0] for r in ranks]

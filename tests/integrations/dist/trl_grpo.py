@@ -33,19 +33,6 @@ def noise_reward(completions, **kwargs):
     return [(sum(map(ord, c)) % 3) / 4 for c in completions]
 
 
-def tiny_model(tokenizer):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # non-trivial entropies
-    return model
-
-
 def dataset():
     import datasets
 
@@ -111,12 +98,13 @@ def main():
     p.add_argument("--ddp", action="store_true")
     args = p.parse_args()
     from char_tokenizer import make_tokenizer
+    from tiny_qwen2 import tiny_qwen2
     from edge_kernels.integrations.trl import EdgeGRPOTrainer
 
     tok = make_tokenizer()
     result = {}
     for use_edge in (False, True):
-        trainer = EdgeGRPOTrainer(model=tiny_model(tok), reward_funcs=[accuracy_reward, noise_reward],
+        trainer = EdgeGRPOTrainer(model=tiny_qwen2(tok), reward_funcs=[accuracy_reward, noise_reward],
                                   args=config(os.path.join(args.out, f"run-{use_edge}"), use_edge, args.ddp),
                                   train_dataset=dataset(), processing_class=tok)
         trainer._edge_recorded = record(trainer)
@@ -133,6 +121,7 @@ def main():
     rank = trainer.accelerator.process_index
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
     print(f"DONE rank {rank}", flush=True)
+    trainer.accelerator.end_training()  # the process group, before interpreter exit (see the example's main)
 
 
 if __name__ == "__main__":
